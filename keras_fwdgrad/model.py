@@ -1,0 +1,381 @@
+"""`ForwardGradientModel`: trains any Keras model with forward gradients."""
+
+import numbers
+import random
+
+import keras
+import tensorflow as tf
+
+from keras_fwdgrad import directions as directions_module
+from keras_fwdgrad.forward_gradient import clip_directional_derivative
+from keras_fwdgrad.forward_gradient import forward_gradient
+from keras_fwdgrad.forward_gradient import jvp
+
+
+def _check_backend():
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            "`ForwardGradientModel` requires the TensorFlow backend, since "
+            "it uses `tf.autodiff.ForwardAccumulator`. Set the environment "
+            "variable `KERAS_BACKEND=tensorflow` before importing Keras. "
+            f"Received: backend={backend!r}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class ForwardGradientModel(keras.Model):
+    """Wraps a Keras model so that `fit()` trains it with forward gradients.
+
+    Each training step samples a random direction `v` over all trainable
+    variables, runs the forward pass once under forward-mode automatic
+    differentiation to get the loss `f` and its directional derivative
+    `d = ∇f·v`, and hands the forward gradient `g = d·v` to the compiled
+    optimizer in place of the gradient. No backward pass is run. Because
+    `E[v] = 0` and `E[v vᵀ] = I`, `E[g] = ∇f`: `g` is an unbiased estimate
+    of the gradient.
+
+    Everything else is ordinary Keras: the loss goes through
+    `compute_loss` (compiled loss, sample weights, regularization losses),
+    metrics through `compute_metrics`, and the update through the stock
+    optimizer's `apply`, so `clipnorm`, `global_clipnorm`, `clipvalue`,
+    learning-rate schedules, momentum and Adam work as usual. `evaluate()`
+    and `predict()` behave as for the wrapped model.
+
+    The papers' learning-rate decay `η_i = η0·e^(−ik)` with `k = 1e-4` is
+    `keras.optimizers.schedules.ExponentialDecay(η0, decay_steps=1,
+    decay_rate=math.exp(-1e-4))`.
+
+    A step whose loss or directional derivative is NaN or infinite changes
+    no weight and no optimizer state (non-trainable weights such as
+    BatchNormalization statistics are restored too). Such steps are counted
+    in the `skipped_steps` entry of the training logs. The `loss` log still
+    shows the NaN, so `keras.callbacks.TerminateOnNaN` stops training if
+    you ask it to.
+
+    Directions come from a stateless random stream keyed by `seed` and a
+    step counter saved with the model: the same seed replays the same run,
+    and a saved and reloaded model continues the same stream.
+
+    Args:
+        model: The Keras model (or layer) to train. Its variables are
+            trained in place.
+        direction: Distribution of the directions `v`: a name from
+            `keras_fwdgrad.directions.available()` (`"gaussian"`, the
+            paper's `N(0, I)`, or `"rademacher"`, random signs) or a
+            `keras_fwdgrad.directions.Direction` instance. Defaults to
+            `"gaussian"`.
+        num_directions: Integer, number of directions averaged per step.
+            Each costs one forward pass. Defaults to `1`.
+        jvp_clip: Positive float. If given, each directional derivative is
+            clamped to `[-jvp_clip, jvp_clip]` before forming `g` (the
+            second paper caps it at 1). Defaults to `None` (no clamp).
+        seed: Integer seed of the direction stream. Defaults to `None`,
+            which draws one at construction time (it is then saved in the
+            config, so a reloaded model continues the same stream).
+        **kwargs: Passed to `keras.Model` (for example `name`).
+
+    Example:
+
+    ```python
+    import math
+    import keras
+    from keras_fwdgrad import ForwardGradientModel
+
+    base = keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+    model = ForwardGradientModel(base, direction="gaussian", seed=0)
+    lr = keras.optimizers.schedules.ExponentialDecay(
+        2e-4, decay_steps=1, decay_rate=math.exp(-1e-4))
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=True,
+                                       clipnorm=1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    model.fit(x_train, y_train, batch_size=64, epochs=5)
+    ```
+
+    Reference:
+    - [Baydin et al., 2022. Gradients without Backpropagation](
+        https://arxiv.org/abs/2202.08587)
+    - Rike and Førland. A comparison of backpropagation and forward
+        gradients for deep learning (EPFL).
+    """
+
+    def __init__(
+        self,
+        model,
+        direction="gaussian",
+        num_directions=1,
+        jvp_clip=None,
+        seed=None,
+        **kwargs,
+    ):
+        _check_backend()
+        if not isinstance(model, keras.layers.Layer):
+            raise TypeError(
+                "`model` must be a Keras model or layer. "
+                f"Received: model={model!r} of type {type(model)}"
+            )
+        if (
+            isinstance(num_directions, bool)
+            or not isinstance(num_directions, numbers.Integral)
+            or num_directions < 1
+        ):
+            raise ValueError(
+                "`num_directions` must be a positive integer. "
+                f"Received: num_directions={num_directions!r}"
+            )
+        if jvp_clip is not None:
+            if isinstance(jvp_clip, bool) or not isinstance(
+                jvp_clip, numbers.Real
+            ):
+                raise TypeError(
+                    "`jvp_clip` must be a positive number or `None`. "
+                    f"Received: jvp_clip={jvp_clip!r}"
+                )
+            if not jvp_clip > 0 or jvp_clip == float("inf"):
+                raise ValueError(
+                    "`jvp_clip` must be a positive finite number or `None`. "
+                    f"Received: jvp_clip={jvp_clip!r}"
+                )
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+        ):
+            raise TypeError(
+                f"`seed` must be an integer or `None`. Received: seed={seed!r}"
+            )
+        direction = directions_module.get(direction)
+        super().__init__(**kwargs)
+        self.model = model
+        self.direction = direction
+        self.num_directions = int(num_directions)
+        self.jvp_clip = None if jvp_clip is None else float(jvp_clip)
+        self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        # The step counter keys the direction stream; it is saved with the
+        # model so a reloaded model continues the same stream.
+        self.direction_step = self.add_weight(
+            name="direction_step",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        self.skipped_steps = self.add_weight(
+            name="skipped_steps",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        if model.built:
+            self._check_trainable_variables()
+            self.built = True
+
+    def build(self, input_shape=None):
+        if not self.model.built:
+            self.model.build(input_shape)
+        self._check_trainable_variables()
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.model(inputs, training=training)
+
+    def _check_trainable_variables(self):
+        variables = self.model.trainable_variables
+        if not variables:
+            raise ValueError(
+                "`model` has no trainable variables, so there is nothing to "
+                f"train. Received: model={self.model.name!r}"
+            )
+        for v in variables:
+            if not tf.as_dtype(v.dtype).is_floating:
+                raise TypeError(
+                    "Every trainable variable of `model` must have a floating "
+                    f"dtype to be trained with forward gradients. Received: "
+                    f"variable {v.path!r} with dtype={v.dtype}"
+                )
+
+    def _ensure_built(self, x):
+        if not (self.built and self.model.built):
+            # Keras builds a model lazily on its first call; the directions
+            # need the variables before the forward pass.
+            self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
+        self._check_trainable_variables()
+
+    def _directions(self, variables, k):
+        """Samples direction `k` of the current step."""
+        seed = tf.stack(
+            [
+                tf.constant(self.seed, dtype="int64"),
+                tf.convert_to_tensor(self.direction_step),
+            ]
+        )
+        if self.num_directions > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, k)
+        shapes = [tuple(v.shape) for v in variables]
+        dtype = variables[0].dtype
+        v = self.direction.sample(shapes, seed, dtype=dtype)
+        return [
+            t if t.dtype == var.dtype else tf.cast(t, var.dtype)
+            for t, var in zip(v, variables)
+        ]
+
+    def _estimate(self, x, y, sample_weight):
+        """Runs the K forward-mode passes of one step.
+
+        Returns:
+            `(loss, y_pred, d, grads)`: the loss (before any loss scaling by
+            the optimizer, averaged over the K passes), the predictions,
+            the `[K]` directional derivatives after clipping, and the
+            forward gradient, one tensor per trainable variable.
+        """
+        self._ensure_built(x)
+        variables = self.trainable_variables
+        state = self.model.non_trainable_variables
+        if self.num_directions > 1 and state:
+            # Every direction must differentiate the same function: the
+            # later passes start from the same BatchNormalization statistics
+            # and dropout seed state as the first.
+            saved_state = [tf.identity(v.value) for v in state]
+
+        losses, ds, vs = [], [], []
+        y_pred = None
+        for k in range(self.num_directions):
+            if k > 0 and state:
+                for var, value in zip(state, saved_state):
+                    var.assign(value)
+            v = self._directions(variables, k)
+
+            def loss_fn():
+                nonlocal y_pred
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(
+                    x=x,
+                    y=y,
+                    y_pred=y_pred,
+                    sample_weight=sample_weight,
+                    training=True,
+                )
+                losses.append(loss)
+                # As in Keras' own trainer, the optimizer may scale the loss
+                # (`LossScaleOptimizer`); it unscales the update in `apply`.
+                if self.optimizer is not None:
+                    loss = self.optimizer.scale_loss(loss)
+                return loss
+
+            _, d = jvp(loss_fn, variables, v)
+            ds.append(clip_directional_derivative(d, self.jvp_clip))
+            vs.append(v)
+        loss = losses[0] if len(losses) == 1 else tf.add_n(losses) / len(losses)
+        grads = forward_gradient(ds, vs)
+        return loss, y_pred, tf.stack(ds), grads
+
+    def forward_gradient(self, x, y=None, sample_weight=None):
+        """Computes one forward-gradient estimate without applying it.
+
+        Uses the model's direction stream at its current step (the counter
+        does not advance) and its compiled loss.
+
+        Args:
+            x: Input data.
+            y: Target data.
+            sample_weight: Optional sample weights.
+
+        Returns:
+            A tuple `(loss, grads)`: the loss and the forward gradient, a
+            list of tensors aligned with `model.trainable_variables`.
+
+        Example:
+
+        ```python
+        loss, grads = model.forward_gradient(x_batch, y_batch)
+        ```
+        """
+        if not self.compiled:
+            raise ValueError(
+                "You must call `compile(optimizer=..., loss=...)` before "
+                "calling `forward_gradient()`."
+            )
+        loss, _, _, grads = self._estimate(x, y, sample_weight)
+        return loss, grads
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._ensure_built(x)
+        variables = self.trainable_variables
+        weights = self.model.non_trainable_weights
+        # Snapshot of non-trainable weights (e.g. BatchNormalization
+        # statistics) so a non-finite step can be undone completely.
+        saved_weights = [tf.identity(w.value) for w in weights]
+
+        loss, y_pred, d, grads = self._estimate(x, y, sample_weight)
+        finite = tf.logical_and(
+            tf.reduce_all(tf.math.is_finite(loss)),
+            tf.reduce_all(tf.math.is_finite(d)),
+        )
+        if not self.optimizer.built:
+            self.optimizer.build(variables)
+
+        def apply():
+            self.optimizer.apply(grads, variables)
+            return tf.constant(0, dtype="int64")
+
+        def skip():
+            for w, value in zip(weights, saved_weights):
+                w.assign(value)
+            return tf.constant(1, dtype="int64")
+
+        skipped = tf.cond(finite, apply, skip)
+        self.skipped_steps.assign_add(skipped)
+        self.direction_step.assign_add(1)
+
+        self._loss_tracker.update_state(
+            _unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+        )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["skipped_steps"] = tf.convert_to_tensor(self.skipped_steps)
+        return logs
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "model": keras.saving.serialize_keras_object(self.model),
+                "direction": keras.saving.serialize_keras_object(
+                    self.direction
+                ),
+                "num_directions": self.num_directions,
+                "jvp_clip": self.jvp_clip,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        config["direction"] = keras.saving.deserialize_keras_object(
+            config["direction"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _unscale_loss_for_distribution(loss):
+    """Undoes Keras' division of the loss by the number of replicas."""
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if num_replicas > 1:
+        loss = loss * tf.cast(num_replicas, loss.dtype)
+    return loss

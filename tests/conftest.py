@@ -1,0 +1,22 @@
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+# The three ways Keras runs a step: eagerly, as a traced graph, and compiled
+# with XLA.
+MODES = ["eager", "graph", "xla"]
+
+
+def compile_kwargs(mode):
+    return {"run_eagerly": mode == "eager", "jit_compile": mode == "xla"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)
+    yield

@@ -1,0 +1,131 @@
+"""Tests of the direction distributions: shapes, determinism and moments."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import directions
+
+SHAPES = [(3,), (2, 2)]
+N_SAMPLES = 4000
+
+
+def _draw(direction, n, shapes=SHAPES):
+    sample = tf.function(
+        lambda s: tf.concat(
+            [tf.reshape(t, [-1]) for t in direction.sample(shapes, s)], 0
+        )
+    )
+    return np.stack(
+        [sample(tf.constant([5, i], tf.int64)).numpy() for i in range(n)]
+    )
+
+
+def test_available_lists_shipped_families():
+    assert {"gaussian", "rademacher"} <= set(directions.available())
+    assert directions.available() == sorted(directions.available())
+
+
+@pytest.mark.parametrize("name", ["gaussian", "rademacher"])
+def test_sample_shapes_dtype_and_determinism(name):
+    d = directions.get(name)
+    shapes = [(3, 5), (5,), (1,), (2, 3, 4)]
+    a = d.sample(shapes, tf.constant([1, 2]))
+    b = d.sample(shapes, tf.constant([1, 2]))
+    c = d.sample(shapes, tf.constant([1, 3]))
+    assert [tuple(t.shape) for t in a] == shapes
+    assert all(t.dtype == tf.float32 for t in a)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize(
+    "name, fourth_moment", [("gaussian", 3.0), ("rademacher", 1.0)]
+)
+def test_moments_mean_zero_identity_covariance(name, fourth_moment):
+    """Probabilistic, fixed seed: E[v] = 0 and E[v vᵀ] = I.
+
+    Each bound is 5 standard errors of the estimate: for a mean, Var(v_i) = 1;
+    for an off-diagonal entry, Var(v_i v_j) = E[v_i²] E[v_j²] = 1; for a
+    diagonal entry, Var(v_i²) = E[v⁴] − 1 (2 for Gaussian, 0 for
+    Rademacher).
+    """
+    v = _draw(directions.get(name), N_SAMPLES)
+    n = N_SAMPLES
+    mean = v.mean(0)
+    cov = v.T @ v / n
+    assert np.all(np.abs(mean) <= 5 / math.sqrt(n)), mean
+    off = cov[~np.eye(len(cov), dtype=bool)]
+    assert np.all(np.abs(off) <= 5 / math.sqrt(n)), off
+    diag_bound = 5 * math.sqrt((fourth_moment - 1) / n) + 1e-6
+    assert np.all(np.abs(np.diag(cov) - 1) <= diag_bound), np.diag(cov)
+
+
+def test_moment_check_detects_a_wrong_scale():
+    """The moment bounds above are tight enough to reject E[vvᵀ] = 1.1² I."""
+
+    class Scaled(directions.Direction):
+        def sample(self, shapes, seed, dtype="float32"):
+            return [1.1 * t for t in directions.Gaussian().sample(shapes, seed)]
+
+    v = _draw(Scaled(), N_SAMPLES)
+    diag = np.diag(v.T @ v / N_SAMPLES)
+    assert np.any(np.abs(diag - 1) > 5 * math.sqrt(2 / N_SAMPLES))
+
+
+def test_rademacher_uses_every_bit_independently():
+    """Probabilistic, fixed seed: over 320,000 signs (10,000 random words)
+    the fraction of +1 at each of the 32 bit positions, and the correlation
+    of neighbouring signs, are within 5 standard errors of 1/2 and 0."""
+    n = 320_000
+    v = directions.Rademacher().sample([(n,)], tf.constant([3, 4]))[0].numpy()
+    assert set(np.unique(v)) == {-1.0, 1.0}
+    per_bit = (v.reshape(-1, 32) > 0).mean(0)
+    assert np.all(np.abs(per_bit - 0.5) <= 5 * 0.5 / math.sqrt(n / 32)), per_bit
+    assert abs(np.mean(v[1:] * v[:-1])) <= 5 / math.sqrt(n)
+
+
+def test_rademacher_handles_sizes_not_multiple_of_32():
+    v = directions.Rademacher().sample([(7,), (3, 11)], tf.constant([0, 1]))
+    assert [tuple(t.shape) for t in v] == [(7,), (3, 11)]
+
+
+def test_get_errors():
+    with pytest.raises(ValueError, match="`direction` must be one of"):
+        directions.get("uniformish")
+    with pytest.raises(TypeError, match="`direction` must be a string"):
+        directions.get(3)
+
+
+def test_register_custom_direction_and_round_trip():
+    @directions.register("test_uniform")
+    @keras.saving.register_keras_serializable(package="tests")
+    class Uniform(directions.Direction):
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def sample(self, shapes, seed, dtype="float32"):
+            n = sum(math.prod(s) for s in shapes)
+            a = math.sqrt(3.0) * self.scale
+            flat = tf.random.stateless_uniform([n], seed, -a, a, dtype=dtype)
+            return directions.split_flat(flat, shapes)
+
+        def get_config(self):
+            return {"scale": self.scale}
+
+    assert "test_uniform" in directions.available()
+    d = directions.get("test_uniform")
+    assert isinstance(d, Uniform)
+    restored = directions.get(keras.saving.serialize_keras_object(Uniform(2.0)))
+    assert isinstance(restored, Uniform) and restored.scale == 2.0
+
+
+def test_register_rejects_non_direction():
+    with pytest.raises(TypeError, match="Direction"):
+        directions.register("bad")(object)
+    with pytest.raises(ValueError, match="`name`"):
+        directions.register("")
