@@ -1,0 +1,78 @@
+"""The architectures of the two papers, as Keras models.
+
+All return logits (no softmax): compile them with
+`SparseCategoricalCrossentropy(from_logits=True)`.
+"""
+
+import keras
+
+L = keras.layers
+
+
+def logistic_regression(input_shape=(28, 28, 1), num_classes=10):
+    """Multinomial logistic regression (first paper, Section 5.3)."""
+    return keras.Sequential(
+        [keras.Input(input_shape), L.Flatten(), L.Dense(num_classes)],
+        name="logistic_regression",
+    )
+
+
+def mlp(input_shape=(28, 28, 1), num_classes=10, width=1024):
+    """The papers' MLP: dense 1024-1024-10 with ReLU (784-1024-1024-10)."""
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            L.Flatten(),
+            L.Dense(width, activation="relu"),
+            L.Dense(width, activation="relu"),
+            L.Dense(num_classes),
+        ],
+        name="mlp",
+    )
+
+
+def mnist_cnn(input_shape=(28, 28, 1), num_classes=10):
+    """The papers' MNIST CNN: four 3×3 convolutions of 64 channels with
+    max-pooling after the 2nd and 4th, then dense 1024 and 10."""
+    conv = lambda: L.Conv2D(64, 3, padding="same", activation="relu")  # noqa: E731
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            conv(),
+            conv(),
+            L.MaxPooling2D(2),
+            conv(),
+            conv(),
+            L.MaxPooling2D(2),
+            L.Flatten(),
+            L.Dense(1024, activation="relu"),
+            L.Dense(num_classes),
+        ],
+        name="mnist_cnn",
+    )
+
+
+def cifar10_vgg(input_shape=(32, 32, 3), num_classes=10):
+    """The second paper's VGG-style CIFAR-10 CNN: three blocks of two 3×3
+    convolutions (64, 128, 256 channels), each followed by 2×2
+    max-pooling, then dense 4096 and 10."""
+    layers = [keras.Input(input_shape)]
+    for channels in (64, 128, 256):
+        layers += [
+            L.Conv2D(channels, 3, padding="same", activation="relu"),
+            L.Conv2D(channels, 3, padding="same", activation="relu"),
+            L.MaxPooling2D(2),
+        ]
+    layers += [L.Flatten(), L.Dense(4096, activation="relu"), L.Dense(num_classes)]
+    return keras.Sequential(layers, name="cifar10_vgg")
+
+
+def deep_mlp(depth, width=1024, input_shape=(28, 28, 1), num_classes=10):
+    """The first paper's depth sweep (Section 5.6): `depth` bias-free dense
+    layers of `width` units with ReLU, then a bias-free output layer."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"`depth` must be a positive integer. Received: depth={depth!r}")
+    layers = [keras.Input(input_shape), L.Flatten()]
+    layers += [L.Dense(width, activation="relu", use_bias=False) for _ in range(depth)]
+    layers.append(L.Dense(num_classes, use_bias=False))
+    return keras.Sequential(layers, name=f"deep_mlp_{depth}")
