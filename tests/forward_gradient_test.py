@@ -21,7 +21,7 @@ from tests.conftest import MODES
 
 L = keras.layers
 JVP_RTOL = 1e-5
-JVP_ATOL = 1e-5
+JVP_ATOL = 1e-6
 
 
 def _functional_multi_input():
