@@ -160,25 +160,21 @@ class ForwardGradientModel(keras.Model):
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
         # The step counter keys the direction stream; it is saved with the
         # model so a reloaded model continues the same stream.
-        self.direction_step = self.add_weight(
-            name="direction_step",
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
-        self.skipped_steps = self.add_weight(
-            name="skipped_steps",
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
+        self.direction_step = self._counter("direction_step")
+        self.skipped_steps = self._counter("skipped_steps")
         if model.built:
             self._check_trainable_variables()
             self.built = True
+
+    def _counter(self, name):
+        return self.add_weight(
+            name=name,
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
 
     def build(self, input_shape=None):
         if not self.model.built:
