@@ -5,7 +5,6 @@ The directional derivative from `jvp` is checked against `∇f·v` from
 for every layer family in every execution mode.
 """
 
-import math
 
 import numpy as np
 import pytest
