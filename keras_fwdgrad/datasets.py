@@ -185,6 +185,7 @@ def make_datasets(
     train_size=None,
     test_size=None,
     seed=0,
+    drop_remainder=False,
 ):
     """Builds train, validation and test `tf.data` pipelines.
 
@@ -203,6 +204,9 @@ def make_datasets(
             (before the validation split) for quick runs.
         test_size: Optional integer, keep only this many test examples.
         seed: Integer seed of the shuffling. Defaults to `0`.
+        drop_remainder: Whether to drop the last, smaller training batch
+            of each epoch (every step then has the same shape, so an
+            XLA-compiled step compiles once). Defaults to `False`.
 
     Returns:
         A tuple `(train, validation, test)` of `tf.data.Dataset`s yielding
@@ -239,7 +243,7 @@ def make_datasets(
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
         if shuffle:
             ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
+        ds = ds.batch(batch_size, drop_remainder=shuffle and drop_remainder)
         ds = ds.map(
             lambda a, b: (normalize(name, a), b),
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -53,7 +53,7 @@ def rosenbrock(theta, a=1.0, b=100.0):
 
 
 def optimize(f, start, learning_rate, steps, num_runs=10, seed=0,
-             direction="gaussian"):
+             direction="gaussian", jit_compile=True):
     """Runs forward gradient descent and gradient descent on `f`.
 
     Plain descent with a constant learning rate (no decay), as in the
@@ -70,6 +70,7 @@ def optimize(f, start, learning_rate, steps, num_runs=10, seed=0,
         seed: Integer seed of the directions.
         direction: Direction name or instance (see
             `keras_fwdgrad.directions`).
+        jit_compile: Whether to XLA-compile the loop. Defaults to `True`.
 
     Returns:
         A dict with, for `"forward"` and `"backprop"`, an array of losses of
@@ -81,7 +82,7 @@ def optimize(f, start, learning_rate, steps, num_runs=10, seed=0,
     theta_f = tf.Variable(theta0)
     theta_b = tf.Variable(theta0)
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=jit_compile)
     def run():
         losses_f = tf.TensorArray(tf.float32, size=steps + 1)
         losses_b = tf.TensorArray(tf.float32, size=steps + 1)

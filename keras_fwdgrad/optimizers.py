@@ -1,0 +1,91 @@
+"""Stock Keras optimizers with the papers' learning-rate decay.
+
+Both papers decay the learning rate per iteration as η_i = η0·e^(−ik)
+(first paper: k = 1e-4 for every experiment but the test functions; the
+second paper tunes k per method, Table I). `make_optimizer` builds the
+matching stock Keras optimizer, so forward gradient and backpropagation are
+driven by exactly the same update rules.
+"""
+
+import math
+
+import keras
+
+OPTIMIZERS = ("sgd", "nesterov", "adam")
+
+
+def decay_schedule(learning_rate, decay=0.0):
+    """The schedule η_i = η0·e^(−i·decay), or the constant `learning_rate`.
+
+    Args:
+        learning_rate: Positive float, the initial learning rate η0.
+        decay: Non-negative float, the per-iteration rate k. `0` gives a
+            constant learning rate.
+
+    Returns:
+        A float, or a `keras.optimizers.schedules.ExponentialDecay`.
+    """
+    if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ValueError(
+            "`learning_rate` must be a positive number. "
+            f"Received: learning_rate={learning_rate!r}"
+        )
+    if not isinstance(decay, (int, float)) or decay < 0:
+        raise ValueError(
+            f"`decay` must be a non-negative number. Received: decay={decay!r}"
+        )
+    if not decay:
+        return float(learning_rate)
+    return keras.optimizers.schedules.ExponentialDecay(
+        float(learning_rate), decay_steps=1, decay_rate=math.exp(-decay)
+    )
+
+
+def make_optimizer(
+    name,
+    learning_rate,
+    decay=0.0,
+    momentum=0.0,
+    beta_1=0.9,
+    beta_2=0.999,
+    clipnorm=None,
+):
+    """Builds a stock Keras optimizer as the papers configure it.
+
+    Args:
+        name: `"sgd"` (plain SGD), `"nesterov"` (SGD with Nesterov
+            momentum) or `"adam"`.
+        learning_rate: Initial learning rate η0.
+        decay: Per-iteration decay rate k of η_i = η0·e^(−ik). Defaults to
+            `0` (constant).
+        momentum: Momentum of `"nesterov"`; ignored otherwise. Defaults to
+            `0`.
+        beta_1: Adam's β1; ignored otherwise. Defaults to `0.9`.
+        beta_2: Adam's β2; ignored otherwise. Defaults to `0.999`.
+        clipnorm: Optional float, clip each gradient (or forward gradient)
+            to this norm, as the second paper does.
+
+    Returns:
+        A `keras.optimizers.SGD` or `keras.optimizers.Adam`.
+
+    Example:
+
+    ```python
+    optimizer = keras_fwdgrad.optimizers.make_optimizer(
+        "sgd", learning_rate=2e-4, decay=1e-4)
+    ```
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(
+            f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}"
+        )
+    lr = decay_schedule(learning_rate, decay)
+    if name == "adam":
+        return keras.optimizers.Adam(
+            lr, beta_1=beta_1, beta_2=beta_2, clipnorm=clipnorm
+        )
+    if name == "nesterov":
+        return keras.optimizers.SGD(
+            lr, momentum=momentum, nesterov=True, clipnorm=clipnorm
+        )
+    return keras.optimizers.SGD(lr, clipnorm=clipnorm)

@@ -1,0 +1,188 @@
+"""Tests of the measurement helpers: optimizers with the papers' decay,
+`TrainingTrace`, `Tf/Tb`, `compare_training` and `profile_step_costs`."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import experiments
+from keras_fwdgrad import metrics
+from keras_fwdgrad import optimizers
+from keras_fwdgrad import profiling
+
+L = keras.layers
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _model():
+    return keras.Sequential([keras.Input((6,)), L.Dense(8, activation="tanh"), L.Dense(3)])
+
+
+def _dataset(n=320, batch=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = np.argmax(x @ rng.normal(size=(6, 3)), axis=1)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+
+
+# --- optimizers ---------------------------------------------------------
+
+
+def test_decay_schedule_follows_eta0_exp_minus_ik():
+    schedule = optimizers.decay_schedule(2e-4, 1e-4)
+    # Keras stores e^(-k) in float32 (relative rounding up to 2^-24 ≈ 6e-8)
+    # and raises it to the i-th power: relative error up to i·6e-8.
+    for i in (0, 1, 1000, 25000):
+        np.testing.assert_allclose(
+            float(schedule(i)), 2e-4 * math.exp(-i * 1e-4), rtol=1e-6 + i * 6e-8)
+    assert optimizers.decay_schedule(0.1, 0.0) == 0.1
+
+
+@pytest.mark.parametrize(
+    "name, cls, nesterov",
+    [("sgd", keras.optimizers.SGD, False), ("nesterov", keras.optimizers.SGD, True),
+     ("adam", keras.optimizers.Adam, None)],
+)
+def test_make_optimizer_builds_stock_optimizers(name, cls, nesterov):
+    opt = optimizers.make_optimizer(name, 1e-3, momentum=0.5, beta_1=0.8, beta_2=0.99, clipnorm=1.0)
+    assert type(opt) is cls
+    assert opt.clipnorm == 1.0
+    if name == "nesterov":
+        assert opt.nesterov and opt.momentum == 0.5
+    if name == "sgd":
+        assert not opt.nesterov and opt.momentum == 0.0
+    if name == "adam":
+        assert (opt.beta_1, opt.beta_2) == (0.8, 0.99)
+
+
+def test_make_optimizer_errors():
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        optimizers.make_optimizer("rmsprop", 1e-3)
+    with pytest.raises(ValueError, match="`learning_rate` must be a positive"):
+        optimizers.make_optimizer("sgd", 0.0)
+    with pytest.raises(ValueError, match="`decay` must be a non-negative"):
+        optimizers.make_optimizer("sgd", 1e-3, decay=-1.0)
+
+
+# --- Tf/Tb and TrainingTrace ------------------------------------------
+
+
+def test_tf_over_tb_worked_example():
+    # Backprop is lowest (0.5) at t=3; forward first reaches 0.5 at t=1.5.
+    r = metrics.tf_over_tb([0, 1, 1.5, 2], [2.0, 0.9, 0.5, 0.4], [0, 1, 2, 3, 4], [2, 1, 0.7, 0.5, 0.6])
+    assert r == {"Tb": 3.0, "Tf": 1.5, "Tf/Tb": 0.5}
+    r = metrics.tf_over_tb([0, 1], [2.0, 0.9], [0, 1, 2], [2, 1, 0.5])
+    assert r["Tf"] is None and r["Tf/Tb"] is None
+    # Backprop never improves on its first loss: no ratio rather than 0/0.
+    assert metrics.tf_over_tb([0, 1], [2.0, 0.9], [0, 1], [1.0, 2.0])["Tf/Tb"] is None
+
+
+def test_training_trace_schedule_and_clock():
+    model = _model()
+    model.compile(optimizer="sgd", loss=SCCE)
+    data = _dataset()
+    trace = metrics.TrainingTrace(data.take(2), eval_every=4, warmup_steps=2)
+    model.fit(data, epochs=2, callbacks=[trace], verbose=0)
+    assert len(trace.step_times) == 20
+    # Before training, every 4 steps, and after the last step.
+    assert trace.eval_steps == [0, 4, 8, 12, 16, 20]
+    times = trace.eval_times()
+    assert times[0] == 0.0 and np.all(np.diff(times) > 0)
+    # Warm-up steps are counted at the median of the others.
+    rest = np.median(trace.step_times[2:])
+    np.testing.assert_allclose(trace.elapsed()[1], 2 * rest)
+    np.testing.assert_allclose(trace.elapsed()[-1], 2 * rest + sum(trace.step_times[2:]))
+    # The recorded loss is the mean loss over the validation batches.
+    expected = float(model.evaluate(data.take(2), verbose=0))
+    np.testing.assert_allclose(trace.val_losses[-1], expected, rtol=1e-5)
+
+
+def test_training_trace_rejects_bad_eval_every():
+    with pytest.raises(ValueError, match="`eval_every` must be a positive integer"):
+        metrics.TrainingTrace(None, eval_every=0)
+
+
+# --- compare_training ---------------------------------------------------
+
+
+def test_method_labels_and_errors():
+    assert experiments.method("forward", 1e-3, direction="rademacher")["label"] == "forward (rademacher)"
+    assert experiments.method("backprop", 1e-3)["label"] == "backprop"
+    with pytest.raises(ValueError, match="`gradient` must be one of"):
+        experiments.method("reverse", 1e-3)
+    with pytest.raises(ValueError, match="`optimizer` must be one of"):
+        experiments.method("forward", 1e-3, optimizer="lbfgs")
+
+
+def test_compare_training_runs_every_method_on_every_seed():
+    data = _dataset()
+    methods = [
+        experiments.method("forward", 0.05, decay=1e-4, direction="rademacher"),
+        experiments.method("backprop", 0.05, decay=1e-4),
+    ]
+    result = experiments.compare_training(
+        _model, data, data.take(2), SCCE, methods, epochs=1, seeds=(0, 1), test=data.take(2),
+        eval_every=3, jit_compile=False, verbose=False,
+    )
+    runs = result["runs"]
+    assert [(r["label"], r["seed"]) for r in runs] == [
+        ("forward (rademacher)", 0), ("backprop", 0), ("forward (rademacher)", 1), ("backprop", 1)]
+    for r in runs:
+        assert r["steps"] == 10 and r["eval_steps"] == [0, 3, 6, 9, 10]
+    # Same initial weights for both methods of a seed: same first loss.
+    assert runs[0]["val_loss"][0] == pytest.approx(runs[1]["val_loss"][0], rel=1e-6)
+    assert runs[0]["val_loss"][0] != pytest.approx(runs[2]["val_loss"][0], rel=1e-3)
+    s = result["summary"]
+    np.testing.assert_allclose(
+        s["backprop"]["mean_val_loss"], np.mean([runs[1]["val_loss"], runs[3]["val_loss"]], axis=0))
+    assert s["backprop"]["test_loss"] == pytest.approx(np.mean([runs[1]["test_loss"], runs[3]["test_loss"]]))
+    assert "Tf/Tb" in s["forward (rademacher)"] and "Tf/Tb" not in s["backprop"]
+
+
+def test_summarize_tf_tb_from_mean_curves():
+    def run(label, seed, losses, times):
+        return {"label": label, "seed": seed, "eval_steps": [0, 1, 2], "val_loss": losses,
+                "eval_times": times, "ms_per_step": 1.0, "compile_s": 0.0, "skipped_steps": 0}
+
+    runs = [
+        run("backprop", 0, [2.0, 1.0, 0.4], [0.0, 1.0, 2.0]),
+        run("backprop", 1, [2.0, 1.0, 0.6], [0.0, 1.0, 2.0]),  # mean best 0.5 at t=2
+        run("forward (gaussian)", 0, [2.0, 0.5, 0.3], [0.0, 0.5, 1.0]),
+        run("forward (gaussian)", 1, [2.0, 0.5, 0.5], [0.0, 0.5, 1.0]),  # mean 0.5 at t=0.5
+    ]
+    s = experiments.summarize(runs)["forward (gaussian)"]
+    assert (s["Tb"], s["Tf"], s["Tf/Tb"]) == (2.0, 0.5, 0.25)
+
+
+# --- profile_step_costs -----------------------------------------------
+
+
+def test_profile_step_costs_measures_and_ratios():
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = np.arange(32) % 3
+    costs = profiling.profile_step_costs(
+        _model, x, y, SCCE, directions=("gaussian", "rademacher"), steps=2, repeats=3, warmup=1)
+    m = costs["methods"]
+    assert set(m) == {"base", "forward-gaussian", "forward-rademacher", "backprop"}
+    params = 6 * 8 + 8 + 8 * 3 + 3
+    assert costs["parameters"] == params
+    for name, c in m.items():
+        assert len(c["ms_rounds"]) == 3 and c["ms"] == np.median(c["ms_rounds"])
+        assert c["R"] == pytest.approx(c["ms"] / m["base"]["ms"])
+        # Variables (4 bytes per float) are part of every method's state.
+        assert c["state_bytes"] >= 4 * params
+        assert c["peak_bytes"] == c["state_bytes"] + c["step_bytes"]
+    for name in ("forward-gaussian", "forward-rademacher"):
+        r = costs["ratios"][name]
+        assert r["Rf/Rb"] == pytest.approx(m[name]["ms"] / m["backprop"]["ms"])
+        assert r["Rb"] == m["backprop"]["R"]
+
+
+def test_profile_step_costs_errors():
+    with pytest.raises(ValueError, match="`repeats` must be a positive integer"):
+        profiling.profile_step_costs(_model, np.zeros((2, 6)), np.zeros(2), SCCE, repeats=0)
+    with pytest.raises(TypeError, match="`build_model` must be a function"):
+        profiling.profile_step_costs(_model(), np.zeros((2, 6)), np.zeros(2), SCCE)
