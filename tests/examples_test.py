@@ -1,5 +1,7 @@
-"""Each example runs end to end with `--smoke` and writes its results."""
+"""Each example runs end to end with `--smoke` and writes JSON, CSV and PNG."""
 
+import csv
+import importlib
 import json
 import os
 import subprocess
@@ -8,19 +10,111 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
-@pytest.mark.parametrize("script", ["mnist_mlp.py"])
-def test_example_smoke(script, tmp_path):
-    out = tmp_path / "out"
+def _run(script, out, *flags):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("KERAS_FWDGRAD_DATA_DIR", None)  # Smoke runs use bundled data.
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", script), "--smoke", "--out", str(out)],
+        [sys.executable, os.path.join(EXAMPLES, script), "--smoke", "--out", str(out), *flags],
         check=True,
         timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env=env,
     )
     report = json.loads((out / "results.json").read_text())
-    methods = [r["method"] for r in report["results"]]
-    assert methods == ["forward", "forward", "backprop"]
-    for r in report["results"]:
-        assert r["ms_per_step"] > 0 and r["test_loss"] > 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    return report, rows, pngs
+
+
+def _check_classification(report, rows, pngs, num_configs, directions=("gaussian",)):
+    assert report["budget"] == "smoke"
+    costs = report["step_costs"]
+    assert set(costs["methods"]) == {"base", "backprop"} | {f"forward-{d}" for d in directions}
+    for name, c in costs["methods"].items():
+        assert c["ms"] > 0 and c["peak_bytes"] > 0, name
+    for d in directions:
+        r = costs["ratios"][f"forward-{d}"]
+        # Rf/Rb is, by definition, the forward step time over backprop's.
+        expected = costs["methods"][f"forward-{d}"]["ms"] / costs["methods"]["backprop"]["ms"]
+        assert r["Rf/Rb"] == pytest.approx(expected)
+        assert r["Rf"] / r["Rb"] == pytest.approx(expected)
+    assert len(report["configs"]) == num_configs and len(pngs) == num_configs
+    assert len(rows) == num_configs * (len(directions) + 1)
+    for row in rows:
+        assert float(row["test_loss"]) > 0
+        assert int(row["steps"]) > 0
+    for config in report["configs"]:
+        for run in config["runs"]:
+            # The same number of iterations for every method.
+            assert run["eval_steps"][-1] == config["runs"][0]["eval_steps"][-1]
+            assert run["eval_times"] == sorted(run["eval_times"])
+
+
+@pytest.mark.parametrize(
+    "script, num_configs",
+    [("mnist_logreg.py", 1), ("mnist_mlp.py", 2), ("mnist_cnn.py", 1)],
+)
+def test_mnist_example_smoke(script, num_configs, tmp_path):
+    report, rows, pngs = _run(script, tmp_path / "out")
+    _check_classification(report, rows, pngs, num_configs)
+
+
+def test_mnist_mlp_smoke_two_directions_no_jit(tmp_path):
+    report, rows, pngs = _run(
+        "mnist_mlp.py", tmp_path / "out", "--direction", "gaussian", "rademacher",
+        "--no-jit", "--optimizer", "adam",
+    )
+    assert report["jit_compile"] is False and report["optimizer"] == "adam"
+    _check_classification(report, rows, pngs, 2, directions=("gaussian", "rademacher"))
+
+
+def test_cifar10_vgg_smoke_with_mock_data(tmp_path, monkeypatch):
+    """CIFAR-10 has no bundled subset: run the script in this process on
+    tensorflow-datasets' mock data."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
+    monkeypatch.syspath_prepend(EXAMPLES)
+    module = importlib.import_module("cifar10_vgg")
+    out = tmp_path / "out"
+    with tfds.testing.mock_data(num_examples=160):
+        report = module.main(["--smoke", "--out", str(out)])
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    _check_classification(report, rows, sorted(p.name for p in out.glob("*.png")), 1)
+
+
+def test_test_functions_smoke(tmp_path):
+    report, rows, pngs = _run("test_functions.py", tmp_path / "out")
+    assert pngs == ["beale_gaussian.png", "rosenbrock_gaussian.png"]
+    assert len(rows) == 4
+    for row in rows:
+        # Both methods descend from the same start in 100-200 steps.
+        assert float(row["final_loss_mean"]) < float(row["initial_loss"])
+
+
+def test_test_functions_rejects_other_optimizers(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "test_functions.py"), "--smoke",
+         "--optimizer", "adam", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "--optimizer sgd" in result.stderr
+
+
+def test_depth_sweep_smoke(tmp_path):
+    report, rows, pngs = _run("depth_sweep.py", tmp_path / "out")
+    assert pngs == ["depth_sweep.png"]
+    assert [int(r["depth"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert float(row["Rf"]) > 1 and float(row["Rb"]) > 1
+        assert float(row["Rf/Rb"]) == pytest.approx(
+            float(row["forward_ms"]) / float(row["backprop_ms"]), rel=0.5
+        )
+    # Parameters of a bias-free MLP: 784·1024 + (d−1)·1024² + 1024·10.
+    for row in rows:
+        d = int(row["depth"])
+        assert int(row["parameters"]) == 784 * 1024 + (d - 1) * 1024**2 + 1024 * 10
