@@ -12,6 +12,21 @@ from keras_fwdgrad.forward_gradient import forward_gradient
 from keras_fwdgrad.forward_gradient import jvp
 
 
+ALL_REDUCE_MODES = ("directional_derivatives", "gradients")
+
+
+def _num_replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _skip_gradient_all_reduce(optimizer):
+    """Makes `optimizer.apply` use the gradients as given, without summing
+    them over replicas (they are already identical on every replica)."""
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is not None and hasattr(opt, "_all_reduce_sum_gradients"):
+            opt._all_reduce_sum_gradients = list
+
+
 def _check_backend():
     backend = keras.backend.backend()
     if backend != "tensorflow":
@@ -73,6 +88,15 @@ class ForwardGradientModel(keras.Model):
         seed: Integer seed of the direction stream. Defaults to `None`,
             which draws one at construction time (it is then saved in the
             config, so a reloaded model continues the same stream).
+        all_reduce: What replicas exchange under a `tf.distribute`
+            strategy. `"directional_derivatives"` (default): every replica
+            draws the same directions, so they all-reduce only the K
+            directional derivatives (K floats per step) and each applies
+            the identical update without the optimizer's gradient
+            all-reduce. `"gradients"`: each replica forms its local forward
+            gradient and the optimizer all-reduces it as for backprop (for
+            comparison; `jvp_clip` then clips each replica's derivative).
+            Without a strategy both are the same.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -115,9 +139,15 @@ class ForwardGradientModel(keras.Model):
         num_directions=1,
         jvp_clip=None,
         seed=None,
+        all_reduce="directional_derivatives",
         **kwargs,
     ):
         _check_backend()
+        if all_reduce not in ALL_REDUCE_MODES:
+            raise ValueError(
+                f"`all_reduce` must be one of {ALL_REDUCE_MODES}. "
+                f"Received: all_reduce={all_reduce!r}"
+            )
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(
                 "`model` must be a Keras model or layer. "
@@ -158,6 +188,7 @@ class ForwardGradientModel(keras.Model):
         self.num_directions = int(num_directions)
         self.jvp_clip = None if jvp_clip is None else float(jvp_clip)
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        self.all_reduce = all_reduce
         # The step counter keys the direction stream; it is saved with the
         # model so a reloaded model continues the same stream.
         self.direction_step = self._counter("direction_step")
@@ -269,11 +300,50 @@ class ForwardGradientModel(keras.Model):
                 return loss
 
             _, d = jvp(loss_fn, variables, v)
-            ds.append(clip_directional_derivative(d, self.jvp_clip))
+            ds.append(d)
             vs.append(v)
         loss = losses[0] if len(losses) == 1 else tf.add_n(losses) / len(losses)
-        grads = forward_gradient(ds, vs)
-        return loss, y_pred, tf.stack(ds), grads
+        d = tf.stack(ds)
+        if self._reduces_directional_derivatives():
+            # Each replica's loss is already divided by the number of
+            # replicas, so the sum of the local derivatives is the
+            # derivative of the mean loss over the global batch. A
+            # non-finite local loss poisons the sum, so every replica skips.
+            d = tf.where(tf.reduce_all(tf.math.is_finite(loss)), d, float("nan"))
+            d = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, d
+            )
+        d = clip_directional_derivative(d, self.jvp_clip)
+        grads = forward_gradient(tf.unstack(d), vs)
+        return loss, y_pred, d, grads
+
+    def _reduces_directional_derivatives(self):
+        return (
+            self.all_reduce == "directional_derivatives"
+            and _num_replicas() > 1
+            and tf.distribute.get_replica_context() is not None
+        )
+
+    def all_reduce_bytes_per_step(self, num_replicas=None):
+        """Bytes each replica all-reduces per training step.
+
+        `K` floats for `all_reduce="directional_derivatives"`, one float per
+        trainable parameter (the forward gradient) plus one finiteness flag
+        for `"gradients"`. Zero on a single replica.
+
+        Args:
+            num_replicas: Defaults to the current strategy's replicas.
+        """
+        if num_replicas is None:
+            num_replicas = self.distribute_strategy.num_replicas_in_sync
+        if num_replicas <= 1:
+            return 0
+        itemsize = tf.as_dtype(self.trainable_variables[0].dtype).size
+        if self.all_reduce == "directional_derivatives":
+            return self.num_directions * itemsize
+        params = sum(int(tf.size(v)) for v in self.trainable_variables)
+        return params * itemsize + 4
+
 
     def forward_gradient(self, x, y=None, sample_weight=None):
         """Computes one forward-gradient estimate without applying it.
@@ -314,23 +384,29 @@ class ForwardGradientModel(keras.Model):
         saved_weights = [tf.identity(w.value) for w in weights]
 
         loss, y_pred, d, grads = self._estimate(x, y, sample_weight)
-        finite = tf.logical_and(
-            tf.reduce_all(tf.math.is_finite(loss)),
-            tf.reduce_all(tf.math.is_finite(d)),
-        )
+        finite = tf.reduce_all(tf.math.is_finite(d))
+        if not self._reduces_directional_derivatives():
+            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(loss)))
         if not self.optimizer.built:
             self.optimizer.build(variables)
+        if self.all_reduce == "directional_derivatives":
+            # Idempotent, so safe from concurrent replica threads.
+            _skip_gradient_all_reduce(self.optimizer)
 
-        def apply():
-            self.optimizer.apply(grads, variables)
-            return tf.constant(0, dtype="int64")
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
 
-        def skip():
-            for w, value in zip(weights, saved_weights):
-                w.assign(value)
-            return tf.constant(1, dtype="int64")
+            def apply():
+                self.optimizer.apply(grads, variables)
+                return tf.constant(0, dtype="int64")
 
-        skipped = tf.cond(finite, apply, skip)
+            def skip():
+                for w, value in zip(weights, saved_weights):
+                    w.assign(value)
+                return tf.constant(1, dtype="int64")
+
+            skipped = tf.cond(finite, apply, skip)
+        else:
+            skipped = self._apply_across_replicas(grads, variables, finite)
         self.skipped_steps.assign_add(skipped)
         self.direction_step.assign_add(1)
 
@@ -341,6 +417,35 @@ class ForwardGradientModel(keras.Model):
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["skipped_steps"] = tf.convert_to_tensor(self.skipped_steps)
         return logs
+
+    def _apply_across_replicas(self, grads, variables, finite):
+        """The guarded update under a strategy that synchronizes through
+        `merge_call` (e.g. `MirroredStrategy` on CPUs): a `cond` whose
+        branch synchronizes replicas must run in cross-replica context, as
+        Keras' `LossScaleOptimizer` does it."""
+        context = tf.distribute.get_replica_context()
+        if self.all_reduce == "gradients":
+            # Replicas must agree on skipping: one flag per replica.
+            bad = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32")
+            )
+            finite = tf.equal(bad, 0.0)
+
+        def cross_replica(distribution, grads, finite):
+            agreed = distribution.experimental_local_results(finite)[0]
+
+            def apply():
+                distribution.extended.call_for_each_replica(
+                    self.optimizer.apply, args=(grads, variables)
+                )
+
+            tf.cond(agreed, apply, lambda: None)
+
+        context.merge_call(cross_replica, args=(grads, finite))
+        # Under a strategy, a skipped step leaves weights and optimizer
+        # state untouched; BatchNormalization statistics keep that step's
+        # update.
+        return 1 - tf.cast(finite, "int64")
 
     def get_config(self):
         config = super().get_config()
@@ -353,6 +458,7 @@ class ForwardGradientModel(keras.Model):
                 "num_directions": self.num_directions,
                 "jvp_clip": self.jvp_clip,
                 "seed": self.seed,
+                "all_reduce": self.all_reduce,
             }
         )
         return config

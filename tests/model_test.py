@@ -456,3 +456,18 @@ def test_fit_reports_layer_without_forward_mode_rule():
     model.compile(optimizer="sgd", loss=SCCE)
     with pytest.raises(ValueError, match="ResizeBicubicGrad"):
         model.fit(np.ones((4, 4, 4, 1), "float32"), np.zeros(4), verbose=0)
+
+
+def test_all_reduce_argument_and_config():
+    model = ForwardGradientModel(_mlp(), all_reduce="gradients", seed=1)
+    assert model.get_config()["all_reduce"] == "gradients"
+    restored = ForwardGradientModel.from_config(model.get_config())
+    assert restored.all_reduce == "gradients"
+    # On one replica nothing is all-reduced.
+    assert model.all_reduce_bytes_per_step() == 0
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert model.all_reduce_bytes_per_step(num_replicas=8) == 4 * params + 4
+    default = ForwardGradientModel(_mlp(), num_directions=3, seed=1)
+    assert default.all_reduce_bytes_per_step(num_replicas=8) == 3 * 4
+    with pytest.raises(ValueError, match="`all_reduce` must be one of"):
+        ForwardGradientModel(_mlp(), all_reduce="allgather")
