@@ -202,7 +202,8 @@ def make_datasets(
         source: See `load()`.
         train_size: Optional integer, keep only this many training examples
             (before the validation split) for quick runs.
-        test_size: Optional integer, keep only this many test examples.
+        test_size: Optional integer, keep only this many test examples
+            (a fixed random subset, the same for every seed).
         seed: Integer seed of the shuffling. Defaults to `0`.
         drop_remainder: Whether to drop the last, smaller training batch
             of each epoch (every step then has the same shape, so an
@@ -236,7 +237,10 @@ def make_datasets(
         x, y = x[:train_size], y[:train_size]
     x_test, y_test = arrays["x_test"], arrays["y_test"]
     if test_size is not None:
-        x_test, y_test = x_test[:test_size], y_test[:test_size]
+        # A fixed random subset: some copies of the test split are sorted
+        # by class, so its first examples would all share one label.
+        keep = np.sort(np.random.default_rng(0).permutation(len(x_test))[:test_size])
+        x_test, y_test = x_test[keep], y_test[keep]
     num_val = int(round(len(x) * validation_fraction))
 
     def pipeline(images, labels, shuffle):

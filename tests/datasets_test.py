@@ -82,3 +82,18 @@ def test_make_datasets_splits_normalizes_and_batches(tmp_path):
 def test_load_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         datasets.load(**kwargs)
+
+
+def test_test_subset_is_not_the_first_examples(tmp_path):
+    """A class-sorted test split (like some CIFAR-10 copies) must not give
+    a one-class test subset."""
+    x = np.zeros((1000, 4, 4, 3), "uint8")
+    y_sorted = np.repeat(np.arange(10), 100)
+    np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=y_sorted, x_test=x, y_test=y_sorted)
+    _, _, test = datasets.make_datasets("cifar10", data_dir=str(tmp_path), source="local",
+                                        test_size=200)
+    labels = np.concatenate([b.numpy() for _, b in test])
+    assert len(labels) == 200
+    # 200 draws without replacement from 10 classes of 100: every class
+    # appears (P(a class missing) < 10·(0.9)^200 ≈ 7e-9).
+    assert set(labels) == set(range(10))
