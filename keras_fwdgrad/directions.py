@@ -156,6 +156,16 @@ class Direction:
         """
         raise NotImplementedError
 
+    def sample_structured(self, shapes, seed, dtype="float32"):
+        """Draws one direction, factored where the family is structured.
+
+        The layer rules of `ForwardGradientModel` call this method. It
+        returns, per variable, a tensor or a `Factored` rank-one direction.
+        Defaults to `sample()`; it must draw the same direction as
+        `sample()` for the same seed.
+        """
+        return self.sample(shapes, seed, dtype)
+
     def get_config(self):
         return {}
 
@@ -173,7 +183,8 @@ class Gaussian(Direction):
     """Standard normal directions, `v ~ N(0, I)` (the first paper's choice).
 
     Components are independent `N(0, 1)`, so `E[v] = 0` and `E[v vᵀ] = I`.
-    All variables are drawn with one counter-based (Philox) stateless op.
+    All variables are drawn at once: counter-based random words
+    (`random_bits`) turned into normals by the inverse CDF.
 
     Reference:
     - [Baydin et al., 2022](https://arxiv.org/abs/2202.08587), Section 3.4.
@@ -181,10 +192,7 @@ class Gaussian(Direction):
 
     def sample(self, shapes, seed, dtype="float32"):
         n = sum(math.prod(s) for s in shapes)
-        flat = tf.random.stateless_normal(
-            [n], seed=seed, dtype=dtype, alg="philox"
-        )
-        return split_flat(flat, shapes)
+        return split_flat(_gaussian_flat(n, seed, dtype), shapes)
 
 
 @register("rademacher")
@@ -204,18 +212,175 @@ class Rademacher(Direction):
 
     def sample(self, shapes, seed, dtype="float32"):
         n = sum(math.prod(s) for s in shapes)
-        num_words = -(-n // 32)
-        words = tf.random.stateless_uniform(
-            [num_words, 1],
-            seed=seed,
-            minval=None,
-            maxval=None,
-            dtype=tf.int32,
-            alg="philox",
-        )
-        shifts = tf.range(32, dtype=tf.int32)[tf.newaxis, :]
-        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, shifts), 1)
-        bits = tf.reshape(bits, [-1])[:n]
-        # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
-        flat = tf.cast(2 * bits - 1, dtype)
+        flat = _rademacher_flat(n, seed, dtype)
         return split_flat(flat, shapes)
+
+
+class Factored:
+    """A rank-one direction for one variable, kept in factored form.
+
+    `v = u ⊗ w`: `u` spans every axis of the variable but the last (for a
+    `Dense` kernel, its inputs; for a convolution kernel, the window and
+    input channels) and `w` spans the last axis (the units or filters).
+    Layer rules use the factors directly: the tangent of `x @ (u ⊗ w)` is
+    `(x @ u) ⊗ w`, which costs `O(batch · (fan_in + fan_out))` instead of
+    a full matrix product.
+
+    Args:
+        u: Tensor with the variable's shape without its last axis.
+        w: 1-D tensor, the size of the variable's last axis.
+    """
+
+    def __init__(self, u, w):
+        self.u = u
+        self.w = w
+
+    @property
+    def shape(self):
+        return tuple(self.u.shape) + tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.u.dtype
+
+    def dense(self, scale=None):
+        """Returns `scale · u ⊗ w` as a tensor of the variable's shape."""
+        u = self.u if scale is None else tf.cast(scale, self.u.dtype) * self.u
+        return u[..., tf.newaxis] * self.w
+
+    def cast(self, dtype):
+        return Factored(tf.cast(self.u, dtype), tf.cast(self.w, dtype))
+
+    def __repr__(self):
+        return f"Factored(shape={self.shape})"
+
+
+def to_dense(tangent, scale=None):
+    """Returns a direction component as a dense tensor (times `scale`)."""
+    if isinstance(tangent, Factored):
+        return tangent.dense(scale)
+    if scale is None:
+        return tangent
+    return tf.cast(scale, tangent.dtype) * tangent
+
+
+def random_bits(n, seed):
+    """Counter-based random 32-bit words, a pure function of `seed`.
+
+    One stateless Philox draw (`tf.random.stateless_uniform` with
+    `alg="philox"`), the same on every device and replica for a given
+    seed. XLA keeps the draw as one op that every consumer reads, rather
+    than recomputing it inside each fused consumer.
+
+    Args:
+        n: Python int, number of words.
+        seed: Integer tensor of shape `[2]`.
+
+    Returns:
+        A `[n]` `uint32` tensor.
+    """
+    return tf.bitcast(
+        tf.random.stateless_uniform(
+            [n], seed=seed, minval=None, maxval=None, dtype=tf.int32,
+            alg="philox",
+        ),
+        tf.uint32,
+    )
+
+
+def _rademacher_flat(n, seed, dtype):
+    words = random_bits(-(-n // 32), seed)[:, tf.newaxis]
+    shifts = tf.constant([list(range(32))], dtype=tf.uint32)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, shifts), 1)
+    bits = tf.reshape(bits, [-1])[:n]
+    # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
+    return tf.cast(bits, dtype) * 2 - 1
+
+
+def _gaussian_flat(n, seed, dtype):
+    # Inverse-CDF sampling. The top 23 bits k of each word give
+    # u = (2k + 1) / 2²³ − 1, uniform on a grid in (−1, 1) symmetric about 0
+    # (so E[z] = 0 exactly; every step of this is exact in float32, so
+    # |u| < 1), and z = √2 · erfinv(u) is N(0, 1) up to that grid
+    # (|z| < 5.3).
+    words = random_bits(n, seed)
+    k = tf.cast(tf.bitwise.right_shift(words, 9), tf.float32)
+    u = (k + 0.5) * (2.0 / 2**23) - 1.0
+    z = math.sqrt(2.0) * tf.math.erfinv(u)
+    return tf.cast(z, dtype)
+
+
+class _LowRank(Direction):
+    """Rank-one directions per weight tensor, from independent factors."""
+
+    _draw = None
+
+    def sample_structured(self, shapes, seed, dtype="float32"):
+        sizes = []
+        for s in shapes:
+            if len(s) >= 2:
+                sizes += [math.prod(s[:-1]), s[-1]]
+            else:
+                sizes.append(math.prod(s))
+        flat = type(self)._draw(sum(sizes), seed, dtype)
+        parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+        out, i = [], 0
+        for s in shapes:
+            if len(s) >= 2:
+                out.append(Factored(tf.reshape(parts[i], s[:-1]), parts[i + 1]))
+                i += 2
+            else:
+                out.append(tf.reshape(parts[i], s))
+                i += 1
+        return out
+
+    def sample(self, shapes, seed, dtype="float32"):
+        return [to_dense(t) for t in self.sample_structured(shapes, seed, dtype)]
+
+
+@register("lowrank_gaussian")
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class LowRankGaussian(_LowRank):
+    """Rank-one Gaussian directions per weight tensor.
+
+    For a variable of shape `(..., n)` with at least two axes (a `Dense`
+    kernel `(fan_in, fan_out)`, a convolution kernel
+    `(kh, kw, c_in, c_out)`), `v = u ⊗ w` with `u ~ N(0, I)` over the
+    leading axes and `w ~ N(0, I_n)` over the last, independent. Biases and
+    other 1-D variables get a plain `N(0, I)` direction. Variables are
+    independent of each other.
+
+    Why `E[v vᵀ] = I`: for components `v_ij = u_i w_j` and `v_kl = u_k w_l`
+    of one variable, independence of `u` and `w` gives
+    `E[v_ij v_kl] = E[u_i u_k] · E[w_j w_l] = δ_ik · δ_jl`, which is 1 when
+    the components are the same and 0 otherwise; `E[v_ij] = E[u_i] E[w_j]
+    = 0`. Components of different variables are independent with mean 0,
+    hence uncorrelated. So the forward gradient stays unbiased.
+
+    The price is variance: the components of `v` are no longer
+    independent, and each is a product of two Gaussians (`E[v_ij⁴] = 9`
+    against 3 for `"gaussian"`). The gain is speed: a step draws
+    `fan_in + fan_out` numbers per kernel instead of `fan_in · fan_out`,
+    and the layer rules of `ForwardGradientModel` compute the kernel's
+    tangent as `(x @ u) ⊗ w` in `O(batch · (fan_in + fan_out))`.
+    """
+
+    _draw = staticmethod(_gaussian_flat)
+
+
+@register("lowrank_rademacher")
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class LowRankRademacher(_LowRank):
+    """Rank-one random-sign directions per weight tensor: the cheapest
+    shipped family.
+
+    As `"lowrank_gaussian"`, but `u` and `w` (and the 1-D variables) have
+    independent random-sign components, drawn 32 per random word. Every
+    component of `v` is `±1`.
+
+    Why `E[v vᵀ] = I`: `E[u_i u_k] = δ_ik` and `E[w_j w_l] = δ_jl` for
+    independent signs, so `E[v_ij v_kl] = E[u_i u_k] E[w_j w_l] =
+    δ_ik δ_jl`, and `E[v_ij] = 0`; different variables are independent.
+    """
+
+    _draw = staticmethod(_rademacher_flat)

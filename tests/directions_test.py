@@ -24,12 +24,15 @@ def _draw(direction, n, shapes=SHAPES):
     )
 
 
+FAMILIES = ["gaussian", "rademacher", "lowrank_gaussian", "lowrank_rademacher"]
+
+
 def test_available_lists_shipped_families():
-    assert {"gaussian", "rademacher"} <= set(directions.available())
+    assert set(FAMILIES) <= set(directions.available())
     assert directions.available() == sorted(directions.available())
 
 
-@pytest.mark.parametrize("name", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_sample_shapes_dtype_and_determinism(name):
     d = directions.get(name)
     shapes = [(3, 5), (5,), (1,), (2, 3, 4)]
@@ -44,15 +47,25 @@ def test_sample_shapes_dtype_and_determinism(name):
 
 
 @pytest.mark.parametrize(
-    "name, fourth_moment", [("gaussian", 3.0), ("rademacher", 1.0)]
+    "name, fourth_moment, off_diagonal_variance",
+    [
+        ("gaussian", 3.0, 1.0),
+        ("rademacher", 1.0, 1.0),
+        ("lowrank_gaussian", 9.0, 3.0),
+        ("lowrank_rademacher", 1.0, 1.0),
+    ],
 )
-def test_moments_mean_zero_identity_covariance(name, fourth_moment):
+def test_moments_mean_zero_identity_covariance(
+    name, fourth_moment, off_diagonal_variance
+):
     """Probabilistic, fixed seed: E[v] = 0 and E[v vᵀ] = I.
 
     Each bound is 5 standard errors of the estimate: for a mean, Var(v_i) = 1;
-    for an off-diagonal entry, Var(v_i v_j) = E[v_i²] E[v_j²] = 1; for a
-    diagonal entry, Var(v_i²) = E[v⁴] − 1 (2 for Gaussian, 0 for
-    Rademacher).
+    for an off-diagonal entry, Var(v_i v_j) = E[v_i² v_j²], which is 1 for
+    independent components and, for the low-rank families, at most
+    E[u⁴] E[w²]² (3 for Gaussian factors: `v_ij v_il = u_i² w_j w_l`); for
+    a diagonal entry, Var(v_i²) = E[v⁴] − 1 (2 for Gaussian, 0 for
+    Rademacher, 9 − 1 = 8 for a product of two Gaussians).
     """
     v = _draw(directions.get(name), N_SAMPLES)
     n = N_SAMPLES
@@ -60,7 +73,7 @@ def test_moments_mean_zero_identity_covariance(name, fourth_moment):
     cov = v.T @ v / n
     assert np.all(np.abs(mean) <= 5 / math.sqrt(n)), mean
     off = cov[~np.eye(len(cov), dtype=bool)]
-    assert np.all(np.abs(off) <= 5 / math.sqrt(n)), off
+    assert np.all(np.abs(off) <= 5 * math.sqrt(off_diagonal_variance / n)), off
     diag_bound = 5 * math.sqrt((fourth_moment - 1) / n) + 1e-6
     assert np.all(np.abs(np.diag(cov) - 1) <= diag_bound), np.diag(cov)
 
@@ -75,6 +88,53 @@ def test_moment_check_detects_a_wrong_scale():
     v = _draw(Scaled(), N_SAMPLES)
     diag = np.diag(v.T @ v / N_SAMPLES)
     assert np.any(np.abs(diag - 1) > 5 * math.sqrt(2 / N_SAMPLES))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_structured_sample_is_the_same_direction(name):
+    """`sample_structured` draws the direction `sample` returns; the
+    low-rank families keep kernels as rank-one `Factored` pairs."""
+    d = directions.get(name)
+    shapes = [(6, 4), (4,), (3, 3, 2, 5)]
+    seed = tf.constant([8, 9])
+    dense = d.sample(shapes, seed)
+    structured = d.sample_structured(shapes, seed)
+    for a, b in zip(dense, structured):
+        np.testing.assert_array_equal(a, directions.to_dense(b))
+    factored = [isinstance(t, directions.Factored) for t in structured]
+    if name.startswith("lowrank"):
+        assert factored == [True, False, True]
+        assert structured[2].u.shape == (3, 3, 2) and structured[2].w.shape == (5,)
+        assert np.linalg.matrix_rank(dense[0].numpy()) == 1
+    else:
+        assert not any(factored)
+
+
+def test_gaussian_is_standard_normal():
+    """Probabilistic, fixed seed: over 10⁶ draws the empirical CDF of the
+    Gaussian family at z = 0, ±1, ±2, ±3 is within 5 standard errors,
+    sqrt(p (1 − p) / n), of Φ(z), and the fourth moment within 5 standard
+    errors, sqrt((E[z⁸] − 9) / n) = sqrt(96 / n), of 3."""
+    n = 1_000_000
+    z = directions.Gaussian().sample([(n,)], tf.constant([4, 2]))[0].numpy()
+    z = z.astype("float64")
+    for point in (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0):
+        p = 0.5 * (1 + math.erf(point / math.sqrt(2)))
+        assert abs(np.mean(z <= point) - p) <= 5 * math.sqrt(p * (1 - p) / n), point
+    assert abs(np.mean(z**4) - 3) <= 5 * math.sqrt(96 / n)
+
+
+def test_random_bits_are_uniform_and_distinct_per_seed():
+    """Probabilistic, fixed seed: each of the 32 bit positions of 10⁵ words
+    is set with frequency within 5 standard errors of 1/2, and two seeds
+    give different words."""
+    n = 100_000
+    a = directions.random_bits(n, tf.constant([1, 2])).numpy()
+    b = directions.random_bits(n, tf.constant([1, 3])).numpy()
+    assert a.dtype == np.uint32
+    bits = (a[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.all(np.abs(bits.mean(0) - 0.5) <= 5 * 0.5 / math.sqrt(n))
+    assert np.mean(a == b) < 1e-3
 
 
 def test_rademacher_uses_every_bit_independently():
