@@ -11,6 +11,8 @@ import re
 import keras
 import tensorflow as tf
 
+from keras_fwdgrad.directions import to_dense
+
 _HINT = (
     "TensorFlow computes forward-mode derivatives from the registered "
     "gradient of each op, and this op has none it can use. Replace the "
@@ -103,8 +105,8 @@ def forward_gradient(directional_derivatives, directions):
 
     Args:
         directional_derivatives: List of K scalar tensors `d_k`.
-        directions: List of K directions, each a list of tensors (one per
-            variable).
+        directions: List of K directions, each a list of tensors or
+            `keras_fwdgrad.directions.Factored` (one per variable).
 
     Returns:
         A list of tensors, one per variable: the forward gradient.
@@ -118,7 +120,7 @@ def forward_gradient(directional_derivatives, directions):
         )
     grads = None
     for d, v in zip(directional_derivatives, directions):
-        terms = [tf.cast(d, t.dtype) * t for t in v]
+        terms = [to_dense(t, scale=d) for t in v]
         grads = terms if grads is None else [g + t for g, t in zip(grads, terms)]
     if num_directions > 1:
         grads = [g / num_directions for g in grads]

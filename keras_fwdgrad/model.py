@@ -7,6 +7,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import directions as directions_module
+from keras_fwdgrad import layer_rules as layer_rules_module
 from keras_fwdgrad.forward_gradient import clip_directional_derivative
 from keras_fwdgrad.forward_gradient import forward_gradient
 from keras_fwdgrad.forward_gradient import jvp
@@ -97,6 +98,15 @@ class ForwardGradientModel(keras.Model):
             gradient and the optimizer all-reduces it as for backprop (for
             comparison; `jvp_clip` then clips each replica's derivative).
             Without a strategy both are the same.
+        layer_rules: Bool. If `True` (default) and `model` is a
+            `keras.Sequential` of Keras layers, the forward pass runs layer
+            by layer with `keras_fwdgrad.layer_rules`: stacked primal and
+            tangent products, and kernel tangents computed from the factors
+            of structured directions (`"lowrank_gaussian"`,
+            `"lowrank_rademacher"`). Otherwise, or if `False`,
+            `tf.autodiff.ForwardAccumulator` differentiates the whole
+            model. Both give the same directional derivative up to float
+            rounding.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -140,6 +150,7 @@ class ForwardGradientModel(keras.Model):
         jvp_clip=None,
         seed=None,
         all_reduce="directional_derivatives",
+        layer_rules=True,
         **kwargs,
     ):
         _check_backend()
@@ -181,6 +192,11 @@ class ForwardGradientModel(keras.Model):
             raise TypeError(
                 f"`seed` must be an integer or `None`. Received: seed={seed!r}"
             )
+        if not isinstance(layer_rules, bool):
+            raise TypeError(
+                "`layer_rules` must be a bool. "
+                f"Received: layer_rules={layer_rules!r}"
+            )
         direction = directions_module.get(direction)
         super().__init__(**kwargs)
         self.model = model
@@ -189,6 +205,7 @@ class ForwardGradientModel(keras.Model):
         self.jvp_clip = None if jvp_clip is None else float(jvp_clip)
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
         self.all_reduce = all_reduce
+        self.layer_rules = layer_rules
         # The step counter keys the direction stream; it is saved with the
         # model so a reloaded model continues the same stream.
         self.direction_step = self._counter("direction_step")
@@ -238,8 +255,9 @@ class ForwardGradientModel(keras.Model):
             self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
         self._check_trainable_variables()
 
-    def _directions(self, variables, k):
-        """Samples direction `k` of the current step."""
+    def _directions(self, variables, k, structured=False):
+        """Samples direction `k` of the current step (with `Factored`
+        components where the family has them, if `structured`)."""
         seed = tf.stack(
             [
                 tf.constant(self.seed, dtype="int64"),
@@ -250,11 +268,60 @@ class ForwardGradientModel(keras.Model):
             seed = tf.random.experimental.stateless_fold_in(seed, k)
         shapes = [tuple(v.shape) for v in variables]
         dtype = variables[0].dtype
-        v = self.direction.sample(shapes, seed, dtype=dtype)
+        if structured:
+            v = self.direction.sample_structured(shapes, seed, dtype=dtype)
+        else:
+            v = self.direction.sample(shapes, seed, dtype=dtype)
         return [
-            t if t.dtype == var.dtype else tf.cast(t, var.dtype)
+            t if t.dtype == var.dtype else t.cast(var.dtype)
+            if isinstance(t, directions_module.Factored)
+            else tf.cast(t, var.dtype)
             for t, var in zip(v, variables)
         ]
+
+    def _uses_layer_rules(self):
+        return self.layer_rules and layer_rules_module.supports(self.model)
+
+    def _rules_pass(self, x, y, sample_weight, variables, v):
+        """One forward pass with `keras_fwdgrad.layer_rules`.
+
+        Returns:
+            `(y_pred, loss, d)`: the predictions, the loss and its
+            directional derivative (of the loss as the optimizer scales
+            it).
+        """
+        tangents = {id(var): t for var, t in zip(variables, v)}
+        x = tf.convert_to_tensor(x)
+        if x.dtype.is_floating and x.dtype != self.model.compute_dtype:
+            # As `Layer.__call__` casts floating inputs.
+            x = tf.cast(x, self.model.compute_dtype)
+        # Losses from `add_loss` of the previous call would be stale.
+        self._clear_losses()
+        y_pred, y_dot = layer_rules_module.dual_call(
+            self.model,
+            x,
+            None,
+            lambda var: tangents.get(id(var)),
+            training=True,
+        )
+        primals, duals = [y_pred], [y_dot]
+        if y_dot is None:
+            duals = [tf.zeros_like(y_pred)]
+        for var, t in zip(variables, v):
+            # Weight regularizers read the variables in `compute_loss`.
+            if getattr(var, "regularizer", None) is not None:
+                primals.append(var.value)
+                duals.append(directions_module.to_dense(t))
+        with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
+            loss = self.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True,
+            )
+            scaled = loss
+            if self.optimizer is not None:
+                scaled = self.optimizer.scale_loss(loss)
+        d = acc.jvp(scaled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return y_pred, loss, d
 
     def _estimate(self, x, y, sample_weight):
         """Runs the K forward-mode passes of one step.
@@ -276,11 +343,18 @@ class ForwardGradientModel(keras.Model):
 
         losses, ds, vs = [], [], []
         y_pred = None
+        rules = self._uses_layer_rules()
         for k in range(self.num_directions):
             if k > 0 and state:
                 for var, value in zip(state, saved_state):
                     var.assign(value)
-            v = self._directions(variables, k)
+            v = self._directions(variables, k, structured=rules)
+            if rules:
+                y_pred, loss, d = self._rules_pass(x, y, sample_weight, variables, v)
+                losses.append(loss)
+                ds.append(d)
+                vs.append(v)
+                continue
 
             def loss_fn():
                 nonlocal y_pred
@@ -459,6 +533,7 @@ class ForwardGradientModel(keras.Model):
                 "jvp_clip": self.jvp_clip,
                 "seed": self.seed,
                 "all_reduce": self.all_reduce,
+                "layer_rules": self.layer_rules,
             }
         )
         return config

@@ -76,7 +76,11 @@ def profile_step_costs(
         x: One minibatch of inputs (NumPy array or tensor).
         y: The matching targets.
         loss: Loss passed to `compile()`.
-        directions: Direction families to time the forward gradient with.
+        directions: Direction families to time the forward gradient with:
+            names (the method is then `"forward-<name>"`) or dicts of
+            `ForwardGradientModel` arguments with a `"direction"` and an
+            optional `"label"` (for example `{"direction": "gaussian",
+            "layer_rules": False, "label": "gaussian-accumulator"}`).
             Defaults to `("gaussian",)`.
         backprop: Whether to time backpropagation. Defaults to `True`.
         optimizer: Callable returning a fresh optimizer for each method.
@@ -139,12 +143,21 @@ def profile_step_costs(
     calls["base"] = lambda: base.test_on_batch(x, y)
     models["base"] = base
     for direction in directions:
-        model = ForwardGradientModel(
-            fresh_model(), direction=direction, seed=seed, **forward_kwargs
-        )
+        kwargs = dict(forward_kwargs)
+        if isinstance(direction, dict):
+            kwargs.update(direction)
+            label = kwargs.pop("label", None) or str(kwargs["direction"])
+        elif isinstance(direction, str):
+            kwargs["direction"] = label = direction
+        else:
+            raise TypeError(
+                "Each entry of `directions` must be a direction name or a "
+                f"dict of `ForwardGradientModel` arguments. Received: {direction!r}"
+            )
+        model = ForwardGradientModel(fresh_model(), seed=seed, **kwargs)
         model.compile(optimizer=optimizer(), loss=loss, jit_compile=jit_compile)
-        calls[f"forward-{direction}"] = (lambda m: lambda: m.train_on_batch(x, y))(model)
-        models[f"forward-{direction}"] = model
+        calls[f"forward-{label}"] = (lambda m: lambda: m.train_on_batch(x, y))(model)
+        models[f"forward-{label}"] = model
     if backprop:
         model = fresh_model()
         model.compile(optimizer=optimizer(), loss=loss, jit_compile=jit_compile)

@@ -94,14 +94,22 @@ def test_fit_lowers_loss(mode, optimizer, clipnorm):
     assert after < 0.85 * before, (before, after)
 
 
+@pytest.mark.parametrize("layer_rules", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
-def test_one_sgd_step_is_w_minus_lr_d_v(mode, direction):
+@pytest.mark.parametrize(
+    "direction",
+    ["gaussian", "rademacher", "lowrank_gaussian", "lowrank_rademacher"],
+)
+def test_one_sgd_step_is_w_minus_lr_d_v(mode, direction, layer_rules):
     """One SGD step moves the weights by exactly -lr * d * v, with v drawn
-    from the documented stream (seed, step) and d = ∇f·v from a tape."""
+    from the documented stream (seed, step) and d = ∇f·v from a tape, with
+    the layer rules and with `tf.autodiff.ForwardAccumulator`."""
     x, y = _data(n=16)
     base = _mlp()
-    model = ForwardGradientModel(base, direction=direction, seed=42)
+    model = ForwardGradientModel(
+        base, direction=direction, seed=42, layer_rules=layer_rules
+    )
+    assert model._uses_layer_rules() == layer_rules
     lr = 0.1
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=SCCE, **compile_kwargs(mode))
     w0 = _weights(base)
@@ -456,6 +464,15 @@ def test_fit_reports_layer_without_forward_mode_rule():
     model.compile(optimizer="sgd", loss=SCCE)
     with pytest.raises(ValueError, match="ResizeBicubicGrad"):
         model.fit(np.ones((4, 4, 4, 1), "float32"), np.zeros(4), verbose=0)
+
+
+def test_layer_rules_argument_and_config():
+    model = ForwardGradientModel(_mlp(), layer_rules=False, seed=1)
+    assert model.get_config()["layer_rules"] is False
+    assert ForwardGradientModel.from_config(model.get_config()).layer_rules is False
+    assert ForwardGradientModel(_mlp(), seed=1).layer_rules is True
+    with pytest.raises(TypeError, match="`layer_rules` must be a bool"):
+        ForwardGradientModel(_mlp(), layer_rules="yes")
 
 
 def test_all_reduce_argument_and_config():

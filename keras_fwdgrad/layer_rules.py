@@ -1,0 +1,364 @@
+"""Forward-mode rules for Keras layers: primal and tangent in one pass.
+
+`tf.autodiff.ForwardAccumulator` derives most forward-mode derivatives by
+transposing each op's gradient twice. That is exact for any model, but it
+cannot see the structure of a direction: a rank-one kernel direction
+`u ⊗ w` (see `keras_fwdgrad.directions.LowRankGaussian`) is expanded to a
+full matrix and multiplied like one. The rules here run a `keras.Sequential`
+model layer by layer, carrying each activation `x` with its tangent `ẋ`:
+
+- `Dense` and `Conv1D/2D/3D`: the input and its tangent go through the
+  layer's kernel in one stacked matrix product or convolution
+  (`[x; ẋ] @ W`, the first paper's suggestion), and the kernel's tangent
+  adds `x @ Ẇ`, computed as `(x @ u) ⊗ w` when `Ẇ = u ⊗ w`;
+- ReLU and linear activations: `ẏ = ẋ · [x > 0]`;
+- reshaping and average pooling layers (linear, without weights): the
+  layer applied to the tangent;
+- `MaxPooling` with non-overlapping windows: the tangent of the selected
+  element;
+- any other layer (dropout, normalization, your own layers): its exact
+  derivative from `tf.autodiff.ForwardAccumulator`, for that layer only.
+
+`ForwardGradientModel` uses these rules when `supports(model)` holds and
+`layer_rules=True` (the default), and `tf.autodiff.ForwardAccumulator` over
+the whole model otherwise. Both give the same directional derivative to
+float rounding; the tests check each rule against `tf.GradientTape`.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_fwdgrad.directions import Factored
+from keras_fwdgrad.directions import to_dense
+
+L = keras.layers
+
+_RULES = {}
+
+# Linear layers without weights: their tangent is the layer applied to the
+# input's tangent.
+_LINEAR = (
+    L.Flatten,
+    L.Reshape,
+    L.Permute,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.Identity,
+)
+
+
+def _rule(*classes):
+    def decorator(fn):
+        for cls in classes:
+            _RULES[cls] = fn
+        return fn
+
+    return decorator
+
+
+def _is_sequential(layer):
+    return isinstance(layer, keras.Sequential)
+
+
+def supports(model):
+    """Whether the layer rules can run `model`.
+
+    They can for a `keras.Sequential` model (nested ones included) of
+    layers that come with Keras, none of which produces a mask (`Masking`,
+    `Embedding(mask_zero=True)`) or has an activity regularizer. Layers
+    without a dedicated rule are differentiated one by one with
+    `tf.autodiff.ForwardAccumulator`; your own layers make the whole model
+    use `tf.autodiff.ForwardAccumulator` instead, since they may add
+    losses in `call`.
+
+    Args:
+        model: A Keras layer or model.
+
+    Returns:
+        A bool.
+    """
+    if not _is_sequential(model):
+        return False
+    for layer in model._flatten_layers(include_self=False):
+        module = type(layer).__module__
+        if not module.startswith("keras."):
+            return False
+        if getattr(layer, "activity_regularizer", None) is not None:
+            return False
+        if isinstance(layer, L.Masking) or getattr(layer, "mask_zero", False):
+            return False
+    return True
+
+
+def dual_call(layer, x, x_dot, tangent_of, training=None):
+    """Runs `layer` on `x` and pushes the tangent `x_dot` through it.
+
+    Args:
+        layer: A built Keras layer or `keras.Sequential` model.
+        x: Input tensor.
+        x_dot: Tangent of `x`, or `None` for zero.
+        tangent_of: Callable mapping a variable to its tangent: a tensor,
+            a `keras_fwdgrad.directions.Factored`, or `None` for zero.
+        training: Passed to the layers.
+
+    Returns:
+        `(y, y_dot)`: the output and its tangent (`None` when zero).
+    """
+    if _is_sequential(layer):
+        for sub in layer.layers:
+            x, x_dot = dual_call(sub, x, x_dot, tangent_of, training)
+        return x, x_dot
+    rule = _RULES.get(type(layer))
+    if rule is not None:
+        out = rule(layer, x, x_dot, tangent_of, training)
+        if out is not None:
+            return out
+    if isinstance(layer, _LINEAR):
+        return _linear(layer, x, x_dot)
+    return _generic(layer, x, x_dot, tangent_of, training)
+
+
+def _generic(layer, x, x_dot, tangent_of, training):
+    """Exact JVP of one layer with `tf.autodiff.ForwardAccumulator`."""
+    primals, tangents = [], []
+    for v in layer.trainable_variables:
+        t = tangent_of(v)
+        if t is not None:
+            primals.append(v.value)
+            tangents.append(to_dense(t))
+    if x_dot is not None:
+        primals.append(x)
+        tangents.append(x_dot)
+    if not primals:
+        return layer(x, training=training), None
+    with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+        y = layer(x, training=training)
+    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _linear(layer, x, x_dot):
+    y = layer(x)
+    return y, None if x_dot is None else layer(x_dot)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _plain(layer, x):
+    """Whether the layer's `call` is the stock one and runs in one dtype."""
+    return (
+        not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and layer.compute_dtype == layer.variable_dtype
+        and x.dtype == layer.compute_dtype
+    )
+
+
+def _stacked(fn, x, x_dot):
+    """`fn(x)` and `fn(x_dot)` for a linear `fn`, as one call on the
+    batch-stacked `[x; x_dot]`."""
+    if x_dot is None:
+        return fn(x), None
+    both = fn(tf.concat([x, x_dot], axis=0))
+    return tf.split(both, 2, axis=0)
+
+
+def activation_jvp(activation, x, x_dot):
+    """Applies an activation function to `x` and its JVP to `x_dot`.
+
+    Args:
+        activation: An element-wise activation function, or `None`.
+        x: Pre-activation tensor.
+        x_dot: Its tangent, or `None`.
+
+    Returns:
+        `(y, y_dot)`.
+    """
+    if activation is None or activation is keras.activations.linear:
+        return x, x_dot
+    if x_dot is None:
+        return activation(x), None
+    if activation is keras.activations.relu:
+        return tf.nn.relu(x), tf.where(x > 0, x_dot, tf.zeros_like(x_dot))
+    with tf.autodiff.ForwardAccumulator(x, x_dot) as acc:
+        y = activation(x)
+    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _kernel_tangent(layer, x, tangent, product):
+    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w`."""
+    if tangent is None:
+        return None
+    if isinstance(tangent, Factored):
+        xu = product(x, tangent.u[..., tf.newaxis])
+        return xu * _channels(layer, tangent.w)
+    return product(x, tangent)
+
+
+def _channels(layer, vector):
+    """Reshapes a per-channel vector to broadcast against the output."""
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        spatial = len(layer.kernel.shape) - 2
+        return tf.reshape(vector, (1, -1) + (1,) * spatial)
+    return vector
+
+
+def _bias(layer, y, y_dot, tangent_of, channels_first=False):
+    if not getattr(layer, "use_bias", True) or layer.bias is None:
+        return y, y_dot
+    bias, bias_dot = layer.bias.value, tangent_of(layer.bias)
+    if channels_first:
+        shape = (1, -1) + (1,) * (len(y.shape) - 2)
+        bias = tf.reshape(bias, shape)
+        if bias_dot is not None:
+            bias_dot = tf.reshape(bias_dot, shape)
+    y = y + bias
+    if bias_dot is not None:
+        y_dot = bias_dot + tf.zeros_like(y) if y_dot is None else y_dot + bias_dot
+    return y, y_dot
+
+
+@_rule(L.Dense)
+def _dense(layer, x, x_dot, tangent_of, training):
+    if not _plain(layer, x):
+        return None
+    kernel = layer.kernel
+    y, y_dot = _stacked(lambda t: keras.ops.matmul(t, kernel.value), x, x_dot)
+    y_dot = _add(
+        y_dot, _kernel_tangent(layer, x, tangent_of(kernel), keras.ops.matmul)
+    )
+    y, y_dot = _bias(layer, y, y_dot, tangent_of)
+    return activation_jvp(layer.activation, y, y_dot)
+
+
+@_rule(L.Conv1D, L.Conv2D, L.Conv3D)
+def _conv(layer, x, x_dot, tangent_of, training):
+    if not _plain(layer, x) or layer.groups != 1:
+        return None
+    kernel = layer.kernel
+    y, y_dot = _stacked(lambda t: layer.convolution_op(t, kernel.value), x, x_dot)
+    y_dot = _add(
+        y_dot,
+        _kernel_tangent(layer, x, tangent_of(kernel), layer.convolution_op),
+    )
+    y, y_dot = _bias(
+        layer, y, y_dot, tangent_of,
+        channels_first=layer.data_format == "channels_first",
+    )
+    return activation_jvp(layer.activation, y, y_dot)
+
+
+@_rule(L.Activation)
+def _activation_layer(layer, x, x_dot, tangent_of, training):
+    return activation_jvp(layer.activation, x, x_dot)
+
+
+@_rule(L.ReLU)
+def _relu_layer(layer, x, x_dot, tangent_of, training):
+    if (
+        layer.max_value is None
+        and not layer.negative_slope
+        and not layer.threshold
+    ):
+        return activation_jvp(keras.activations.relu, x, x_dot)
+    return None
+
+
+@_rule(L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+def _max_pool(layer, x, x_dot, tangent_of, training):
+    """The tangent of each output is the tangent of its window's maximum
+    (the first one on ties, as TensorFlow's gradient picks).
+
+    TensorFlow's own forward-mode derivative of max-pooling is wrong under
+    XLA when windows overlap (TF 2.21), so this rule covers every 1-D and
+    2-D channels-last pooling; 3-D and channels-first pooling use the
+    generic path.
+    """
+    if x_dot is None or layer.data_format != "channels_last":
+        return None
+    pool = tuple(layer.pool_size)
+    if len(x.shape) != len(pool) + 2:
+        return None
+    if tuple(layer.strides) == pool and all(
+        d is not None and d % p == 0 for d, p in zip(x.shape[1:-1], pool)
+    ):
+        return layer(x), _tiled_max_pool_tangent(x, x_dot, pool)
+    if len(pool) > 2 or any(d is None for d in x.shape[1:]):
+        return None
+    return layer(x), _max_pool_tangent(layer, x, x_dot)
+
+
+def _tiled_max_pool_tangent(x, x_dot, pool):
+    """Windows that tile the input: reshaped, not gathered."""
+    rank = len(pool)
+    # [N, D1/p1, p1, D2/p2, p2, ..., C] -> windows on the last axis.
+    shape = [-1]
+    for d, p in zip(x.shape[1:-1], pool):
+        shape += [d // p, p]
+    shape.append(x.shape[-1])
+    outer = list(range(1, 2 * rank + 1, 2))
+    inner = list(range(2, 2 * rank + 2, 2))
+    perm = [0] + outer + [2 * rank + 1] + inner
+    window = 1
+    for p in pool:
+        window *= p
+
+    def windows(t):
+        t = tf.transpose(tf.reshape(t, shape), perm)
+        return tf.reshape(t, tf.concat([tf.shape(t)[: rank + 2], [window]], 0))
+
+    which = tf.argmax(windows(x), axis=-1, output_type=tf.int32)
+    pick = tf.one_hot(which, window, dtype=x_dot.dtype)
+    return tf.reduce_sum(windows(x_dot) * pick, axis=-1)
+
+
+def _max_pool_tangent(layer, x, x_dot):
+    """Any 1-D or 2-D window, stride and padding, from image patches."""
+    pool = list(layer.pool_size)
+    strides = list(layer.strides)
+    if len(pool) == 1:
+        x, x_dot = x[:, tf.newaxis], x_dot[:, tf.newaxis]
+        pool, strides = [1] + pool, [1] + strides
+    if layer.padding == "same":
+        pads = [[0, 0]]
+        for size, k, s in zip(x.shape[1:3], pool, strides):
+            out = -(-size // s)
+            total = max((out - 1) * s + k - size, 0)
+            pads.append([total // 2, total - total // 2])
+        pads.append([0, 0])
+        # Padding never wins the maximum, as in max-pooling itself. It
+        # must be finite: XLA extracts patches with a convolution, where
+        # -inf · 0 would give NaN.
+        low = tf.reduce_min(x)
+        x = tf.pad(x, pads, constant_values=low - tf.abs(low) - 1.0)
+        x_dot = tf.pad(x_dot, pads)
+
+    def patches(t):
+        p = tf.image.extract_patches(
+            t, sizes=[1, *pool, 1], strides=[1, *strides, 1],
+            rates=[1, 1, 1, 1], padding="VALID",
+        )
+        # [N, H', W', kh·kw·C] -> [N, H', W', kh·kw, C]
+        return tf.reshape(p, tf.concat([tf.shape(p)[:3], [pool[0] * pool[1], -1]], 0))
+
+    which = tf.argmax(patches(x), axis=3, output_type=tf.int32)
+    pick = tf.one_hot(which, pool[0] * pool[1], axis=3, dtype=x_dot.dtype)
+    y_dot = tf.reduce_sum(patches(x_dot) * pick, axis=3)
+    if len(layer.pool_size) == 1:
+        y_dot = y_dot[:, 0]
+    return y_dot

@@ -1,0 +1,267 @@
+"""Tests of `keras_fwdgrad.layer_rules`: every rule's directional
+derivative against `∇f·v` from `tf.GradientTape`, for dense and factored
+directions, in every execution mode; and which models the rules run."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import directions
+from keras_fwdgrad import layer_rules
+from tests.conftest import MODES
+
+L = keras.layers
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+def _seq(input_shape, layers):
+    """A builder of fresh models: `layers` is a function returning new
+    layers, so no two models share weights."""
+    return lambda: keras.Sequential([keras.Input(input_shape), *layers()])
+
+
+# name -> (builder, input shape). Each exercises one rule (or the
+# per-layer fallback) with a trainable layer before it, so the rule sees a
+# non-zero input tangent.
+CASES = {
+    "dense_relu": _seq((6,), lambda: [L.Dense(5, activation="relu"), L.Dense(3)]),
+    "dense_tanh_no_bias": _seq(
+        (6,), lambda: [L.Dense(5, activation="tanh", use_bias=False), L.Dense(3)]
+    ),
+    "dense_rank3_input": _seq(
+        (4, 6), lambda: [L.Dense(5, activation="relu"), L.Flatten(), L.Dense(3)]
+    ),
+    "conv2d_same_relu": _seq(
+        (8, 8, 2),
+        lambda: [
+            L.Conv2D(3, 3, padding="same", activation="relu"),
+            L.Conv2D(4, 3, strides=2),
+            L.Flatten(),
+            L.Dense(3),
+        ],
+    ),
+    "conv2d_dilated_no_bias": _seq(
+        (8, 8, 2),
+        lambda: [
+            L.Conv2D(3, 3, dilation_rate=2, use_bias=False),
+            L.Activation("sigmoid"),
+            L.Flatten(),
+            L.Dense(3),
+        ],
+    ),
+    "conv1d": _seq(
+        (9, 2), lambda: [L.Conv1D(4, 3, activation="relu"), L.Flatten(), L.Dense(3)]
+    ),
+    "conv3d": _seq(
+        (4, 4, 4, 1),
+        lambda: [L.Conv3D(2, 2, activation="relu"), L.Flatten(), L.Dense(3)],
+    ),
+    "max_pool2d_tiled": _seq(
+        (8, 8, 2),
+        lambda: [
+            L.Conv2D(3, 3, padding="same"),
+            L.MaxPooling2D(2),
+            L.Flatten(),
+            L.Dense(3),
+        ],
+    ),
+    "max_pool1d_tiled": _seq(
+        (8, 2), lambda: [L.Dense(3), L.MaxPooling1D(2), L.Flatten(), L.Dense(3)]
+    ),
+    "max_pool1d_same_overlapping": _seq(
+        (9, 2),
+        lambda: [L.Dense(3), L.MaxPooling1D(3, strides=2, padding="same"), L.Flatten(), L.Dense(3)],
+    ),
+    "max_pool2d_same_strided": _seq(
+        (7, 7, 2),
+        lambda: [L.Conv2D(3, 3), L.MaxPooling2D(2, padding="same"), L.Flatten(), L.Dense(3)],
+    ),
+    "max_pool3d": _seq(
+        (4, 4, 4, 1),
+        lambda: [L.Conv3D(2, 1), L.MaxPooling3D(2), L.Flatten(), L.Dense(3)],
+    ),
+    "max_pool2d_overlapping": _seq(
+        (8, 8, 2),
+        lambda: [L.Conv2D(3, 3), L.MaxPooling2D(3, strides=2), L.Flatten(), L.Dense(3)],
+    ),
+    "average_pool_and_global": _seq(
+        (8, 8, 2),
+        lambda: [
+            L.Conv2D(3, 3, padding="same"),
+            L.AveragePooling2D(2),
+            L.GlobalAveragePooling2D(),
+            L.Dense(3),
+        ],
+    ),
+    "relu_layer_and_reshape": _seq(
+        (6,), lambda: [L.Dense(8), L.ReLU(), L.Reshape((2, 4)), L.Flatten(), L.Dense(3)]
+    ),
+    "leaky_relu_layer": _seq(
+        (6,), lambda: [L.Dense(8), L.ReLU(negative_slope=0.1), L.Dense(3)]
+    ),
+    "dropout": _seq((6,), lambda: [L.Dense(16), L.Dropout(0.5, seed=3), L.Dense(3)]),
+    "batch_normalization": _seq(
+        (8, 8, 2),
+        lambda: [L.Conv2D(3, 3), L.BatchNormalization(), L.Flatten(), L.Dense(3)],
+    ),
+    "nested_sequential": lambda: keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.Sequential([L.Dense(5, activation="relu"), L.Dense(4)]),
+            L.Dense(3),
+        ]
+    ),
+    "kernel_regularizer": _seq(
+        (6,),
+        lambda: [L.Dense(5, activation="relu", kernel_regularizer="l2"), L.Dense(3)],
+    ),
+}
+
+
+def _data(input_shape, batch=8):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + input_shape).astype("float32")
+    y = rng.integers(0, 3, size=(batch,))
+    return x, y
+
+
+def _run(mode, fn):
+    if mode == "eager":
+        return fn()
+    return tf.function(fn, jit_compile=mode == "xla")()
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "lowrank_gaussian"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_rules_match_tape(case, mode, direction):
+    """d from the layer rules equals sum(grad * v) from a tape on the same
+    forward pass (so dropout draws the same mask), rtol 1e-5."""
+    keras.utils.set_random_seed(1)
+    base = CASES[case]()
+    x, y = _data(tuple(base.input_shape[1:]))
+    model = ForwardGradientModel(base, direction=direction, seed=5)
+    model.compile(optimizer="sgd", loss=SCCE)
+    assert model._uses_layer_rules()
+    variables = model.trainable_variables
+
+    def step():
+        v = model._directions(variables, 0, structured=True)
+        with tf.GradientTape() as tape:
+            y_pred, loss, d = model._rules_pass(x, y, None, variables, v)
+        grads = tape.gradient(loss, variables)
+        ref = tf.add_n(
+            [
+                tf.reduce_sum(tf.convert_to_tensor(g) * directions.to_dense(t))
+                for g, t in zip(grads, v)
+            ]
+        )
+        return d, ref, loss
+
+    d, ref, loss = _run(mode, step)
+    np.testing.assert_allclose(d.numpy(), ref.numpy(), rtol=RTOL, atol=ATOL)
+    # Not vacuous: the derivative is far from zero and the loss is the
+    # model's (regularization included).
+    assert abs(ref.numpy()) > 1e-3
+    expected = SCCE(y, base(x, training=False)) + sum(base.losses)
+    if case not in ("dropout", "batch_normalization"):
+        np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-5)
+
+
+def test_rule_and_accumulator_give_the_same_step():
+    """One SGD step with the layer rules and one with
+    `tf.autodiff.ForwardAccumulator` over the whole model move the weights
+    identically (same seed, so same direction), to float rounding."""
+    results = []
+    for rules in (True, False):
+        keras.utils.set_random_seed(2)
+        base = CASES["conv2d_same_relu"]()
+        x, y = _data((8, 8, 2))
+        model = ForwardGradientModel(
+            base, direction="lowrank_rademacher", seed=3, layer_rules=rules
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE, jit_compile=True)
+        model.train_on_batch(x, y)
+        results.append([v.numpy() for v in base.trainable_variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: L.MaxPooling1D(2),
+        lambda: L.MaxPooling1D(2, strides=1),
+        lambda: L.MaxPooling1D(3, strides=2, padding="same"),
+    ],
+    ids=["tiled", "overlapping", "same"],
+)
+def test_max_pool_rule_on_ties_follows_the_gradient(layer, mode):
+    """With tied maxima (and all-negative windows next to padding), the
+    tangent is the Jacobian that TensorFlow's gradient defines (it routes
+    to the first maximal element) times the input tangent."""
+    layer = layer()
+    x = tf.constant([[[3.0], [3.0], [-1.0], [-5.0], [-1.0], [-1.0]]])
+    x_dot = tf.constant([[[10.0], [20.0], [30.0], [40.0], [50.0], [60.0]]])
+
+    def both():
+        _, y_dot = layer_rules.dual_call(layer, x, x_dot, lambda v: None)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        jacobian = tape.jacobian(y, x)  # [1, out, 1, 1, 6, 1]
+        ref = tf.einsum("aobcid,cid->abo", jacobian, x_dot)
+        return y_dot, ref
+
+    y_dot, ref = _run(mode, both)
+    np.testing.assert_array_equal(y_dot.numpy().ravel(), ref.numpy().ravel())
+
+
+class _Custom(L.Layer):
+    def call(self, x):
+        return 2.0 * x
+
+
+@pytest.mark.parametrize(
+    "build, supported",
+    [
+        (CASES["dense_relu"], True),
+        (CASES["nested_sequential"], True),
+        (lambda: keras.Model(*_functional()), False),
+        (_seq((6,), lambda: [_Custom(), L.Dense(3)]), False),
+        (_seq((6,), lambda: [L.Dense(3, activity_regularizer="l2")]), False),
+        (_seq((6,), lambda: [L.Masking(), L.Dense(3)]), False),
+        (
+            _seq(
+                (4,),
+                lambda: [L.Embedding(10, 3, mask_zero=True), L.Flatten(), L.Dense(3)],
+            ),
+            False,
+        ),
+        (_seq((4,), lambda: [L.Embedding(10, 3), L.Flatten(), L.Dense(3)]), True),
+    ],
+)
+def test_supports(build, supported):
+    assert layer_rules.supports(build()) is supported
+
+
+def _functional():
+    inputs = keras.Input((6,))
+    return inputs, L.Dense(3)(inputs)
+
+
+def test_unsupported_model_still_trains_with_the_accumulator():
+    """A model the rules do not run (a custom layer) takes the
+    `tf.autodiff.ForwardAccumulator` path, and a step is exact there."""
+    base = _seq((6,), lambda: [_Custom(), L.Dense(3)])()
+    model = ForwardGradientModel(base, seed=0)
+    assert not model._uses_layer_rules()
+    x, y = _data((6,))
+    model.compile(optimizer="sgd", loss=SCCE)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"])
