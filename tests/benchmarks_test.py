@@ -1,0 +1,38 @@
+"""The benchmark script runs end to end on its smoke budget and writes the
+table it documents. (Its figures are measurements, not test assertions.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = {"baseline", "gaussian", "rademacher", "lowrank_gaussian",
+           "lowrank_rademacher", "backprop"}
+
+
+def test_step_costs_smoke(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "step_costs.py"), "--smoke",
+         "--jit", "on", "--out", str(tmp_path)],
+        check=True, timeout=600, env=env, cwd=ROOT,
+    )
+    report = json.loads((tmp_path / "results.json").read_text())
+    models = {r["model"] for r in report["rows"]}
+    assert models == {"logistic regression", "MLP 784-1024-1024-10"}
+    for model in models:
+        rows = [r for r in report["rows"] if r["model"] == model]
+        assert {r["method"] for r in rows} == METHODS
+        for r in rows:
+            assert r["ms"] > 0 and r["R"] > 0 and r["Rf/Rb"] > 0
+    # The cosine between an unbiased forward gradient and the gradient is in
+    # (0, 1]; for 1.86 M parameters it is of order sqrt(2 / (π n)) ≈ 6e-4.
+    assert {r["direction"] for r in report["cosine"]} == METHODS - {"baseline", "backprop"}
+    for r in report["cosine"]:
+        assert 1e-5 < r["cos_mean"] < 1e-2
+    assert {r["direction"] for r in report["sampling"]} == METHODS - {"backprop"}
+    assert "| MLP 784-1024-1024-10 | on | lowrank_rademacher |" in (
+        tmp_path / "results.md"
+    ).read_text()
+    assert report["machine"]["cpus"] >= 1
