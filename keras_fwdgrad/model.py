@@ -16,6 +16,12 @@ from keras_fwdgrad.forward_gradient import jvp
 ALL_REDUCE_MODES = ("directional_derivatives", "gradients")
 
 
+def _is_multi_worker(strategy):
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
+
+
 def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -78,7 +84,9 @@ class ForwardGradientModel(keras.Model):
             trained in place.
         direction: Distribution of the directions `v`: a name from
             `keras_fwdgrad.directions.available()` (`"gaussian"`, the
-            paper's `N(0, I)`, or `"rademacher"`, random signs) or a
+            paper's `N(0, I)`; `"rademacher"`, random signs;
+            `"lowrank_gaussian"` and `"lowrank_rademacher"`, one rank-one
+            direction per kernel, the fastest with `layer_rules`) or a
             `keras_fwdgrad.directions.Direction` instance. Defaults to
             `"gaussian"`.
         num_directions: Integer, number of directions averaged per step.
@@ -490,7 +498,41 @@ class ForwardGradientModel(keras.Model):
         )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["skipped_steps"] = tf.convert_to_tensor(self.skipped_steps)
-        return logs
+        return self._multi_worker_logs(logs)
+
+    def test_step(self, data):
+        return self._multi_worker_logs(super().test_step(data))
+
+    def _multi_worker_logs(self, logs):
+        # Keras (3.15) averages the logs of a `MultiWorkerMirroredStrategy`
+        # step with `strategy.reduce("MEAN", value, axis=0)`, which fails on
+        # scalars; as `[1]` tensors they reduce to the same scalar mean.
+        if not _is_multi_worker(self.distribute_strategy):
+            return logs
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy, Keras (3.15) builds the model from the first
+        # input batch, which it first averages over replicas with
+        # `strategy.reduce("MEAN", ...)`; under `MultiWorkerMirroredStrategy`
+        # that reduce fails on the distributed batch. The build needs only
+        # the batch's shapes and dtypes, which one replica's batch has.
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(
+                iterator=iterator, data_batch=data_batch
+            )
+        for _, _, it in iterator:
+            data_batch = next(it)
+            break
+        data_batch = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues)
+            else v,
+            data_batch,
+        )
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def _apply_across_replicas(self, grads, variables, finite):
         """The guarded update under a strategy that synchronizes through

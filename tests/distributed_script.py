@@ -62,6 +62,13 @@ def build(method, optimizer, all_reduce):
     return model
 
 
+def local_replicas(strategy):
+    try:
+        return len(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # The default strategy.
+        return 1
+
+
 def run(strategy):
     x, y = data()
     results = {}
@@ -83,7 +90,8 @@ def run(strategy):
         results[key] = {
             "weights": [np.asarray(w).tolist() for w in model.get_weights()],
             # Values all-reduced per replica while tracing the step.
-            "reduced_per_replica": sum(reduced_sizes) // replicas,
+            # (`worker_devices` are this process's replicas.)
+            "reduced_per_replica": sum(reduced_sizes) // local_replicas(strategy),
             "reduce_calls": len(reduced_sizes),
             "bytes_per_step": model.all_reduce_bytes_per_step()
             if method == "forward" else None,

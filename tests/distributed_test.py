@@ -5,6 +5,7 @@ process of its own."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -70,3 +71,63 @@ def test_forward_all_reduces_k_scalars_not_the_gradient(runs):
     # The fallback all-reduces the forward gradient and a finiteness flag.
     assert r["forward/sgd/gradients"]["reduced_per_replica"] == params + 1
     assert r["forward/sgd/gradients"]["bytes_per_step"] == 4 * params + 4
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory):
+    """Two `MultiWorkerMirroredStrategy` workers on 127.0.0.1, one process
+    each, forward-gradient configurations only (Keras 3.15 cannot `fit` a
+    plain model under this strategy; see docs/distributed.md)."""
+    tmp = tmp_path_factory.mktemp("workers")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = []
+    try:
+        for index in range(2):
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+                   "TF_CONFIG": json.dumps({"cluster": cluster,
+                                            "task": {"type": "worker", "index": index}})}
+            procs.append(subprocess.Popen(
+                [sys.executable, SCRIPT, "worker", str(tmp / f"worker{index}.json"), "forward"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            ))
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [json.loads((tmp / f"worker{i}.json").read_text()) for i in range(2)]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["forward/sgd/directional_derivatives", "forward/adam/directional_derivatives",
+     "forward/sgd/gradients"],
+)
+def test_two_workers_stay_in_sync_and_match_single_process(worker_runs, runs, key):
+    """Two worker processes (global batch 64, 32 each), 6 steps: their
+    weights are identical, and equal the single-process run's to the
+    tolerance derived above (atol 1e-5)."""
+    w0, w1 = (w["results"][key] for w in worker_runs)
+    single = runs[1]["results"][key]
+    assert worker_runs[0]["replicas"] == 2
+    for a, b, c in zip(w0["weights"], w1["weights"], single["weights"]):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+        np.testing.assert_allclose(np.array(a), np.array(c), rtol=0, atol=1e-5)
+    assert w0["direction_step"] == 6 and w0["skipped"] == 0
+    # Each worker all-reduces the K = 2 derivatives per step, not the
+    # gradient (the fallback: 195 parameters and the finiteness flag).
+    expected = 196 if key.endswith("gradients") else 2
+    assert w0["reduced_per_replica"] == expected
