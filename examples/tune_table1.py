@@ -13,7 +13,9 @@ paper's values side by side), and prints both tables.
 
 Budgets:
 - `--smoke`: MLP and CNN on 256 MNIST images, 1 epoch, learning rates
-  {1e-4, 1e-2}, other settings fixed (under two minutes on a 2-core CPU).
+  {1e-4, 1e-2}, other settings fixed, without XLA unless `--jit` is given
+  (compiling 60 tiny models costs more than it saves): about one minute on
+  a 2-core CPU.
 - default: MLP on 5,000 images (2 epochs), CNN on 2,000 (1 epoch), VGG on
   1,000 CIFAR-10 images (1 epoch, only when CIFAR-10 is available);
   learning rates 1e-5 ... 1e-1, other settings fixed at common values.
@@ -96,14 +98,18 @@ def main(argv=None):
     p.add_argument("--max-trials", type=int, default=None,
                    help="trials per search (random/bayesian; default 10)")
     p.add_argument("--overwrite", action="store_true", help="restart the searches")
+    p.set_defaults(jit=None)
     args = p.parse_args(argv)
     name = common.budget_name(args)
     budget = BUDGETS[name]
+    if args.jit is None:
+        args.jit = name != "smoke"
     models = args.models or budget["models"]
     jvp_clip = 1.0 if args.jvp_clip is None else args.jvp_clip
     os.makedirs(args.out, exist_ok=True)
     print(f"Table I: budget={name}, models={models}, optimizers={args.optimizer}, "
-          f"tuner={args.tuner}, direction={args.direction[0]}, jvp_clip={jvp_clip}", flush=True)
+          f"tuner={args.tuner}, direction={args.direction[0]}, jvp_clip={jvp_clip}, "
+          f"jit_compile={args.jit}", flush=True)
     rows = []
     for model in models:
         dataset, build = MODELS[model]
