@@ -100,32 +100,69 @@ def supports(model):
     return True
 
 
-def dual_call(layer, x, x_dot, tangent_of, training=None):
+class NeedsSeparatePasses(Exception):
+    """Raised by `dual_call` with several tangents when a layer has no rule
+    for them; the caller then runs one pass per tangent."""
+
+
+def dual_call(layer, x, x_dot, tangent_of, training=None, num_tangents=1):
     """Runs `layer` on `x` and pushes the tangent `x_dot` through it.
+
+    With `num_tangents = K > 1`, K tangents travel in one pass, stacked on
+    the batch axis (`x_dot` has K times the batch of `x`): the primal is
+    computed once, and each product with a kernel takes `[x; ẋ_1; ...; ẋ_K]`
+    at once.
 
     Args:
         layer: A built Keras layer or `keras.Sequential` model.
         x: Input tensor.
-        x_dot: Tangent of `x`, or `None` for zero.
+        x_dot: Tangent of `x` (K tangents stacked on the batch axis), or
+            `None` for zero.
         tangent_of: Callable mapping a variable to its tangent: a tensor,
-            a `keras_fwdgrad.directions.Factored`, or `None` for zero.
+            a `keras_fwdgrad.directions.Factored`, or `None` for zero; with
+            K > 1, a tuple of K of those.
         training: Passed to the layers.
+        num_tangents: K, the number of tangents. Defaults to 1.
 
     Returns:
         `(y, y_dot)`: the output and its tangent (`None` when zero).
+
+    Raises:
+        NeedsSeparatePasses: if `num_tangents > 1` and a layer has no rule
+            (it would need one `tf.autodiff.ForwardAccumulator` pass per
+            tangent).
     """
     if _is_sequential(layer):
         for sub in layer.layers:
-            x, x_dot = dual_call(sub, x, x_dot, tangent_of, training)
+            x, x_dot = dual_call(sub, x, x_dot, tangent_of, training, num_tangents)
         return x, x_dot
     rule = _RULES.get(type(layer))
     if rule is not None:
-        out = rule(layer, x, x_dot, tangent_of, training)
+        out = rule(layer, x, x_dot, tangent_of, training, num_tangents)
         if out is not None:
             return out
     if isinstance(layer, _LINEAR):
         return _linear(layer, x, x_dot)
+    if num_tangents > 1:
+        raise NeedsSeparatePasses(type(layer).__name__)
     return _generic(layer, x, x_dot, tangent_of, training)
+
+
+def supports_batched_tangents(model):
+    """Whether `dual_call` can carry several tangents through `model` in
+    one pass: every layer has a rule (dense, convolution, activation,
+    pooling and reshaping layers)."""
+    if not supports(model):
+        return False
+    for layer in model._flatten_layers(include_self=False):
+        if not (
+            _is_sequential(layer)
+            or type(layer) in _RULES
+            or isinstance(layer, _LINEAR)
+            or isinstance(layer, L.InputLayer)
+        ):
+            return False
+    return True
 
 
 def _generic(layer, x, x_dot, tangent_of, training):
@@ -175,16 +212,25 @@ def _stacked(fn, x, x_dot):
     if x_dot is None:
         return fn(x), None
     both = fn(tf.concat([x, x_dot], axis=0))
-    return tf.split(both, 2, axis=0)
+    batch = tf.shape(x)[0]
+    return both[:batch], both[batch:]
 
 
-def activation_jvp(activation, x, x_dot):
+def _tile(t, num_tangents):
+    """Repeats a per-example tensor for K tangents stacked on the batch."""
+    if num_tangents == 1:
+        return t
+    return tf.tile(t, [num_tangents] + [1] * (len(t.shape) - 1))
+
+
+def activation_jvp(activation, x, x_dot, num_tangents=1):
     """Applies an activation function to `x` and its JVP to `x_dot`.
 
     Args:
         activation: An element-wise activation function, or `None`.
         x: Pre-activation tensor.
-        x_dot: Its tangent, or `None`.
+        x_dot: Its tangent (K of them stacked on the batch axis), or `None`.
+        num_tangents: K. Defaults to 1.
 
     Returns:
         `(y, y_dot)`.
@@ -194,14 +240,29 @@ def activation_jvp(activation, x, x_dot):
     if x_dot is None:
         return activation(x), None
     if activation is keras.activations.relu:
-        return tf.nn.relu(x), tf.where(x > 0, x_dot, tf.zeros_like(x_dot))
-    with tf.autodiff.ForwardAccumulator(x, x_dot) as acc:
-        y = activation(x)
-    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        y = tf.nn.relu(x)
+        return y, tf.where(_tile(x > 0, num_tangents), x_dot, tf.zeros_like(x_dot))
+    if num_tangents == 1:
+        with tf.autodiff.ForwardAccumulator(x, x_dot) as acc:
+            y = activation(x)
+        return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    # Element-wise, so its JVP at the tiled primal is the JVP of each copy.
+    tiled_x = _tile(x, num_tangents)
+    with tf.autodiff.ForwardAccumulator(tiled_x, x_dot) as acc:
+        tiled_y = activation(tiled_x)
+    y_dot = acc.jvp(tiled_y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return activation(x), y_dot
 
 
 def _kernel_tangent(layer, x, tangent, product):
-    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w`."""
+    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w` (for K
+    tangents, the K products stacked on the batch axis)."""
+    if isinstance(tangent, tuple):
+        terms = [_kernel_tangent(layer, x, t, product) for t in tangent]
+        if all(t is None for t in terms):
+            return None
+        zero = tf.zeros_like(next(t for t in terms if t is not None))
+        return tf.concat([zero if t is None else t for t in terms], axis=0)
     if tangent is None:
         return None
     if isinstance(tangent, Factored):
@@ -222,6 +283,8 @@ def _bias(layer, y, y_dot, tangent_of, channels_first=False):
     if not getattr(layer, "use_bias", True) or layer.bias is None:
         return y, y_dot
     bias, bias_dot = layer.bias.value, tangent_of(layer.bias)
+    if isinstance(bias_dot, tuple):
+        return _bias_many(layer, y, y_dot, bias_dot, channels_first)
     if channels_first:
         shape = (1, -1) + (1,) * (len(y.shape) - 2)
         bias = tf.reshape(bias, shape)
@@ -233,8 +296,33 @@ def _bias(layer, y, y_dot, tangent_of, channels_first=False):
     return y, y_dot
 
 
+def _bias_many(layer, y, y_dot, bias_dots, channels_first):
+    """Adds the bias to `y` and each of K bias tangents to its block of
+    `y_dot`."""
+    k = len(bias_dots)
+    y = y + (
+        tf.reshape(layer.bias.value, (1, -1) + (1,) * (len(y.shape) - 2))
+        if channels_first
+        else layer.bias.value
+    )
+    if all(b is None for b in bias_dots):
+        return y, y_dot
+    b = tf.stack(
+        [tf.zeros_like(layer.bias.value) if t is None else t for t in bias_dots]
+    )
+    rank = len(y.shape)
+    if channels_first:
+        b = tf.reshape(b, (k, 1, -1) + (1,) * (rank - 2))
+    else:
+        b = tf.reshape(b, (k,) + (1,) * (rank - 1) + (-1,))
+    if y_dot is None:
+        y_dot = tf.zeros(tf.concat([[k * tf.shape(y)[0]], tf.shape(y)[1:]], 0), y.dtype)
+    blocks = tf.reshape(y_dot, tf.concat([[k, -1], tf.shape(y)[1:]], 0))
+    return y, tf.reshape(blocks + b, tf.shape(y_dot))
+
+
 @_rule(L.Dense)
-def _dense(layer, x, x_dot, tangent_of, training):
+def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
     if not _plain(layer, x):
         return None
     kernel = layer.kernel
@@ -243,11 +331,11 @@ def _dense(layer, x, x_dot, tangent_of, training):
         y_dot, _kernel_tangent(layer, x, tangent_of(kernel), keras.ops.matmul)
     )
     y, y_dot = _bias(layer, y, y_dot, tangent_of)
-    return activation_jvp(layer.activation, y, y_dot)
+    return activation_jvp(layer.activation, y, y_dot, num_tangents)
 
 
 @_rule(L.Conv1D, L.Conv2D, L.Conv3D)
-def _conv(layer, x, x_dot, tangent_of, training):
+def _conv(layer, x, x_dot, tangent_of, training, num_tangents=1):
     if not _plain(layer, x) or layer.groups != 1:
         return None
     kernel = layer.kernel
@@ -260,27 +348,27 @@ def _conv(layer, x, x_dot, tangent_of, training):
         layer, y, y_dot, tangent_of,
         channels_first=layer.data_format == "channels_first",
     )
-    return activation_jvp(layer.activation, y, y_dot)
+    return activation_jvp(layer.activation, y, y_dot, num_tangents)
 
 
 @_rule(L.Activation)
-def _activation_layer(layer, x, x_dot, tangent_of, training):
-    return activation_jvp(layer.activation, x, x_dot)
+def _activation_layer(layer, x, x_dot, tangent_of, training, num_tangents=1):
+    return activation_jvp(layer.activation, x, x_dot, num_tangents)
 
 
 @_rule(L.ReLU)
-def _relu_layer(layer, x, x_dot, tangent_of, training):
+def _relu_layer(layer, x, x_dot, tangent_of, training, num_tangents=1):
     if (
         layer.max_value is None
         and not layer.negative_slope
         and not layer.threshold
     ):
-        return activation_jvp(keras.activations.relu, x, x_dot)
+        return activation_jvp(keras.activations.relu, x, x_dot, num_tangents)
     return None
 
 
 @_rule(L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
-def _max_pool(layer, x, x_dot, tangent_of, training):
+def _max_pool(layer, x, x_dot, tangent_of, training, num_tangents=1):
     """The tangent of each output is the tangent of its window's maximum
     (the first one on ties, as TensorFlow's gradient picks).
 
@@ -297,13 +385,13 @@ def _max_pool(layer, x, x_dot, tangent_of, training):
     if tuple(layer.strides) == pool and all(
         d is not None and d % p == 0 for d, p in zip(x.shape[1:-1], pool)
     ):
-        return layer(x), _tiled_max_pool_tangent(x, x_dot, pool)
+        return layer(x), _tiled_max_pool_tangent(x, x_dot, pool, num_tangents)
     if len(pool) > 2 or any(d is None for d in x.shape[1:]):
         return None
-    return layer(x), _max_pool_tangent(layer, x, x_dot)
+    return layer(x), _max_pool_tangent(layer, x, x_dot, num_tangents)
 
 
-def _tiled_max_pool_tangent(x, x_dot, pool):
+def _tiled_max_pool_tangent(x, x_dot, pool, num_tangents=1):
     """Windows that tile the input: reshaped, not gathered."""
     rank = len(pool)
     # [N, D1/p1, p1, D2/p2, p2, ..., C] -> windows on the last axis.
@@ -323,11 +411,11 @@ def _tiled_max_pool_tangent(x, x_dot, pool):
         return tf.reshape(t, tf.concat([tf.shape(t)[: rank + 2], [window]], 0))
 
     which = tf.argmax(windows(x), axis=-1, output_type=tf.int32)
-    pick = tf.one_hot(which, window, dtype=x_dot.dtype)
+    pick = _tile(tf.one_hot(which, window, dtype=x_dot.dtype), num_tangents)
     return tf.reduce_sum(windows(x_dot) * pick, axis=-1)
 
 
-def _max_pool_tangent(layer, x, x_dot):
+def _max_pool_tangent(layer, x, x_dot, num_tangents=1):
     """Any 1-D or 2-D window, stride and padding, from image patches."""
     pool = list(layer.pool_size)
     strides = list(layer.strides)
@@ -357,7 +445,9 @@ def _max_pool_tangent(layer, x, x_dot):
         return tf.reshape(p, tf.concat([tf.shape(p)[:3], [pool[0] * pool[1], -1]], 0))
 
     which = tf.argmax(patches(x), axis=3, output_type=tf.int32)
-    pick = tf.one_hot(which, pool[0] * pool[1], axis=3, dtype=x_dot.dtype)
+    pick = _tile(
+        tf.one_hot(which, pool[0] * pool[1], axis=3, dtype=x_dot.dtype), num_tangents
+    )
     y_dot = tf.reduce_sum(patches(x_dot) * pick, axis=3)
     if len(layer.pool_size) == 1:
         y_dot = y_dot[:, 0]

@@ -90,7 +90,10 @@ class ForwardGradientModel(keras.Model):
             `keras_fwdgrad.directions.Direction` instance. Defaults to
             `"gaussian"`.
         num_directions: Integer, number of directions averaged per step.
-            Each costs one forward pass. Defaults to `1`.
+            With the layer rules and a model of layers that all have a
+            rule, the K directions share one pass (the primal is computed
+            once, and each kernel product takes the K tangents at once);
+            otherwise each costs one forward pass. Defaults to `1`.
         jvp_clip: Positive float. If given, each directional derivative is
             clamped to `[-jvp_clip, jvp_clip]` before forming `g` (the
             second paper caps it at 1). Defaults to `None` (no clamp).
@@ -298,7 +301,26 @@ class ForwardGradientModel(keras.Model):
             directional derivative (of the loss as the optimizer scales
             it).
         """
-        tangents = {id(var): t for var, t in zip(variables, v)}
+        y_pred, losses, ds = self._rules_pass_many(x, y, sample_weight, variables, [v])
+        return y_pred, losses[0], ds[0]
+
+    def _rules_pass_many(self, x, y, sample_weight, variables, vs):
+        """One forward pass with `keras_fwdgrad.layer_rules` carrying the
+        K directions `vs` at once.
+
+        Returns:
+            `(y_pred, losses, ds)`: the predictions, and the loss and its
+            directional derivative for each direction.
+
+        Raises:
+            `layer_rules.NeedsSeparatePasses` if K > 1 and a layer has no
+            rule for several tangents.
+        """
+        k = len(vs)
+        tangents = {
+            id(var): ts[0] if k == 1 else tuple(ts)
+            for var, *ts in zip(variables, *vs)
+        }
         x = tf.convert_to_tensor(x)
         if x.dtype.is_floating and x.dtype != self.model.compute_dtype:
             # As `Layer.__call__` casts floating inputs.
@@ -311,25 +333,35 @@ class ForwardGradientModel(keras.Model):
             None,
             lambda var: tangents.get(id(var)),
             training=True,
+            num_tangents=k,
         )
-        primals, duals = [y_pred], [y_dot]
         if y_dot is None:
-            duals = [tf.zeros_like(y_pred)]
-        for var, t in zip(variables, v):
-            # Weight regularizers read the variables in `compute_loss`.
-            if getattr(var, "regularizer", None) is not None:
-                primals.append(var.value)
-                duals.append(directions_module.to_dense(t))
-        with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
-            loss = self.compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                training=True,
+            y_dot = tf.zeros(
+                tf.concat([[k * tf.shape(y_pred)[0]], tf.shape(y_pred)[1:]], 0),
+                y_pred.dtype,
             )
-            scaled = loss
-            if self.optimizer is not None:
-                scaled = self.optimizer.scale_loss(loss)
-        d = acc.jvp(scaled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return y_pred, loss, d
+        batch = tf.shape(y_pred)[0]
+        losses, ds = [], []
+        for i, v in enumerate(vs):
+            primals, duals = [y_pred], [y_dot[i * batch : (i + 1) * batch]]
+            for var, t in zip(variables, v):
+                # Weight regularizers read the variables in `compute_loss`.
+                if getattr(var, "regularizer", None) is not None:
+                    primals.append(var.value)
+                    duals.append(directions_module.to_dense(t))
+            with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
+                loss = self.compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                    training=True,
+                )
+                scaled = loss
+                if self.optimizer is not None:
+                    scaled = self.optimizer.scale_loss(loss)
+            losses.append(loss)
+            ds.append(
+                acc.jvp(scaled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            )
+        return y_pred, losses, ds
 
     def _estimate(self, x, y, sample_weight):
         """Runs the K forward-mode passes of one step.
@@ -352,7 +384,23 @@ class ForwardGradientModel(keras.Model):
         losses, ds, vs = [], [], []
         y_pred = None
         rules = self._uses_layer_rules()
-        for k in range(self.num_directions):
+        if (
+            rules
+            and self.num_directions > 1
+            and layer_rules_module.supports_batched_tangents(self.model)
+        ):
+            # All K directions in one pass: the primal runs once.
+            vs = [
+                self._directions(variables, k, structured=True)
+                for k in range(self.num_directions)
+            ]
+            try:
+                y_pred, losses, ds = self._rules_pass_many(
+                    x, y, sample_weight, variables, vs
+                )
+            except layer_rules_module.NeedsSeparatePasses:
+                vs = []
+        for k in range(0 if ds else self.num_directions):
             if k > 0 and state:
                 for var, value in zip(state, saved_state):
                     var.assign(value)

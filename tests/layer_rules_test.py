@@ -265,3 +265,56 @@ def test_unsupported_model_still_trains_with_the_accumulator():
     model.compile(optimizer="sgd", loss=SCCE)
     logs = model.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "case",
+    sorted(c for c in CASES if c not in ("dropout", "batch_normalization", "leaky_relu_layer",
+                                         "max_pool3d")),
+)
+def test_several_directions_in_one_pass_match_separate_passes(case, mode):
+    """K = 3 directions carried in one pass give each direction's
+    derivative of a pass of its own, rtol 1e-5."""
+    keras.utils.set_random_seed(1)
+    base = CASES[case]()
+    x, y = _data(tuple(base.input_shape[1:]))
+    model = ForwardGradientModel(base, direction="lowrank_gaussian", seed=5, num_directions=3)
+    model.compile(optimizer="sgd", loss=SCCE)
+    assert layer_rules.supports_batched_tangents(base)
+    variables = model.trainable_variables
+
+    def both():
+        vs = [model._directions(variables, k, structured=True) for k in range(3)]
+        _, _, together = model._rules_pass_many(x, y, None, variables, vs)
+        apart = [model._rules_pass(x, y, None, variables, v)[2] for v in vs]
+        return tf.stack(together), tf.stack(apart)
+
+    together, apart = _run(mode, both)
+    np.testing.assert_allclose(together.numpy(), apart.numpy(), rtol=RTOL, atol=ATOL)
+    # The three directions differ, so the check compares three numbers.
+    assert len(set(np.round(apart.numpy(), 4))) == 3
+
+
+@pytest.mark.parametrize(
+    "case",
+    # One pass; K passes (a layer without rule); K passes after the one-pass
+    # attempt finds that the leaky ReLU's rule does not apply.
+    ["dense_relu", "max_pool2d_tiled", "dropout", "batch_normalization", "leaky_relu_layer"],
+)
+def test_several_directions_step_equals_the_accumulator_step(case):
+    """With K = 3, one SGD step through the layer rules moves the weights
+    as K passes of `tf.autodiff.ForwardAccumulator` do."""
+    results = []
+    for rules in (True, False):
+        keras.utils.set_random_seed(2)
+        base = CASES[case]()
+        x, y = _data(tuple(base.input_shape[1:]))
+        model = ForwardGradientModel(
+            base, direction="gaussian", seed=3, num_directions=3, layer_rules=rules
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE, jit_compile=True)
+        model.train_on_batch(x, y)
+        results.append([v.numpy() for v in base.trainable_variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
