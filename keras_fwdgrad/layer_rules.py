@@ -5,7 +5,8 @@ transposing each op's gradient twice. That is exact for any model, but it
 cannot see the structure of a direction: a rank-one kernel direction
 `u ⊗ w` (see `keras_fwdgrad.directions.LowRankGaussian`) is expanded to a
 full matrix and multiplied like one. The rules here run a `keras.Sequential`
-model layer by layer, carrying each activation `x` with its tangent `ẋ`:
+model (or a functional one) layer by layer, carrying each activation `x`
+with its tangent `ẋ`:
 
 - `Dense` and `Conv1D/2D/3D`: the input and its tangent go through the
   layer's kernel in one stacked matrix product or convolution
@@ -18,6 +19,9 @@ model layer by layer, carrying each activation `x` with its tangent `ẋ`:
   element;
 - any other layer (dropout, normalization, your own layers): its exact
   derivative from `tf.autodiff.ForwardAccumulator`, for that layer only.
+
+Functional models (`keras.Model(inputs, outputs)`) run node by node the
+same way, with rules for `Add`, `Subtract`, `Average` and `Concatenate`.
 
 `ForwardGradientModel` uses these rules when `supports(model)` holds and
 `layer_rules=True` (the default), and `tf.autodiff.ForwardAccumulator` over
@@ -70,16 +74,29 @@ def _is_sequential(layer):
     return isinstance(layer, keras.Sequential)
 
 
+def _is_functional(layer):
+    # A graph of layers (`keras.Model(inputs, outputs)`), not a subclass
+    # with its own `call`.
+    return (
+        isinstance(layer, keras.Model)
+        and not _is_sequential(layer)
+        and hasattr(layer, "_run_through_graph")
+        and hasattr(layer, "_nodes_by_depth")
+        and type(layer).__module__.startswith("keras.")
+    )
+
+
 def supports(model):
     """Whether the layer rules can run `model`.
 
-    They can for a `keras.Sequential` model (nested ones included) of
-    layers that come with Keras, none of which produces a mask (`Masking`,
-    `Embedding(mask_zero=True)`) or has an activity regularizer. Layers
-    without a dedicated rule are differentiated one by one with
-    `tf.autodiff.ForwardAccumulator`; your own layers make the whole model
-    use `tf.autodiff.ForwardAccumulator` instead, since they may add
-    losses in `call`.
+    They can for a `keras.Sequential` model, or a functional
+    `keras.Model(inputs, outputs)` with one output tensor (nested ones
+    included), made of layers that come with Keras, none of which produces
+    a mask (`Masking`, `Embedding(mask_zero=True)`) or has an activity
+    regularizer. Layers without a dedicated rule are differentiated one by
+    one with `tf.autodiff.ForwardAccumulator`; your own layers make the
+    whole model use `tf.autodiff.ForwardAccumulator` instead, since they
+    may add losses in `call`.
 
     Args:
         model: A Keras layer or model.
@@ -87,7 +104,10 @@ def supports(model):
     Returns:
         A bool.
     """
-    if not _is_sequential(model):
+    if _is_functional(model):
+        if len(model.outputs) != 1:
+            return False
+    elif not _is_sequential(model):
         return False
     for layer in model._flatten_layers(include_self=False):
         module = type(layer).__module__
@@ -96,6 +116,10 @@ def supports(model):
         if getattr(layer, "activity_regularizer", None) is not None:
             return False
         if isinstance(layer, L.Masking) or getattr(layer, "mask_zero", False):
+            return False
+        if isinstance(layer, keras.Model) and not (
+            _is_sequential(layer) or _is_functional(layer)
+        ):
             return False
     return True
 
@@ -136,6 +160,8 @@ def dual_call(layer, x, x_dot, tangent_of, training=None, num_tangents=1):
         for sub in layer.layers:
             x, x_dot = dual_call(sub, x, x_dot, tangent_of, training, num_tangents)
         return x, x_dot
+    if _is_functional(layer):
+        return _dual_functional(layer, x, x_dot, tangent_of, training, num_tangents)
     rule = _RULES.get(type(layer))
     if rule is not None:
         out = rule(layer, x, x_dot, tangent_of, training, num_tangents)
@@ -157,12 +183,104 @@ def supports_batched_tangents(model):
     for layer in model._flatten_layers(include_self=False):
         if not (
             _is_sequential(layer)
+            or _is_functional(layer)
             or type(layer) in _RULES
-            or isinstance(layer, _LINEAR)
-            or isinstance(layer, L.InputLayer)
+            or isinstance(layer, (_LINEAR, _MERGES, L.InputLayer))
         ):
             return False
     return True
+
+
+def _dual_functional(model, x, x_dot, tangent_of, training, num_tangents):
+    """Runs a functional model's graph node by node, carrying tangents
+    (keyed by the primal tensor they belong to)."""
+    inputs = model._standardize_inputs(x)
+    tangents = {}
+    if x_dot is not None:
+        for t, t_dot in zip(inputs, tf.nest.flatten(x_dot)):
+            if t_dot is not None:
+                tangents[id(t)] = t_dot
+
+    def operation_fn(op):
+        def call(*args, **kwargs):
+            if (
+                len(args) == 1
+                # `training` recorded at graph construction is overridden,
+                # as in the functional model's own call.
+                and set(kwargs) <= {"training"}
+                and tf.is_tensor(args[0])
+                and isinstance(op, keras.layers.Layer)
+            ):
+                y, y_dot = dual_call(
+                    op, args[0], tangents.get(id(args[0])), tangent_of, training,
+                    num_tangents,
+                )
+            else:
+                y, y_dot = _dual_node(
+                    op, args, kwargs, tangents, tangent_of, training, num_tangents
+                )
+            if y_dot is not None:
+                tangents[id(y)] = y_dot
+            return y
+
+        return call
+
+    outputs = model._run_through_graph(inputs, operation_fn=operation_fn)
+    y = tf.nest.flatten(outputs)[0]
+    return y, tangents.get(id(y))
+
+
+_MERGES = (L.Add, L.Subtract, L.Average, L.Concatenate)
+
+
+def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
+    """A graph node with several inputs or keyword arguments."""
+    if isinstance(op, _MERGES) and len(args) == 1 and not kwargs:
+        xs = list(args[0])
+        dots = [tangents.get(id(t)) for t in xs]
+        y = op(xs)
+        if all(d is None for d in dots):
+            return y, None
+        if isinstance(op, L.Concatenate):
+            dots = [
+                tf.zeros_like(_tile(t, num_tangents)) if d is None else d
+                for t, d in zip(xs, dots)
+            ]
+            return y, tf.concat(dots, axis=op.axis)
+        if isinstance(op, L.Subtract):
+            first, second = dots
+            if second is None:
+                return y, first
+            return y, -second if first is None else first - second
+        total = None
+        for d in dots:
+            total = _add(total, d)
+        return y, total / len(xs) if isinstance(op, L.Average) else total
+    if num_tangents > 1:
+        raise NeedsSeparatePasses(type(op).__name__)
+    if (
+        isinstance(op, keras.layers.Layer)
+        and "training" in getattr(op, "_call_context_args", ())
+        and training is not None
+    ):
+        # As the functional model's own call passes `training` on (it
+        # overrides the value recorded when the graph was built).
+        kwargs = {**kwargs, "training": training}
+    primals, duals = [], []
+    for t in tf.nest.flatten((args, kwargs)):
+        if tf.is_tensor(t) and tangents.get(id(t)) is not None:
+            primals.append(t)
+            duals.append(tangents[id(t)])
+    for v in getattr(op, "trainable_variables", []):
+        t = tangent_of(v)
+        if t is not None:
+            primals.append(v.value)
+            duals.append(to_dense(t))
+    if not primals:
+        return op(*args, **kwargs), None
+    with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
+        y = op(*args, **kwargs)
+    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def _generic(layer, x, x_dot, tangent_of, training):

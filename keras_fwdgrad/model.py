@@ -110,8 +110,8 @@ class ForwardGradientModel(keras.Model):
             comparison; `jvp_clip` then clips each replica's derivative).
             Without a strategy both are the same.
         layer_rules: Bool. If `True` (default) and `model` is a
-            `keras.Sequential` of Keras layers, the forward pass runs layer
-            by layer with `keras_fwdgrad.layer_rules`: stacked primal and
+            `keras.Sequential` or single-output functional model of Keras
+            layers, the forward pass runs layer by layer with `keras_fwdgrad.layer_rules`: stacked primal and
             tangent products, and kernel tangents computed from the factors
             of structured directions (`"lowrank_gaussian"`,
             `"lowrank_rademacher"`). Otherwise, or if `False`,
@@ -321,10 +321,14 @@ class ForwardGradientModel(keras.Model):
             id(var): ts[0] if k == 1 else tuple(ts)
             for var, *ts in zip(variables, *vs)
         }
-        x = tf.convert_to_tensor(x)
-        if x.dtype.is_floating and x.dtype != self.model.compute_dtype:
-            # As `Layer.__call__` casts floating inputs.
-            x = tf.cast(x, self.model.compute_dtype)
+        def standardize(t):
+            t = tf.convert_to_tensor(t)
+            if t.dtype.is_floating and t.dtype != self.model.compute_dtype:
+                # As `Layer.__call__` casts floating inputs.
+                t = tf.cast(t, self.model.compute_dtype)
+            return t
+
+        x = tf.nest.map_structure(standardize, x)
         # Losses from `add_loss` of the previous call would be stale.
         self._clear_losses()
         y_pred, y_dot = layer_rules_module.dual_call(

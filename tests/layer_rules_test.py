@@ -24,6 +24,38 @@ def _seq(input_shape, layers):
     return lambda: keras.Sequential([keras.Input(input_shape), *layers()])
 
 
+def _residual():
+    inputs = keras.Input((6,))
+    h = L.Dense(8, activation="relu")(inputs)
+    r = L.Dense(8)(h)
+    h = L.Add()([h, r])
+    h = L.Activation("tanh")(h)
+    return keras.Model(inputs, L.Dense(3)(h))
+
+
+def _two_inputs():
+    a = keras.Input((5,), name="a")
+    b = keras.Input((3,), name="b")
+    ha = L.Dense(4, activation="relu")(a)
+    hb = L.Dense(4)(b)
+    h = L.Concatenate()([ha, hb, a])
+    d = L.Subtract()([L.Dense(4)(h), hb])
+    m = L.Average()([d, ha])
+    return keras.Model({"a": a, "b": b}, L.Dense(3)(m))
+
+
+def _with_op():
+    inputs = keras.Input((6,))
+    h = L.Dense(8)(inputs)
+    h = keras.ops.sin(h) * h
+    return keras.Model(inputs, L.Dense(3)(L.Dropout(0.3, seed=1)(h)))
+
+
+def _nested_functional():
+    inner = _residual()
+    return keras.Sequential([keras.Input((6,)), inner, L.Dense(3)])
+
+
 # name -> (builder, input shape). Each exercises one rule (or the
 # per-layer fallback) with a trainable layer before it, so the rule sees a
 # non-zero input tangent.
@@ -115,6 +147,10 @@ CASES = {
             L.Dense(3),
         ]
     ),
+    "functional_residual": _residual,
+    "functional_two_inputs": _two_inputs,
+    "functional_keras_op_and_dropout": _with_op,
+    "functional_in_sequential": _nested_functional,
     "kernel_regularizer": _seq(
         (6,),
         lambda: [L.Dense(5, activation="relu", kernel_regularizer="l2"), L.Dense(3)],
@@ -127,6 +163,19 @@ def _data(input_shape, batch=8):
     x = rng.normal(size=(batch,) + input_shape).astype("float32")
     y = rng.integers(0, 3, size=(batch,))
     return x, y
+
+
+def _model_data(model, batch=8):
+    """Random inputs with the structure of `model.input` (one tensor or a
+    dict), and labels."""
+    if isinstance(model, keras.Sequential):
+        return _data(tuple(model.input_shape[1:]), batch)
+    rng = np.random.default_rng(0)
+    x = tf.nest.map_structure(
+        lambda t: rng.normal(size=(batch,) + tuple(t.shape[1:])).astype("float32"),
+        model.input,
+    )
+    return x, rng.integers(0, 3, size=(batch,))
 
 
 def _run(mode, fn):
@@ -143,7 +192,7 @@ def test_layer_rules_match_tape(case, mode, direction):
     forward pass (so dropout draws the same mask), rtol 1e-5."""
     keras.utils.set_random_seed(1)
     base = CASES[case]()
-    x, y = _data(tuple(base.input_shape[1:]))
+    x, y = _model_data(base)
     model = ForwardGradientModel(base, direction=direction, seed=5)
     model.compile(optimizer="sgd", loss=SCCE)
     assert model._uses_layer_rules()
@@ -168,7 +217,7 @@ def test_layer_rules_match_tape(case, mode, direction):
     # model's (regularization included).
     assert abs(ref.numpy()) > 1e-3
     expected = SCCE(y, base(x, training=False)) + sum(base.losses)
-    if case not in ("dropout", "batch_normalization"):
+    if "dropout" not in case and case != "batch_normalization":
         np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-5)
 
 
@@ -232,7 +281,10 @@ class _Custom(L.Layer):
     [
         (CASES["dense_relu"], True),
         (CASES["nested_sequential"], True),
-        (lambda: keras.Model(*_functional()), False),
+        (lambda: keras.Model(*_functional()), True),
+        (_two_inputs, True),
+        (lambda: _multi_output(), False),
+        (lambda: _Subclassed(), False),
         (_seq((6,), lambda: [_Custom(), L.Dense(3)]), False),
         (_seq((6,), lambda: [L.Dense(3, activity_regularizer="l2")]), False),
         (_seq((6,), lambda: [L.Masking(), L.Dense(3)]), False),
@@ -255,6 +307,20 @@ def _functional():
     return inputs, L.Dense(3)(inputs)
 
 
+def _multi_output():
+    inputs = keras.Input((6,))
+    return keras.Model(inputs, [L.Dense(3)(inputs), L.Dense(2)(inputs)])
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
 def test_unsupported_model_still_trains_with_the_accumulator():
     """A model the rules do not run (a custom layer) takes the
     `tf.autodiff.ForwardAccumulator` path, and a step is exact there."""
@@ -271,14 +337,14 @@ def test_unsupported_model_still_trains_with_the_accumulator():
 @pytest.mark.parametrize(
     "case",
     sorted(c for c in CASES if c not in ("dropout", "batch_normalization", "leaky_relu_layer",
-                                         "max_pool3d")),
+                                         "max_pool3d", "functional_keras_op_and_dropout")),
 )
 def test_several_directions_in_one_pass_match_separate_passes(case, mode):
     """K = 3 directions carried in one pass give each direction's
     derivative of a pass of its own, rtol 1e-5."""
     keras.utils.set_random_seed(1)
     base = CASES[case]()
-    x, y = _data(tuple(base.input_shape[1:]))
+    x, y = _model_data(base)
     model = ForwardGradientModel(base, direction="lowrank_gaussian", seed=5, num_directions=3)
     model.compile(optimizer="sgd", loss=SCCE)
     assert layer_rules.supports_batched_tangents(base)
@@ -300,7 +366,8 @@ def test_several_directions_in_one_pass_match_separate_passes(case, mode):
     "case",
     # One pass; K passes (a layer without rule); K passes after the one-pass
     # attempt finds that the leaky ReLU's rule does not apply.
-    ["dense_relu", "max_pool2d_tiled", "dropout", "batch_normalization", "leaky_relu_layer"],
+    ["dense_relu", "max_pool2d_tiled", "dropout", "batch_normalization", "leaky_relu_layer",
+     "functional_two_inputs", "functional_keras_op_and_dropout"],
 )
 def test_several_directions_step_equals_the_accumulator_step(case):
     """With K = 3, one SGD step through the layer rules moves the weights
@@ -309,7 +376,7 @@ def test_several_directions_step_equals_the_accumulator_step(case):
     for rules in (True, False):
         keras.utils.set_random_seed(2)
         base = CASES[case]()
-        x, y = _data(tuple(base.input_shape[1:]))
+        x, y = _model_data(base)
         model = ForwardGradientModel(
             base, direction="gaussian", seed=3, num_directions=3, layer_rules=rules
         )
