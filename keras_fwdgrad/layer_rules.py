@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from keras_fwdgrad.directions import Factored
 from keras_fwdgrad.directions import to_dense
+from keras_fwdgrad.forward_gradient import jvp
 
 L = keras.layers
 
@@ -278,9 +279,8 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
             duals.append(to_dense(t))
     if not primals:
         return op(*args, **kwargs), None
-    with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
-        y = op(*args, **kwargs)
-    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    # `jvp` names the op TensorFlow cannot differentiate, if any.
+    return jvp(lambda: op(*args, **kwargs), primals, duals)
 
 
 def _generic(layer, x, x_dot, tangent_of, training):
@@ -296,9 +296,8 @@ def _generic(layer, x, x_dot, tangent_of, training):
         tangents.append(x_dot)
     if not primals:
         return layer(x, training=training), None
-    with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
-        y = layer(x, training=training)
-    return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    # `jvp` names the op TensorFlow cannot differentiate, if any.
+    return jvp(lambda: layer(x, training=training), primals, tangents)
 
 
 def _linear(layer, x, x_dot):

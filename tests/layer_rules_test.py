@@ -385,3 +385,18 @@ def test_several_directions_step_equals_the_accumulator_step(case):
         results.append([v.numpy() for v in base.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_without_forward_mode_derivative_is_named():
+    """A Keras layer whose op TensorFlow cannot differentiate in forward
+    mode (bicubic resizing) raises the same clear error through the rules'
+    per-layer fallback."""
+    base = _seq(
+        (4, 4, 1), lambda: [L.Dense(2), L.Resizing(7, 7, interpolation="bicubic"),
+                            L.Flatten(), L.Dense(2)]
+    )()
+    model = ForwardGradientModel(base, seed=0)
+    assert model._uses_layer_rules()
+    model.compile(optimizer="sgd", loss=SCCE)
+    with pytest.raises(ValueError, match="ResizeBicubicGrad"):
+        model.fit(np.ones((4, 4, 4, 1), "float32"), np.zeros(4), verbose=0)
