@@ -46,8 +46,8 @@ def _seed_of_step(seed, step, k=None):
 
 
 def _sample(direction, shapes, key, mode):
-    """Draws a direction as the model does in `mode`: TensorFlow's XLA and
-    non-XLA kernels map the same seed to different Gaussian numbers."""
+    """Draws a direction as the model does in `mode` (the shipped families
+    give the same bits in every mode, a custom one need not)."""
     fn = lambda: directions.get(direction).sample(shapes, key)  # noqa: E731
     return fn() if mode != "xla" else tf.function(fn, jit_compile=True)()
 
