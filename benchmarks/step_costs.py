@@ -201,7 +201,12 @@ def sampling_table(rounds, calls=20):
                 # timing excludes copying to NumPy.
                 parts = []
                 for t in sample(shapes, seed):
-                    parts += [t.u, t.w] if isinstance(t, directions.Factored) else [t]
+                    if isinstance(t, directions.Factored):
+                        parts += [t.u, t.w]
+                    elif isinstance(t, directions.PackedSigns):
+                        parts.append(tf.cast(t.words, tf.float32))
+                    else:
+                        parts.append(t)
                 return tf.add_n([tf.reduce_sum(t) for t in parts])
 
             draw()

@@ -163,10 +163,10 @@ class Direction:
         raise NotImplementedError
 
     def sample_structured(self, shapes, seed, dtype="float32"):
-        """Draws one direction, factored where the family is structured.
+        """Draws one direction, in a compact form where the family has one.
 
-        The layer rules of `ForwardGradientModel` call this method. It
-        returns, per variable, a tensor or a `Factored` rank-one direction.
+        `ForwardGradientModel` calls this method. It returns, per variable,
+        a tensor, a `Factored` rank-one direction or `PackedSigns`.
         Defaults to `sample()`; it must draw the same direction as
         `sample()` for the same seed.
         """
@@ -231,6 +231,20 @@ class Rademacher(Direction):
     def sample(self, shapes, seed, dtype="float32"):
         return _per_variable(_rademacher_flat, shapes, seed, dtype)
 
+    def sample_structured(self, shapes, seed, dtype="float32"):
+        # The words of `sample()`, kept packed (`PackedSigns`).
+        return [
+            PackedSigns(
+                random_bits(
+                    -(-math.prod(s) // 32),
+                    tf.random.experimental.stateless_fold_in(seed, i),
+                ),
+                s,
+                dtype,
+            )
+            for i, s in enumerate(shapes)
+        ]
+
 
 class Factored:
     """A rank-one direction for one variable, kept in factored form.
@@ -271,9 +285,61 @@ class Factored:
         return f"Factored(shape={self.shape})"
 
 
+class PackedSigns:
+    """A random-sign direction for one variable, kept as its random words.
+
+    Bit `j` of word `i` (least significant first) gives component
+    `32 i + j` of the flattened variable: `+1` where the bit is set, `-1`
+    where it is not, as in `Rademacher.sample()`. The words take 1/32 of
+    the memory of the dense direction and unpacking them is element-wise,
+    so a training step unpacks them where each layer reads its kernel's
+    direction and again inside the optimizer's update, and never holds
+    the dense direction of every layer at once.
+
+    Args:
+        words: `[ceil(n / 32)]` `uint32` tensor, `n` the variable's size.
+        shape: The variable's shape (tuple of ints).
+        dtype: Floating dtype of the dense direction.
+    """
+
+    def __init__(self, words, shape, dtype="float32"):
+        self.words = words
+        self._shape = tuple(shape)
+        self._dtype = tf.as_dtype(dtype)
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def dense(self, scale=None):
+        """Returns `scale · v` as a tensor of the variable's shape."""
+        shifts = tf.constant([list(range(32))], dtype=tf.uint32)
+        bits = tf.bitwise.bitwise_and(
+            tf.bitwise.right_shift(self.words[:, tf.newaxis], shifts), 1
+        )
+        bits = tf.reshape(
+            tf.reshape(bits, [-1])[: math.prod(self._shape)], self._shape
+        )
+        if scale is None:
+            # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
+            return tf.cast(bits, self._dtype) * 2 - 1
+        scale = tf.cast(scale, self._dtype)
+        return tf.where(tf.equal(bits, 1), scale, -scale)
+
+    def cast(self, dtype):
+        return PackedSigns(self.words, self._shape, dtype)
+
+    def __repr__(self):
+        return f"PackedSigns(shape={self._shape})"
+
+
 def to_dense(tangent, scale=None):
     """Returns a direction component as a dense tensor (times `scale`)."""
-    if isinstance(tangent, Factored):
+    if isinstance(tangent, (Factored, PackedSigns)):
         return tangent.dense(scale)
     if scale is None:
         return tangent

@@ -106,7 +106,8 @@ def forward_gradient(directional_derivatives, directions):
     Args:
         directional_derivatives: List of K scalar tensors `d_k`.
         directions: List of K directions, each a list of tensors or
-            `keras_fwdgrad.directions.Factored` (one per variable).
+            `keras_fwdgrad.directions.Factored` or `PackedSigns` (one per
+            variable).
 
     Returns:
         A list of tensors, one per variable: the forward gradient.

@@ -33,6 +33,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad.directions import Factored
+from keras_fwdgrad.directions import PackedSigns
 from keras_fwdgrad.directions import to_dense
 from keras_fwdgrad.forward_gradient import jvp
 
@@ -144,8 +145,9 @@ def dual_call(layer, x, x_dot, tangent_of, training=None, num_tangents=1):
         x_dot: Tangent of `x` (K tangents stacked on the batch axis), or
             `None` for zero.
         tangent_of: Callable mapping a variable to its tangent: a tensor,
-            a `keras_fwdgrad.directions.Factored`, or `None` for zero; with
-            K > 1, a tuple of K of those.
+            a `keras_fwdgrad.directions.Factored` or
+            `keras_fwdgrad.directions.PackedSigns`, or `None` for zero;
+            with K > 1, a tuple of K of those.
         training: Passed to the layers.
         num_tangents: K, the number of tangents. Defaults to 1.
 
@@ -371,11 +373,12 @@ def activation_jvp(activation, x, x_dot, num_tangents=1):
     return activation(x), y_dot
 
 
-def _kernel_tangent(layer, x, tangent, product):
-    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w` (for K
-    tangents, the K products stacked on the batch axis)."""
+def _kernel_tangent(layer, x, tangent, product, after=None):
+    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w` and unpacking
+    `PackedSigns` after `after` (for K tangents, the K products stacked on
+    the batch axis)."""
     if isinstance(tangent, tuple):
-        terms = [_kernel_tangent(layer, x, t, product) for t in tangent]
+        terms = [_kernel_tangent(layer, x, t, product, after) for t in tangent]
         if all(t is None for t in terms):
             return None
         zero = tf.zeros_like(next(t for t in terms if t is not None))
@@ -385,7 +388,25 @@ def _kernel_tangent(layer, x, tangent, product):
     if isinstance(tangent, Factored):
         xu = product(x, tangent.u[..., tf.newaxis])
         return xu * _channels(layer, tangent.w)
-    return product(x, tangent)
+    if isinstance(tangent, PackedSigns) and after is not None:
+        tangent = PackedSigns(
+            _computed_after(tangent.words, after), tangent.shape, tangent.dtype
+        )
+    return product(x, to_dense(tangent))
+
+
+def _computed_after(words, tensor):
+    """Returns `words` unchanged, but as a value computed from `tensor`.
+
+    The unpacked direction of a kernel is as large as the kernel. Without a
+    data dependency, XLA's scheduler unpacks every layer's direction at the
+    start of the step and holds them all; tied to the layer's stacked
+    product, each is unpacked when its layer runs and freed after it.
+    `tensor > inf` is false for every float, NaN included, so `zero` is 0,
+    which the compiler cannot prove.
+    """
+    zero = tf.cast(tf.reduce_any(tensor > float("inf")), words.dtype)
+    return words + zero
 
 
 def _channels(layer, vector):
@@ -401,7 +422,10 @@ def _bias(layer, y, y_dot, tangent_of, channels_first=False):
         return y, y_dot
     bias, bias_dot = layer.bias.value, tangent_of(layer.bias)
     if isinstance(bias_dot, tuple):
-        return _bias_many(layer, y, y_dot, bias_dot, channels_first)
+        bias_dots = tuple(None if t is None else to_dense(t) for t in bias_dot)
+        return _bias_many(layer, y, y_dot, bias_dots, channels_first)
+    if bias_dot is not None:
+        bias_dot = to_dense(bias_dot)
     if channels_first:
         shape = (1, -1) + (1,) * (len(y.shape) - 2)
         bias = tf.reshape(bias, shape)
@@ -445,7 +469,11 @@ def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
     kernel = layer.kernel
     y, y_dot = _stacked(lambda t: keras.ops.matmul(t, kernel.value), x, x_dot)
     y_dot = _add(
-        y_dot, _kernel_tangent(layer, x, tangent_of(kernel), keras.ops.matmul)
+        y_dot,
+        _kernel_tangent(
+            layer, x, tangent_of(kernel), keras.ops.matmul,
+            after=y if y_dot is None else y_dot,
+        ),
     )
     y, y_dot = _bias(layer, y, y_dot, tangent_of)
     return activation_jvp(layer.activation, y, y_dot, num_tangents)
@@ -459,7 +487,10 @@ def _conv(layer, x, x_dot, tangent_of, training, num_tangents=1):
     y, y_dot = _stacked(lambda t: layer.convolution_op(t, kernel.value), x, x_dot)
     y_dot = _add(
         y_dot,
-        _kernel_tangent(layer, x, tangent_of(kernel), layer.convolution_op),
+        _kernel_tangent(
+            layer, x, tangent_of(kernel), layer.convolution_op,
+            after=y if y_dot is None else y_dot,
+        ),
     )
     y, y_dot = _bias(
         layer, y, y_dot, tangent_of,

@@ -267,8 +267,9 @@ class ForwardGradientModel(keras.Model):
         self._check_trainable_variables()
 
     def _directions(self, variables, k, structured=False):
-        """Samples direction `k` of the current step (with `Factored`
-        components where the family has them, if `structured`)."""
+        """Samples direction `k` of the current step (with `Factored` or
+        `PackedSigns` components where the family has them, if
+        `structured`)."""
         seed = tf.stack(
             [
                 tf.constant(self.seed, dtype="int64"),
@@ -285,7 +286,7 @@ class ForwardGradientModel(keras.Model):
             v = self.direction.sample(shapes, seed, dtype=dtype)
         return [
             t if t.dtype == var.dtype else t.cast(var.dtype)
-            if isinstance(t, directions_module.Factored)
+            if isinstance(t, (directions_module.Factored, directions_module.PackedSigns))
             else tf.cast(t, var.dtype)
             for t, var in zip(v, variables)
         ]
@@ -408,7 +409,7 @@ class ForwardGradientModel(keras.Model):
             if k > 0 and state:
                 for var, value in zip(state, saved_state):
                     var.assign(value)
-            v = self._directions(variables, k, structured=rules)
+            v = self._directions(variables, k, structured=True)
             if rules:
                 y_pred, loss, d = self._rules_pass(x, y, sample_weight, variables, v)
                 losses.append(loss)
@@ -433,7 +434,8 @@ class ForwardGradientModel(keras.Model):
                     loss = self.optimizer.scale_loss(loss)
                 return loss
 
-            _, d = jvp(loss_fn, variables, v)
+            dense = [directions_module.to_dense(t) for t in v]
+            _, d = jvp(loss_fn, variables, dense)
             ds.append(d)
             vs.append(v)
         loss = losses[0] if len(losses) == 1 else tf.add_n(losses) / len(losses)

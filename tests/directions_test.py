@@ -108,6 +108,25 @@ def test_structured_sample_is_the_same_direction(name):
         assert np.linalg.matrix_rank(dense[0].numpy()) == 1
     else:
         assert not any(factored)
+    if name == "rademacher":
+        assert all(isinstance(t, directions.PackedSigns) for t in structured)
+        # ceil(n / 32) words per variable.
+        assert [int(t.words.shape[0]) for t in structured] == [1, 1, 3]
+
+
+def test_packed_signs_scale_exactly():
+    """`PackedSigns.dense(scale)` is `scale · v` bit for bit (it selects
+    `±scale`), for a scalar tensor scale and after a cast."""
+    shapes = [(70,), (33, 3)]
+    seed = tf.constant([2, 5])
+    d = directions.Rademacher()
+    dense = d.sample(shapes, seed)
+    for packed, v in zip(d.sample_structured(shapes, seed), dense):
+        scale = tf.constant(-0.3711, tf.float32)
+        np.testing.assert_array_equal(packed.dense(scale), scale * v)
+        half = packed.cast("float16")
+        assert half.dtype == tf.float16 and half.shape == packed.shape
+        np.testing.assert_array_equal(half.dense(), tf.cast(v, tf.float16))
 
 
 def test_gaussian_is_standard_normal():

@@ -184,7 +184,7 @@ def _run(mode, fn):
     return tf.function(fn, jit_compile=mode == "xla")()
 
 
-@pytest.mark.parametrize("direction", ["gaussian", "lowrank_gaussian"])
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher", "lowrank_gaussian"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layer_rules_match_tape(case, mode, direction):
@@ -369,7 +369,8 @@ def test_several_directions_in_one_pass_match_separate_passes(case, mode):
     ["dense_relu", "max_pool2d_tiled", "dropout", "batch_normalization", "leaky_relu_layer",
      "functional_two_inputs", "functional_keras_op_and_dropout"],
 )
-def test_several_directions_step_equals_the_accumulator_step(case):
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_several_directions_step_equals_the_accumulator_step(case, direction):
     """With K = 3, one SGD step through the layer rules moves the weights
     as K passes of `tf.autodiff.ForwardAccumulator` do."""
     results = []
@@ -378,13 +379,24 @@ def test_several_directions_step_equals_the_accumulator_step(case):
         base = CASES[case]()
         x, y = _model_data(base)
         model = ForwardGradientModel(
-            base, direction="gaussian", seed=3, num_directions=3, layer_rules=rules
+            base, direction=direction, seed=3, num_directions=3, layer_rules=rules
         )
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE, jit_compile=True)
         model.train_on_batch(x, y)
         results.append([v.numpy() for v in base.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_words_computed_after_a_tensor_are_unchanged(mode):
+    """The scheduling dependency adds zero: the words come back bit for bit
+    whatever the tensor holds (NaN and infinities included)."""
+    words = directions.random_bits(5, tf.constant([1, 2]))
+    tensor = tf.constant([[np.nan, np.inf], [-np.inf, 3.0]])
+    out = _run(mode, lambda: layer_rules._computed_after(words, tensor))
+    assert out.dtype == tf.uint32
+    np.testing.assert_array_equal(out, words)
 
 
 def test_layer_without_forward_mode_derivative_is_named():
