@@ -368,8 +368,14 @@ class ForwardGradientModel(keras.Model):
             )
         return y_pred, losses, ds
 
-    def _estimate(self, x, y, sample_weight):
+    def _estimate(self, x, y, sample_weight, xla=False):
         """Runs the K forward-mode passes of one step.
+
+        Args:
+            xla: Whether the step is XLA-compiled. Packed sign directions
+                are kept packed only then: XLA fuses each unpacking into
+                its consumer, elsewhere every unpacking is a full-size op,
+                so they are unpacked once.
 
         Returns:
             `(loss, y_pred, d, grads)`: the loss (before any loss scaling by
@@ -386,6 +392,16 @@ class ForwardGradientModel(keras.Model):
             # and dropout seed state as the first.
             saved_state = [tf.identity(v.value) for v in state]
 
+        def draw(k):
+            v = self._directions(variables, k, structured=True)
+            if xla:
+                return v
+            return [
+                directions_module.to_dense(t)
+                if isinstance(t, directions_module.PackedSigns) else t
+                for t in v
+            ]
+
         losses, ds, vs = [], [], []
         y_pred = None
         rules = self._uses_layer_rules()
@@ -395,10 +411,7 @@ class ForwardGradientModel(keras.Model):
             and layer_rules_module.supports_batched_tangents(self.model)
         ):
             # All K directions in one pass: the primal runs once.
-            vs = [
-                self._directions(variables, k, structured=True)
-                for k in range(self.num_directions)
-            ]
+            vs = [draw(k) for k in range(self.num_directions)]
             try:
                 y_pred, losses, ds = self._rules_pass_many(
                     x, y, sample_weight, variables, vs
@@ -409,7 +422,7 @@ class ForwardGradientModel(keras.Model):
             if k > 0 and state:
                 for var, value in zip(state, saved_state):
                     var.assign(value)
-            v = self._directions(variables, k, structured=True)
+            v = draw(k)
             if rules:
                 y_pred, loss, d = self._rules_pass(x, y, sample_weight, variables, v)
                 losses.append(loss)
@@ -519,7 +532,9 @@ class ForwardGradientModel(keras.Model):
         # statistics) so a non-finite step can be undone completely.
         saved_weights = [tf.identity(w.value) for w in weights]
 
-        loss, y_pred, d, grads = self._estimate(x, y, sample_weight)
+        loss, y_pred, d, grads = self._estimate(
+            x, y, sample_weight, xla=bool(self.jit_compile) and not self.run_eagerly
+        )
         finite = tf.reduce_all(tf.math.is_finite(d))
         if not self._reduces_directional_derivatives():
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(loss)))
