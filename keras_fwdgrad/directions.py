@@ -210,7 +210,7 @@ class Gaussian(Direction):
     """
 
     def sample(self, shapes, seed, dtype="float32"):
-        return _per_variable(_gaussian_flat, shapes, seed, dtype)
+        return _per_variable(_gaussian_variable, shapes, seed, dtype)
 
 
 @register("rademacher")
@@ -229,21 +229,11 @@ class Rademacher(Direction):
     """
 
     def sample(self, shapes, seed, dtype="float32"):
-        return _per_variable(_rademacher_flat, shapes, seed, dtype)
+        return [t.dense() for t in self.sample_structured(shapes, seed, dtype)]
 
     def sample_structured(self, shapes, seed, dtype="float32"):
-        # The words of `sample()`, kept packed (`PackedSigns`).
-        return [
-            PackedSigns(
-                random_bits(
-                    -(-math.prod(s) // 32),
-                    tf.random.experimental.stateless_fold_in(seed, i),
-                ),
-                s,
-                dtype,
-            )
-            for i, s in enumerate(shapes)
-        ]
+        # The direction as its random words (`PackedSigns`).
+        return _per_variable(_packed_signs, shapes, seed, dtype)
 
 
 class Factored:
@@ -374,21 +364,17 @@ def _per_variable(draw, shapes, seed, dtype):
     # One draw per variable, keyed by the variable's index: under XLA this
     # is faster than one flat draw split into variables (no slicing copies).
     return [
-        tf.reshape(
-            draw(math.prod(s), tf.random.experimental.stateless_fold_in(seed, i), dtype),
-            s,
-        )
+        draw(s, tf.random.experimental.stateless_fold_in(seed, i), dtype)
         for i, s in enumerate(shapes)
     ]
 
 
-def _rademacher_flat(n, seed, dtype):
-    words = random_bits(-(-n // 32), seed)[:, tf.newaxis]
-    shifts = tf.constant([list(range(32))], dtype=tf.uint32)
-    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, shifts), 1)
-    bits = tf.reshape(bits, [-1])[:n]
-    # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
-    return tf.cast(bits, dtype) * 2 - 1
+def _gaussian_variable(shape, seed, dtype):
+    return tf.reshape(_gaussian_flat(math.prod(shape), seed, dtype), shape)
+
+
+def _packed_signs(shape, seed, dtype):
+    return PackedSigns(random_bits(-(-math.prod(shape) // 32), seed), shape, dtype)
 
 
 _LEVELS = 2**16
