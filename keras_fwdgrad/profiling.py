@@ -52,6 +52,50 @@ def _state_bytes(model):
     return total
 
 
+# Sizes of a tensor held while the step's peak is measured again: 256 KiB
+# to 64 MiB in powers of 4.
+_BALLAST_BYTES = tuple(1 << k for k in range(18, 27, 2))
+
+
+def _step_bytes(call, device):
+    """Memory one call of `call` allocates at its peak, beyond what was
+    allocated before it; `None` without allocator statistics.
+
+    TensorFlow's BFC allocator hands out a free chunk of less than twice
+    the requested size whole and counts all of it as in use, so a step
+    that lands in such a hole is charged up to twice what it requested;
+    which holes exist depends on everything the process allocated before.
+    The step is therefore measured under several allocator states and the
+    smallest measurement is kept: while holding one tensor of each size in
+    `_BALLAST_BYTES`, and while holding tensors the size of the smallest
+    measurement so far, which fill the hole that measurement landed in
+    (an XLA-compiled step allocates its temporaries as one buffer). A
+    chunk is never smaller than its request, so no measurement understates
+    the peak the step requests; for the XLA-compiled models of
+    `benchmarks/step_costs.py` the result equals the temporary buffer of
+    XLA's buffer assignment.
+    """
+    if _memory_info(device) is None:
+        return None
+
+    def measure(*held_bytes):
+        with tf.device(device):
+            held = [tf.zeros([max(1, b // 4)], tf.float32) for b in held_bytes]
+        before = _memory_info(device)
+        tf.config.experimental.reset_memory_stats(device)
+        call()
+        after = _memory_info(device)
+        del held
+        return max(0, int(after["peak"]) - int(before["current"]))
+
+    best = min([measure()] + [measure(b) for b in _BALLAST_BYTES])
+    holes = []
+    for _ in range(4):
+        holes.append(best)
+        best = min(best, measure(*holes))
+    return best
+
+
 def profile_step_costs(
     build_model,
     x,
@@ -101,7 +145,9 @@ def profile_step_costs(
         and `"backprop"` to their measures (`ms`: median milliseconds per
         step; `ms_rounds`: the per-round values; `compile_s`: time of the
         warm-up calls; `state_bytes`: variables and optimizer slots;
-        `step_bytes`: extra memory the step allocates at its peak;
+        `step_bytes`: extra memory the step allocates at its peak (the
+        smallest over a few allocator states, so that fragmentation left
+        by earlier allocations does not count);
         `peak_bytes`: their sum; `R`: `ms` over the base time), `"ratios"`
         mapping each forward method to `Rf`, `Rb` and `Rf/Rb`, and the
         settings used.
@@ -171,13 +217,7 @@ def profile_step_costs(
         for _ in range(warmup):
             call()
         compile_s = time.perf_counter() - start
-        step_bytes = None
-        before = _memory_info(device)
-        if before is not None:
-            tf.config.experimental.reset_memory_stats(device)
-            call()
-            after = _memory_info(device)
-            step_bytes = max(0, int(after["peak"]) - int(before["current"]))
+        step_bytes = _step_bytes(call, device)
         state = _state_bytes(models[name])
         results[name] = {
             "compile_s": compile_s,

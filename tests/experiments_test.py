@@ -181,6 +181,40 @@ def test_profile_step_costs_measures_and_ratios():
         assert r["Rb"] == m["backprop"]["R"]
 
 
+def test_step_bytes_ignores_allocator_fragmentation():
+    """The step's peak is the 4 MiB product it requests, not the larger
+    free chunk the allocator may hand it whole."""
+    size = 4 * 2**20  # A 1024 x 1024 float32 product, the step's only temporary.
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        a = x + tf.cast(tf.range(1024)[:, tf.newaxis], tf.float32)
+        return tf.reduce_sum(tf.square(tf.matmul(a, a, transpose_b=True)))
+
+    x = tf.ones([1024, 1])
+    call = lambda: step(x).numpy()  # noqa: E731
+    call()
+
+    def naive():
+        before = tf.config.experimental.get_memory_info("CPU:0")
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        call()
+        after = tf.config.experimental.get_memory_info("CPU:0")
+        return after["peak"] - before["current"]
+
+    # A free chunk 1.5 times the request between two live tensors: the
+    # allocator does not split a chunk less than twice the request.
+    left, hole, right = (tf.zeros([3 * size // 8]) for _ in range(3))
+    del hole
+    single = naive()
+    measured = profiling._step_bytes(call, "CPU:0")
+    # 64 KiB of slack for the step's scalar output and the allocator's
+    # rounding; a measurement landing in any hole would be >= 1.5 x size.
+    assert size <= measured <= size + 2**16, (measured, single)
+    assert measured <= single
+    del left, right
+
+
 def test_profile_step_costs_errors():
     with pytest.raises(ValueError, match="`repeats` must be a positive integer"):
         profiling.profile_step_costs(_model, np.zeros((2, 6)), np.zeros(2), SCCE, repeats=0)
