@@ -11,10 +11,16 @@ one forward-gradient training step per method:
   directions differentiated by `tf.autodiff.ForwardAccumulator` over the
   whole model;
 - `gaussian`, `rademacher`, `lowrank_gaussian`, `lowrank_rademacher`: the
-  shipped families with the layer rules (`layer_rules=True`, the default).
+  shipped families with the layer rules (`layer_rules=True`, the default);
+- `fixed`: one dense `rademacher` direction drawn before timing and read
+  from variables at every step. It never changes, so it is no way to
+  train; its time is that of a full-rank forward step with sampling free,
+  the floor of `gaussian` and `rademacher` (its memory leaves out the held
+  direction).
 
 Every figure is a median over interleaved rounds; compile time is reported
-apart. Peak memory is read from TensorFlow's allocator. Batch 64, SGD, the
+apart. Peak memory is read from TensorFlow's allocator (the smallest peak
+over several allocator states, see `profile_step_costs`). Batch 64, SGD, the
 papers' architectures, random data of the right shape (the cost of a step
 does not depend on the values).
 
@@ -25,7 +31,7 @@ at initialization, over many directions: `cos = |∇f·v| / (‖∇f‖ ‖v‖)
 Budgets:
 - `--smoke`: logistic regression and the MLP, 2 rounds of 2 steps (seconds).
 - default: all models, depths 1, 4, 16; 5 rounds of 10 steps (VGG 3 of 3);
-  about 15 minutes on a 2-core CPU.
+  about 6 minutes on a 2-core CPU.
 - `--full`: depths 1, 2, 4, 8, 16, 32; 10 rounds of 20 steps (VGG 5 of 5).
 
 Usage:
@@ -81,10 +87,26 @@ class StatelessNormal(directions.Direction):
         return directions.split_flat(flat, shapes)
 
 
-def methods():
-    return [{"direction": StatelessNormal(), "layer_rules": False, "label": "baseline"}] + [
-        {"direction": name, "label": name} for name in FAMILIES
-    ]
+class Fixed(directions.Direction):
+    """One dense `rademacher` direction, drawn once and held in variables:
+    every step reads the same direction, so a step costs what a full-rank
+    step would if sampling were free. Not a direction to train with."""
+
+    def __init__(self, shapes):
+        drawn = directions.Rademacher().sample(
+            [tuple(s) for s in shapes], tf.constant([0, 0], tf.int64))
+        self.held = [tf.Variable(v, trainable=False) for v in drawn]
+
+    def sample(self, shapes, seed, dtype="float32"):
+        return [tf.cast(v, dtype) for v in self.held]
+
+
+def methods(shapes):
+    return (
+        [{"direction": StatelessNormal(), "layer_rules": False, "label": "baseline"}]
+        + [{"direction": name, "label": name} for name in FAMILIES]
+        + [{"direction": Fixed(shapes), "label": "fixed"}]
+    )
 
 
 def machine():
@@ -119,9 +141,10 @@ def batch(input_shape, size=64, seed=0):
 
 def measure(name, build, input_shape, jit, rounds, steps):
     x, y = batch(input_shape)
+    shapes = [tuple(v.shape) for v in build().trainable_variables]
     costs = profiling.profile_step_costs(
         build, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        directions=methods(), jit_compile=jit, steps=steps, repeats=rounds, warmup=2,
+        directions=methods(shapes), jit_compile=jit, steps=steps, repeats=rounds, warmup=2,
     )
     rows = []
     m = costs["methods"]

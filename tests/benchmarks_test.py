@@ -8,7 +8,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"baseline", "gaussian", "rademacher", "lowrank_gaussian",
-           "lowrank_rademacher", "backprop"}
+           "lowrank_rademacher", "fixed", "backprop"}
 
 
 def test_step_costs_smoke(tmp_path):
@@ -28,10 +28,11 @@ def test_step_costs_smoke(tmp_path):
             assert r["ms"] > 0 and r["R"] > 0 and r["Rf/Rb"] > 0
     # The cosine between an unbiased forward gradient and the gradient is in
     # (0, 1]; for 1.86 M parameters it is of order sqrt(2 / (π n)) ≈ 6e-4.
-    assert {r["direction"] for r in report["cosine"]} == METHODS - {"baseline", "backprop"}
+    assert {r["direction"] for r in report["cosine"]} == METHODS - {
+        "baseline", "fixed", "backprop"}
     for r in report["cosine"]:
         assert 1e-5 < r["cos_mean"] < 1e-2
-    assert {r["direction"] for r in report["sampling"]} == METHODS - {"backprop"}
+    assert {r["direction"] for r in report["sampling"]} == METHODS - {"fixed", "backprop"}
     assert "| MLP 784-1024-1024-10 | on | lowrank_rademacher |" in (
         tmp_path / "results.md"
     ).read_text()
