@@ -66,10 +66,11 @@ def _step_bytes(call, device):
     that lands in such a hole is charged up to twice what it requested;
     which holes exist depends on everything the process allocated before.
     The step is therefore measured under several allocator states and the
-    smallest measurement is kept: while holding one tensor of each size in
-    `_BALLAST_BYTES`, and while holding tensors the size of the smallest
-    measurement so far, which fill the hole that measurement landed in
-    (an XLA-compiled step allocates its temporaries as one buffer). A
+    smallest measurement is kept: holding nothing, holding one tensor of
+    each size in `_BALLAST_BYTES`, then holding one to four tensors, each
+    the size of the smallest measurement when it was added, which fill
+    the holes a step of that size lands in (an XLA-compiled step allocates
+    its temporaries as one buffer). A
     chunk is never smaller than its request, so no measurement understates
     the peak the step requests; for the XLA-compiled models of
     `benchmarks/step_costs.py` the result equals the temporary buffer of
