@@ -11,7 +11,10 @@ with its tangent `ẋ`:
 - `Dense` and `Conv1D/2D/3D`: the input and its tangent go through the
   layer's kernel in one stacked matrix product or convolution
   (`[x; ẋ] @ W`, the first paper's suggestion), and the kernel's tangent
-  adds `x @ Ẇ`, computed as `(x @ u) ⊗ w` when `Ẇ = u ⊗ w`;
+  adds `x @ Ẇ`, computed as `(x @ u) ⊗ w` when `Ẇ = u ⊗ w`; grouped
+  convolutions run group by group and causal ones pad first, as the
+  layers do (a configuration a rule does not implement falls back to the
+  per-layer path below);
 - ReLU and linear activations: `ẏ = ẋ · [x > 0]`;
 - reshaping and average pooling layers (linear, without weights): the
   layer applied to the tangent;
@@ -21,7 +24,14 @@ with its tangent `ẋ`:
   derivative from `tf.autodiff.ForwardAccumulator`, for that layer only.
 
 Functional models (`keras.Model(inputs, outputs)`) run node by node the
-same way, with rules for `Add`, `Subtract`, `Average` and `Concatenate`.
+same way, with rules for `Add`, `Subtract`, `Average` and `Concatenate`
+(when no input is broadcast). A tensor used twice (`Multiply()([h, h])`,
+self-attention) carries its tangent to every use.
+
+A softmax or sigmoid output keeps the tangent of its logits
+(`logits_tangent`), since Keras' cross-entropies read those logits. Where
+TensorFlow's own forward mode is known to be wrong for a layer that falls
+back to the per-layer path (`inexact_reason`), the pass raises instead.
 
 `ForwardGradientModel` uses these rules when `supports(model)` holds and
 `layer_rules=True` (the default), and `tf.autodiff.ForwardAccumulator` over
@@ -32,6 +42,7 @@ float rounding; the tests check each rule against `tf.GradientTape`.
 import keras
 import tensorflow as tf
 
+from keras_fwdgrad import _compat
 from keras_fwdgrad.directions import Factored
 from keras_fwdgrad.directions import PackedSigns
 from keras_fwdgrad.directions import to_dense
@@ -236,9 +247,22 @@ def _dual_functional(model, x, x_dot, tangent_of, training, num_tangents):
 _MERGES = (L.Add, L.Subtract, L.Average, L.Concatenate)
 
 
+def _same_shapes(op, xs):
+    """Whether the merge rule applies: every input has the output's static
+    shape (the concatenation axis aside), so no input is broadcast."""
+    xs = list(xs)
+    shapes = [tuple(t.shape) for t in xs]
+    if any(None in s[1:] for s in shapes) or len(set(len(s) for s in shapes)) != 1:
+        return False
+    if isinstance(op, L.Concatenate):
+        axis = op.axis % len(shapes[0])
+        shapes = [s[:axis] + s[axis + 1 :] for s in shapes]
+    return len(set(s[1:] for s in shapes)) == 1
+
+
 def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
     """A graph node with several inputs or keyword arguments."""
-    if isinstance(op, _MERGES) and len(args) == 1 and not kwargs:
+    if isinstance(op, _MERGES) and len(args) == 1 and not kwargs and _same_shapes(op, args[0]):
         xs = list(args[0])
         dots = [tangents.get(id(t)) for t in xs]
         y = op(xs)
@@ -269,9 +293,12 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
         # As the functional model's own call passes `training` on (it
         # overrides the value recorded when the graph was built).
         kwargs = {**kwargs, "training": training}
-    primals, duals = [], []
+    primals, duals, seen = [], [], set()
     for t in tf.nest.flatten((args, kwargs)):
-        if tf.is_tensor(t) and tangents.get(id(t)) is not None:
+        # A tensor used twice (`Multiply()([h, h])`, self-attention) is
+        # watched once: its tangent reaches every use.
+        if tf.is_tensor(t) and tangents.get(id(t)) is not None and id(t) not in seen:
+            seen.add(id(t))
             primals.append(t)
             duals.append(tangents[id(t)])
     for v in getattr(op, "trainable_variables", []):
@@ -281,8 +308,8 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
             duals.append(to_dense(t))
     if not primals:
         return op(*args, **kwargs), None
-    # `jvp` names the op TensorFlow cannot differentiate, if any.
-    return jvp(lambda: op(*args, **kwargs), primals, duals)
+    _check_exact(op)
+    return _jvp_keeping_logits(lambda: op(*args, **kwargs), primals, duals)
 
 
 def _generic(layer, x, x_dot, tangent_of, training):
@@ -298,8 +325,126 @@ def _generic(layer, x, x_dot, tangent_of, training):
         tangents.append(x_dot)
     if not primals:
         return layer(x, training=training), None
+    _check_exact(layer)
+    return _jvp_keeping_logits(lambda: layer(x, training=training), primals, tangents)
+
+
+# The attribute of an output tensor that holds `(logits, tangent)` when
+# Keras would compute a cross-entropy from that output's logits.
+_LOGITS_TANGENT = "_keras_fwdgrad_logits_tangent"
+
+
+def _keep_logits_tangent(y, logits, logits_dot):
+    """Remembers the tangent of the logits Keras keeps on `y` (see
+    `logits_tangent`)."""
+    try:
+        setattr(y, _LOGITS_TANGENT, (logits, logits_dot))
+    except AttributeError as e:  # pragma: no cover - every TF tensor takes it
+        raise TypeError(
+            f"Cannot keep the tangent of the logits of {y!r}, so the "
+            "directional derivative of a cross-entropy computed from them "
+            "would be wrong."
+        ) from e
+
+
+def logits_tangent(y):
+    """The logits a Keras cross-entropy reads from `y`, and their tangent.
+
+    Keras keeps the logits of a softmax or sigmoid output on the output
+    tensor, and its cross-entropies (`from_logits=False`) compute the loss
+    from those logits, not from `y`. The loss's directional derivative
+    then needs the logits' tangent, which the rules keep on `y`.
+
+    Args:
+        y: A tensor returned by `dual_call`.
+
+    Returns:
+        `None` if Keras reads `y` itself; otherwise `(logits, tangent)`,
+        with `tangent` `None` when the logits do not depend on the
+        variables.
+
+    Raises:
+        ValueError: if Keras reads logits whose tangent is unknown (which
+            would otherwise give a zero derivative).
+    """
+    logits = _compat.keras_logits(y)
+    if logits is None:
+        return None
+    kept = getattr(y, _LOGITS_TANGENT, None)
+    if kept is None or kept[0] is not logits:
+        raise ValueError(
+            "The model's output comes from a softmax or sigmoid whose logits "
+            "Keras' cross-entropy reads, but their tangent was not tracked, "
+            "so the forward gradient would be wrong. Use "
+            "`ForwardGradientModel(..., layer_rules=False)`, or give the last "
+            "layer no activation and compile the loss with `from_logits=True`."
+        )
+    return kept
+
+
+def _jvp_keeping_logits(fn, primals, duals):
+    """`jvp(fn, primals, duals)` for a function returning one tensor, also
+    keeping the tangent of the logits Keras may read from it."""
+
+    def both():
+        y = fn()
+        logits = _compat.keras_logits(y) if tf.is_tensor(y) else None
+        return y, (y if logits is None else logits)
+
     # `jvp` names the op TensorFlow cannot differentiate, if any.
-    return jvp(lambda: layer(x, training=training), primals, tangents)
+    (y, logits), (y_dot, logits_dot) = jvp(both, primals, duals)
+    if logits is not y:
+        _keep_logits_tangent(y, logits, logits_dot)
+    return y, y_dot
+
+
+def inexact_reason(layer, graph):
+    """Why TensorFlow's own forward-mode derivative of `layer` is wrong, or
+    `None` when it is exact.
+
+    TensorFlow 2.21 computes some forward-mode derivatives wrongly without
+    any error:
+    - convolutions that Keras runs through a nested XLA-compiled function
+      (grouped convolutions, and channels-first 3-D ones) in a
+      `tf.function` (graph or XLA): the tangent misses terms;
+    - max-pooling with overlapping windows under XLA.
+
+    Args:
+        layer: A Keras layer.
+        graph: Whether the step runs as a graph (`tf.function`).
+
+    Returns:
+        A string saying what is wrong, or `None`.
+    """
+    if not graph:
+        return None
+    if isinstance(layer, _CONVS):
+        if layer.groups != 1 or (
+            layer.rank == 3 and layer.data_format == "channels_first"
+        ):
+            return (
+                "TensorFlow's forward-mode derivative of a grouped or "
+                "channels-first 3-D convolution is wrong in a `tf.function`"
+            )
+    if isinstance(layer, _MAX_POOLS) and _compat.in_xla_context():
+        if any(s < p for s, p in zip(layer.strides, layer.pool_size)):
+            return (
+                "TensorFlow's forward-mode derivative of max-pooling with "
+                "overlapping windows is wrong under XLA"
+            )
+    return None
+
+
+def _check_exact(layer):
+    reason = inexact_reason(layer, graph=not tf.executing_eagerly())
+    if reason is not None:
+        raise ValueError(
+            f"Cannot compute an exact forward-mode derivative of layer "
+            f"{layer.name!r} ({type(layer).__name__}): {reason}, and the "
+            "layer rules do not cover this configuration. Train with "
+            "`run_eagerly=True` (or `jit_compile=False` for max-pooling), or "
+            "change the layer's configuration."
+        )
 
 
 def _linear(layer, x, x_dot):
@@ -364,13 +509,23 @@ def activation_jvp(activation, x, x_dot, num_tangents=1):
     if num_tangents == 1:
         with tf.autodiff.ForwardAccumulator(x, x_dot) as acc:
             y = activation(x)
-        return y, acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    # Element-wise, so its JVP at the tiled primal is the JVP of each copy.
-    tiled_x = _tile(x, num_tangents)
-    with tf.autodiff.ForwardAccumulator(tiled_x, x_dot) as acc:
-        tiled_y = activation(tiled_x)
-    y_dot = acc.jvp(tiled_y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return activation(x), y_dot
+        y_dot = acc.jvp(y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    else:
+        # Element-wise (softmax: along the last axis), so its JVP at the
+        # tiled primal is the JVP of each copy.
+        tiled_x = _tile(x, num_tangents)
+        with tf.autodiff.ForwardAccumulator(tiled_x, x_dot) as acc:
+            tiled_y = activation(tiled_x)
+        y_dot = acc.jvp(tiled_y, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        y = activation(x)
+    logits = _compat.keras_logits(y)
+    if logits is not None:
+        if logits is not x:  # pragma: no cover - Keras keeps its input
+            raise ValueError(
+                f"Activation {activation!r} keeps logits other than its input."
+            )
+        _keep_logits_tangent(y, x, x_dot)
+    return y, y_dot
 
 
 def _kernel_tangent(layer, x, tangent, product, after=None):
@@ -385,7 +540,7 @@ def _kernel_tangent(layer, x, tangent, product, after=None):
         return tf.concat([zero if t is None else t for t in terms], axis=0)
     if tangent is None:
         return None
-    if isinstance(tangent, Factored):
+    if isinstance(tangent, Factored) and getattr(layer, "groups", 1) == 1:
         xu = product(x, tangent.u[..., tf.newaxis])
         return xu * _channels(layer, tangent.w)
     if isinstance(tangent, PackedSigns) and after is not None:
@@ -479,16 +634,63 @@ def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
     return activation_jvp(layer.activation, y, y_dot, num_tangents)
 
 
-@_rule(L.Conv1D, L.Conv2D, L.Conv3D)
+_CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
+_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+
+
+def _convolution(layer):
+    """The linear map `(x, kernel) -> conv` that `layer.call` applies before
+    the bias, or `None` for a configuration this rule does not implement.
+
+    Grouped convolutions are computed group by group with
+    `tf.nn.convolution`: Keras runs them through a nested XLA-compiled
+    function whose forward-mode derivative TensorFlow gets wrong in a
+    `tf.function`. `Conv1D(padding="causal")` pads the input first, as
+    `Conv1D.call` does.
+    """
+    channels_last = layer.data_format == "channels_last"
+    causal = layer.padding == "causal"
+    if layer.groups != 1 or causal:
+        if not channels_last:
+            return None
+    elif not channels_last and layer.rank == 3:
+        # Keras runs it through a nested XLA function too.
+        return None
+    else:
+        return layer.convolution_op
+    padding = "VALID" if causal else layer.padding.upper()
+    strides = list(layer.strides)
+    dilations = list(layer.dilation_rate)
+    groups = layer.groups
+
+    def convolution(x, kernel):
+        if causal:
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+        xs = tf.split(x, groups, axis=-1)
+        ks = tf.split(kernel, groups, axis=-1)
+        out = [
+            tf.nn.convolution(
+                a, k, strides=strides, padding=padding, dilations=dilations
+            )
+            for a, k in zip(xs, ks)
+        ]
+        return out[0] if groups == 1 else tf.concat(out, axis=-1)
+
+    return convolution
+
+
+@_rule(*_CONVS)
 def _conv(layer, x, x_dot, tangent_of, training, num_tangents=1):
-    if not _plain(layer, x) or layer.groups != 1:
+    convolution = _convolution(layer)
+    if not _plain(layer, x) or convolution is None:
         return None
     kernel = layer.kernel
-    y, y_dot = _stacked(lambda t: layer.convolution_op(t, kernel.value), x, x_dot)
+    y, y_dot = _stacked(lambda t: convolution(t, kernel.value), x, x_dot)
     y_dot = _add(
         y_dot,
         _kernel_tangent(
-            layer, x, tangent_of(kernel), layer.convolution_op,
+            layer, x, tangent_of(kernel), convolution,
             after=y if y_dot is None else y_dot,
         ),
     )

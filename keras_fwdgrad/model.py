@@ -1,11 +1,14 @@
 """`ForwardGradientModel`: trains any Keras model with forward gradients."""
 
+import contextlib
 import numbers
 import random
 
 import keras
 import tensorflow as tf
 
+from keras_fwdgrad import _compat
+from keras_fwdgrad import connectivity
 from keras_fwdgrad import directions as directions_module
 from keras_fwdgrad import layer_rules as layer_rules_module
 from keras_fwdgrad.forward_gradient import clip_directional_derivative
@@ -221,6 +224,8 @@ class ForwardGradientModel(keras.Model):
         # model so a reloaded model continues the same stream.
         self.direction_step = self._counter("direction_step")
         self.skipped_steps = self._counter("skipped_steps")
+        self._connectivity_checked = False
+        self._disconnected = ()
         if model.built:
             self._check_trainable_variables()
             self.built = True
@@ -238,6 +243,14 @@ class ForwardGradientModel(keras.Model):
     def build(self, input_shape=None):
         if not self.model.built:
             self.model.build(input_shape)
+        if not self.model.variables and input_shape is not None:
+            # A subclassed model creates its layers' variables when it is
+            # first called, as `keras.Model.fit` does: a symbolic call.
+            self.model(
+                tree_map_shapes(
+                    lambda shape: keras.KerasTensor(shape), input_shape
+                )
+            )
         self._check_trainable_variables()
         self.built = True
 
@@ -291,6 +304,26 @@ class ForwardGradientModel(keras.Model):
             for t, var in zip(v, variables)
         ]
 
+    def _check_accumulator_is_exact(self):
+        """Raises where TensorFlow's forward mode over the whole model would
+        be silently wrong (see `layer_rules.inexact_reason`)."""
+        graph = not tf.executing_eagerly()
+        for layer in _compat.all_layers(self.model):
+            reason = layer_rules_module.inexact_reason(layer, graph)
+            if reason is None:
+                continue
+            if layer_rules_module.supports(self.model):
+                fix = "Use `layer_rules=True` (the default), which computes it exactly"
+            else:
+                fix = (
+                    "Compile with `run_eagerly=True` (or `jit_compile=False` "
+                    "for max-pooling)"
+                )
+            raise ValueError(
+                f"Cannot compute an exact forward-mode derivative of layer "
+                f"{layer.name!r} ({type(layer).__name__}): {reason}. {fix}."
+            )
+
     def _uses_layer_rules(self):
         return self.layer_rules and layer_rules_module.supports(self.model)
 
@@ -299,8 +332,7 @@ class ForwardGradientModel(keras.Model):
 
         Returns:
             `(y_pred, loss, d)`: the predictions, the loss and its
-            directional derivative (of the loss as the optimizer scales
-            it).
+            directional derivative (before any loss scaling).
         """
         y_pred, losses, ds = self._rules_pass_many(x, y, sample_weight, variables, [v])
         return y_pred, losses[0], ds[0]
@@ -346,9 +378,15 @@ class ForwardGradientModel(keras.Model):
                 y_pred.dtype,
             )
         batch = tf.shape(y_pred)[0]
+        # A softmax or sigmoid output whose logits Keras' cross-entropy reads.
+        logits = layer_rules_module.logits_tangent(y_pred)
         losses, ds = [], []
         for i, v in enumerate(vs):
-            primals, duals = [y_pred], [y_dot[i * batch : (i + 1) * batch]]
+            block = slice(i * batch, (i + 1) * batch)
+            primals, duals = [y_pred], [y_dot[block]]
+            if logits is not None and logits[1] is not None:
+                primals.append(logits[0])
+                duals.append(logits[1][block])
             for var, t in zip(variables, v):
                 # Weight regularizers read the variables in `compute_loss`.
                 if getattr(var, "regularizer", None) is not None:
@@ -359,16 +397,58 @@ class ForwardGradientModel(keras.Model):
                     x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                     training=True,
                 )
-                scaled = loss
-                if self.optimizer is not None:
-                    scaled = self.optimizer.scale_loss(loss)
             losses.append(loss)
             ds.append(
-                acc.jvp(scaled, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             )
         return y_pred, losses, ds
 
+    def _check_connectivity(self, x, y, sample_weight):
+        """Once per model: raises if an op without a derivative cuts a
+        trainable variable from the loss (see `keras_fwdgrad.connectivity`).
+        Under a strategy with several replicas the check is skipped."""
+        if self._connectivity_checked or _num_replicas() > 1:
+            return
+
+        def loss_fn(x, y, sample_weight):
+            y_pred = self.model(x, training=True)
+            return self.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True,
+            )
+
+        disconnected = connectivity.check_connected(
+            loss_fn,
+            self.trainable_variables,
+            (x, y, sample_weight),
+            layer_names=[layer.name for layer in _compat.all_layers(self.model)],
+        )
+        # Variables the loss does not use get a zero gradient, as with
+        # backprop, instead of the zero-mean noise `d·v`.
+        self._disconnected = tuple(
+            id(v) for v, cut in zip(self.trainable_variables, disconnected) if cut
+        )
+        self._connectivity_checked = True
+
     def _estimate(self, x, y, sample_weight, xla=False):
+        self._ensure_built(x)
+        self._check_connectivity(x, y, sample_weight)
+        with _recurrences_unrolled(self.model):
+            try:
+                return self._estimate_unrolled(x, y, sample_weight, xla)
+            except ValueError as e:
+                if "Cannot unroll a RNN" not in str(e):
+                    raise
+                raise ValueError(
+                    "In a `tf.function` (graph or XLA), `ForwardGradientModel` "
+                    "unrolls recurrent layers, since TensorFlow cannot "
+                    "differentiate their loop in forward mode; that needs a "
+                    "static sequence length. Give the model's `keras.Input` a "
+                    "fixed time dimension, or compile with `run_eagerly=True`. "
+                    f"Original error: {e}"
+                ) from e
+
+    def _estimate_unrolled(self, x, y, sample_weight, xla=False):
         """Runs the K forward-mode passes of one step.
 
         Args:
@@ -383,7 +463,6 @@ class ForwardGradientModel(keras.Model):
             the `[K]` directional derivatives after clipping, and the
             forward gradient, one tensor per trainable variable.
         """
-        self._ensure_built(x)
         variables = self.trainable_variables
         state = self.model.non_trainable_variables
         if self.num_directions > 1 and state:
@@ -405,6 +484,8 @@ class ForwardGradientModel(keras.Model):
         losses, ds, vs = [], [], []
         y_pred = None
         rules = self._uses_layer_rules()
+        if not rules:
+            self._check_accumulator_is_exact()
         if (
             rules
             and self.num_directions > 1
@@ -441,10 +522,6 @@ class ForwardGradientModel(keras.Model):
                     training=True,
                 )
                 losses.append(loss)
-                # As in Keras' own trainer, the optimizer may scale the loss
-                # (`LossScaleOptimizer`); it unscales the update in `apply`.
-                if self.optimizer is not None:
-                    loss = self.optimizer.scale_loss(loss)
                 return loss
 
             dense = [directions_module.to_dense(t) for t in v]
@@ -464,7 +541,27 @@ class ForwardGradientModel(keras.Model):
             )
         d = clip_directional_derivative(d, self.jvp_clip)
         grads = forward_gradient(tf.unstack(d), vs)
+        grads = [
+            tf.zeros_like(g) if id(var) in self._disconnected else g
+            for g, var in zip(grads, variables)
+        ]
         return loss, y_pred, d, grads
+
+    def _scaled_for_optimizer(self, grads):
+        """Multiplies the gradient by the optimizer's loss scale.
+
+        The directional derivative is that of the loss itself, so that
+        `jvp_clip`, the NaN guard and `forward_gradient()` see true values.
+        An optimizer that scales the loss (`LossScaleOptimizer` under the
+        `mixed_float16` policy, or `loss_scale_factor`) divides what it
+        receives by that scale in `apply`, so it receives the gradient of
+        the scaled loss, as from Keras' own trainer.
+        """
+        one = tf.constant(1.0, "float32")
+        scale = self.optimizer.scale_loss(one)
+        if scale is one:
+            return grads
+        return [g * tf.cast(scale, g.dtype) for g in grads]
 
     def _reduces_directional_derivatives(self):
         return (
@@ -540,6 +637,7 @@ class ForwardGradientModel(keras.Model):
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(loss)))
         if not self.optimizer.built:
             self.optimizer.build(variables)
+        grads = self._scaled_for_optimizer(grads)
         if self.all_reduce == "directional_derivatives":
             # Idempotent, so safe from concurrent replica threads.
             _skip_gradient_all_reduce(self.optimizer)
@@ -659,6 +757,44 @@ class ForwardGradientModel(keras.Model):
             config["direction"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+@contextlib.contextmanager
+def _recurrences_unrolled(model):
+    """Unrolls `model`'s recurrent layers while a graph is traced.
+
+    TensorFlow (2.21) cannot differentiate the `while_loop` of a recurrent
+    layer in forward mode inside a `tf.function` (its loop state is a
+    `variant` tensor); an unrolled loop is a chain of ordinary ops. Eagerly
+    the loop runs step by step and needs no unrolling.
+    """
+    if tf.executing_eagerly():
+        yield
+        return
+    rolled = [
+        layer
+        for layer in _compat.all_layers(model)
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll
+    ]
+    for layer in rolled:
+        layer.unroll = True
+    try:
+        yield
+    finally:
+        for layer in rolled:
+            layer.unroll = False
+
+
+def tree_map_shapes(fn, shapes):
+    """Maps `fn` over the shapes (tuples of ints or `None`) of a nested
+    structure of shapes."""
+    if isinstance(shapes, dict):
+        return {k: tree_map_shapes(fn, v) for k, v in shapes.items()}
+    if isinstance(shapes, (list, tuple)) and not all(
+        d is None or isinstance(d, int) for d in shapes
+    ):
+        return type(shapes)(tree_map_shapes(fn, v) for v in shapes)
+    return fn(tuple(shapes))
 
 
 def _unscale_loss_for_distribution(loss):

@@ -1,0 +1,98 @@
+"""Exactness of the forward gradient on models nobody here wrote.
+
+For every architecture of `tests/architectures.py` (and the
+`keras.applications` models), the relative error of the directional
+derivative `d` against the tape's `∇f·v`, in eager, graph and XLA modes,
+on both paths (`layer_rules=True` and `False`). Writes a Markdown table and
+JSON to `--out` and prints the table.
+
+    python benchmarks/exactness.py                 # about 4 minutes on 2 CPU cores
+    python benchmarks/exactness.py --applications  # + EfficientNetB0, ResNet50V2, DenseNet121
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_fwdgrad import testing  # noqa: E402
+from tests import architectures  # noqa: E402
+
+MODES = ("eager", "graph", "xla")
+PATHS = {"rules": True, "accumulator": False}
+
+
+def measure(build, data, loss, mode, rules, float64=False):
+    keras.utils.set_random_seed(7)
+    if float64:
+        keras.config.set_dtype_policy("float64")
+    try:
+        model = build()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x, y = data
+    if float64:
+        x = tf.nest.map_structure(lambda t: np.asarray(t, "float64"), x)
+    try:
+        report = testing.check_exactness(model, x, y, loss, mode=mode, layer_rules=rules)
+    except ValueError as e:
+        return {"error": str(e).splitlines()[-1][:160]}
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/exactness")
+    parser.add_argument("--applications", action="store_true",
+                        help="also EfficientNetB0, ResNet50V2 and DenseNet121 (slow)")
+    args = parser.parse_args()
+    cases = [(name, *architectures.CASES[name], False) for name in sorted(architectures.CASES)]
+    apps = ["MobileNetV2"] + (
+        ["EfficientNetB0", "ResNet50V2", "DenseNet121"] if args.applications else []
+    )
+    for name in apps:
+        cases.append((name, architectures.application(name),
+                      architectures.application_data(), "sparse_categorical_crossentropy", True))
+    results = {}
+    for name, build, data, loss, float64 in cases:
+        start = time.perf_counter()
+        row = {}
+        for path, rules in PATHS.items():
+            for mode in MODES:
+                row[f"{path}/{mode}"] = measure(build, data, loss, mode, rules, float64)
+        row["float64"] = float64
+        results[name] = row
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    lines = [
+        "| model | dtype | " + " | ".join(f"{p} {m}" for p in PATHS for m in MODES) + " |",
+        "|---|---|" + "---|" * (len(PATHS) * len(MODES)),
+    ]
+    for name, row in results.items():
+        cells = []
+        for path in PATHS:
+            for mode in MODES:
+                r = row[f"{path}/{mode}"]
+                cells.append("refused" if "error" in r else f"{r['relative_error']:.1e}")
+        dtype = "float64" if row["float64"] else "float32"
+        lines.append(f"| {name} | {dtype} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "exactness.json"), "w") as f:
+        json.dump({"versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                   "results": results}, f, indent=1)
+    with open(os.path.join(args.out, "exactness.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

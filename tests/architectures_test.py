@@ -1,0 +1,219 @@
+"""Exactness on models nobody on this project wrote.
+
+For every architecture: the directional derivative behind
+`ForwardGradientModel.forward_gradient()` equals `∇f·v` from
+`tf.GradientTape` (same weights, same non-trainable state, same compiled
+loss) in eager, graph and XLA modes, on both paths (the layer rules and
+`tf.autodiff.ForwardAccumulator` over the whole model); and two SGD steps
+through `fit` move every trainable variable by `-lr·g`.
+
+Tolerances: float32 models to a relative 2e-5 of `d` (float32 rounding of
+a loss of order 1 through a few layers; the largest seen is 2e-6). The
+`keras.applications` models run in float64: at 32×32 pixels their last
+feature maps are 1×1, so BatchNormalization over a batch of 8 makes a
+float32 derivative ill-conditioned (the float32 tape itself is 2e-4 away
+from the float64 one on MobileNetV2); in float64 every path agrees to 1e-6
+(the loss is float32).
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import testing
+from tests.architectures import CASES
+from tests.architectures import application
+from tests.architectures import application_data
+from tests.architectures import check_directional_derivative
+from tests.architectures import check_fit_steps
+from tests.architectures import random_inputs
+from tests.architectures import random_labels
+from tests.conftest import MODES
+
+L = keras.layers
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+RTOL = 2e-5
+RTOL_FLOAT64 = 1e-6
+
+
+# TensorFlow's own forward mode is wrong for grouped convolutions in a
+# `tf.function`; the layer rules compute them exactly, and the accumulator
+# path refuses them there with an error.
+ACCUMULATOR_REFUSES = {"conv1d_causal_and_grouped", "conv2d_grouped"}
+# Likewise for max-pooling with overlapping windows under XLA.
+ACCUMULATOR_REFUSES_XLA = {"residual_overlapping_max_pool"}
+
+
+@pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_directional_derivative_matches_tape(case, mode, layer_rules):
+    build, data, loss = CASES[case]
+    if not layer_rules and (
+        (case in ACCUMULATOR_REFUSES and mode != "eager")
+        or (case in ACCUMULATOR_REFUSES_XLA and mode == "xla")
+    ):
+        with pytest.raises(ValueError, match="wrong.*layer_rules=True"):
+            check_directional_derivative(build, data, loss, mode, layer_rules)
+        return
+    d, ref, err = check_directional_derivative(build, data, loss, mode, layer_rules)
+    # Not vacuous: a derivative far from zero.
+    assert abs(ref) > 1e-3
+    assert err < RTOL, (d, ref)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_fit_steps_move_every_variable_by_minus_lr_g(case):
+    build, data, loss = CASES[case]
+    assert check_fit_steps(build, data, loss, "graph") < 1e-4
+
+
+def _mixed_precision_mlp():
+    return keras.Sequential([
+        keras.Input((20,)),
+        L.Dense(16, activation="relu", dtype="mixed_float16"),
+        L.Dense(10, activation="softmax", dtype="mixed_float16"),
+    ])
+
+
+@pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_precision_derivative_is_unscaled(mode, layer_rules):
+    """Under `mixed_float16` Keras wraps the optimizer in a
+    `LossScaleOptimizer` (scale 32768): `forward_gradient()` is the
+    gradient of the loss itself, to float16 rounding (rtol 5e-3)."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        d, ref, err = check_directional_derivative(
+            _mixed_precision_mlp, (random_inputs(20), random_labels()),
+            "sparse_categorical_crossentropy", mode, layer_rules,
+        )
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert abs(ref) > 1e-2
+    assert err < 5e-3, (d, ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_scale_factor_is_undone_before_jvp_clip_and_in_the_update(mode):
+    """With `SGD(loss_scale_factor=64)`, `jvp_clip` clips the true `d`, and
+    one step moves the weights by `-lr·clip(d)·v` (not 64 times less or
+    more)."""
+    keras.utils.set_random_seed(3)
+    build, (x, y), loss = CASES["softmax_sparse_crossentropy"]
+    base = build()
+    _, ref, _ = check_directional_derivative(
+        lambda: base, (x, y), loss, "eager", True
+    )
+    clip = abs(ref) / 2
+    model = ForwardGradientModel(base, direction=testing.FixedDirection(), jvp_clip=clip, seed=0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=64.0), loss=loss,
+        run_eagerly=mode == "eager", jit_compile=mode == "xla",
+    )
+    v = testing.FixedDirection().numpy_sample([tuple(w.shape) for w in base.trainable_variables])
+    _, grads = model.forward_gradient(x, y)
+    for g, t in zip(grads, v):
+        np.testing.assert_allclose(g, np.sign(ref) * clip * t, rtol=1e-5, atol=1e-7)
+    before = [np.array(w) for w in base.trainable_variables]
+    model.train_on_batch(x, y)
+    for b, w, t in zip(before, base.trainable_variables, v):
+        np.testing.assert_allclose(
+            np.array(w) - b, -0.1 * np.sign(ref) * clip * t, rtol=1e-4, atol=1e-6
+        )
+
+
+APPLICATIONS = [
+    "MobileNetV2",
+    pytest.param("EfficientNetB0", marks=pytest.mark.slow),
+    pytest.param("ResNet50V2", marks=pytest.mark.slow),
+    pytest.param("DenseNet121", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", APPLICATIONS)
+def test_keras_applications_default_softmax_head(name, mode, layer_rules):
+    """The default head (softmax, `from_logits=False`) of
+    `keras.applications` models, in float64 (see the module docstring)."""
+    d, ref, err = check_directional_derivative(
+        application(name), application_data(), "sparse_categorical_crossentropy",
+        mode, layer_rules,
+    )
+    assert abs(ref) > 1e-3
+    assert err < RTOL_FLOAT64, (d, ref)
+
+
+class _Round(L.Layer):
+    def call(self, x):
+        return tf.round(x)
+
+
+class _NumpyFunction(L.Layer):
+    def call(self, x):
+        y = tf.numpy_function(lambda a: 2 * a, [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "layer, op", [(_Round, "Round"), (_NumpyFunction, "PyFunc")], ids=["round", "numpy_function"]
+)
+def test_op_without_derivative_is_an_error_naming_op_and_layer(layer, op, mode):
+    base = keras.Sequential([keras.Input((6,)), L.Dense(8), layer(name="cut"), L.Dense(10)])
+    model = ForwardGradientModel(base, seed=0)
+    model.compile(
+        optimizer="sgd", loss=SCCE, run_eagerly=mode == "eager", jit_compile=mode == "xla"
+    )
+    with pytest.raises(ValueError, match=rf"dense/kernel.*`{op}`.*layer 'cut'"):
+        model.fit(random_inputs(6), random_labels(), verbose=0)
+
+
+def test_unused_head_gets_zero_and_stop_gradient_is_allowed():
+    """A variable the loss does not use (an unused head, or one behind
+    `tf.stop_gradient`) gets a zero gradient, as with backprop, and
+    training runs."""
+    inputs = keras.Input((6,))
+    h = L.Dense(8)(inputs)
+    unused = L.Dense(3, name="unused")(h)
+    stopped = L.Dense(8, name="stopped")(inputs)
+    h = L.Add()([h, L.Lambda(tf.stop_gradient)(stopped)])
+    base = keras.Model(inputs, L.Dense(10)(h))
+    del unused
+    model = ForwardGradientModel(base, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE)
+    _, grads = model.forward_gradient(random_inputs(6), random_labels())
+    for var, g in zip(base.trainable_variables, grads):
+        zero = "unused" in var.path or "stopped" in var.path
+        assert np.all(np.array(g) == 0) == zero, var.path
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_accumulator_refuses_a_layer_tensorflow_gets_wrong(mode):
+    """A grouped convolution outside the layer rules in a `tf.function`:
+    TensorFlow's own forward mode is wrong there, so it is an error."""
+    base = CASES["conv2d_grouped"][0]()
+    model = ForwardGradientModel(base, seed=0, layer_rules=False)
+    model.compile(optimizer="sgd", loss=SCCE, jit_compile=mode == "xla")
+    with pytest.raises(ValueError, match="grouped.*layer_rules=True"):
+        model.fit(random_inputs(6, 6, 4), random_labels(), verbose=0)
+
+
+def test_recurrent_layer_without_static_length_says_what_to_change():
+    """A graph traced for sequences of any length cannot unroll; eagerly,
+    and in `fit` on batches of one length, it trains."""
+    base = keras.Sequential([keras.Input((None, 3)), L.LSTM(4), L.Dense(10)])
+    model = ForwardGradientModel(base, seed=0)
+    model.compile(optimizer="sgd", loss=SCCE)
+    model.fit(random_inputs(5, 3), random_labels(), verbose=0)
+    any_length = tf.function(
+        model.forward_gradient,
+        input_signature=[tf.TensorSpec([None, None, 3]), tf.TensorSpec([None], "int64")],
+    )
+    with pytest.raises(ValueError, match="static sequence length.*run_eagerly=True"):
+        any_length(random_inputs(5, 3), random_labels())
+    model.forward_gradient(random_inputs(5, 3), random_labels())
