@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
-from keras_fwdgrad import architectures  # noqa: E402
+from keras_fwdgrad.research import architectures  # noqa: E402
 
 REPLICAS = 2
 recorded = []

@@ -52,16 +52,26 @@ def measure(build, data, loss, mode, rules, float64=False):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/exactness")
-    parser.add_argument("--applications", action="store_true",
-                        help="also EfficientNetB0, ResNet50V2 and DenseNet121 (slow)")
+    parser.add_argument(
+        "--applications",
+        action="store_true",
+        help="also EfficientNetB0, ResNet50V2 and DenseNet121 (slow)",
+    )
     args = parser.parse_args()
     cases = [(name, *architectures.CASES[name], False) for name in sorted(architectures.CASES)]
     apps = ["MobileNetV2"] + (
         ["EfficientNetB0", "ResNet50V2", "DenseNet121"] if args.applications else []
     )
     for name in apps:
-        cases.append((name, architectures.application(name),
-                      architectures.application_data(), "sparse_categorical_crossentropy", True))
+        cases.append(
+            (
+                name,
+                architectures.application(name),
+                architectures.application_data(),
+                "sparse_categorical_crossentropy",
+                True,
+            )
+        )
     results = {}
     for name, build, data, loss, float64 in cases:
         start = time.perf_counter()
@@ -88,8 +98,14 @@ def main():
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "exactness.json"), "w") as f:
-        json.dump({"versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-                   "results": results}, f, indent=1)
+        json.dump(
+            {
+                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                "results": results,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, "exactness.md"), "w") as f:
         f.write(table + "\n")
 

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
-from keras_fwdgrad import architectures  # noqa: E402
-from keras_fwdgrad.metrics import StepTimer  # noqa: E402
+from keras_fwdgrad.research import architectures  # noqa: E402
+from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
 
 
 def main():
@@ -38,15 +38,23 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64 * args.steps, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=(64 * args.steps,))
-    variants = {"forward-gaussian": "gaussian", "forward-rademacher": "rademacher", "backprop": None}
+    variants = {
+        "forward-gaussian": "gaussian",
+        "forward-rademacher": "rademacher",
+        "backprop": None,
+    }
     models, compile_s, medians = {}, {}, {k: [] for k in variants}
     for name, direction in variants.items():
         keras.utils.set_random_seed(0)
         base = architectures.mlp()
-        model = base if direction is None else ForwardGradientModel(base, direction=direction, seed=0)
-        model.compile(optimizer=keras.optimizers.SGD(1e-4),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      jit_compile=args.jit)
+        model = (
+            base if direction is None else ForwardGradientModel(base, direction=direction, seed=0)
+        )
+        model.compile(
+            optimizer=keras.optimizers.SGD(1e-4),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=args.jit,
+        )
         timer = StepTimer(warmup_steps=2)
         model.fit(x[:128], y[:128], batch_size=64, epochs=1, verbose=0, callbacks=[timer])
         compile_s[name] = float(sum(timer.warmup_times))
@@ -60,24 +68,42 @@ def main():
     rows = []
     for name in variants:
         ms = float(np.median(medians[name]))
-        rows.append({"method": name, "ms_per_step": ms, "Rf/Rb": ms / backprop,
-                     "first_steps_s": compile_s[name], "round_medians_ms": medians[name]})
+        rows.append(
+            {
+                "method": name,
+                "ms_per_step": ms,
+                "Rf/Rb": ms / backprop,
+                "first_steps_s": compile_s[name],
+                "round_medians_ms": medians[name],
+            }
+        )
     report = {
-        "model": "mlp 784-1024-1024-10", "batch_size": 64, "jit_compile": args.jit,
-        "repeats": args.repeats, "steps_per_repeat": args.steps,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__,
-                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+        "model": "mlp 784-1024-1024-10",
+        "batch_size": 64,
+        "jit_compile": args.jit,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "gpus": len(tf.config.list_physical_devices("GPU")),
+        },
         "results": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"MLP 784-1024-1024-10, batch 64, SGD, fit(jit_compile={args.jit}), "
-          f"{args.repeats} interleaved rounds x {args.steps} steps, medians")
+    print(
+        f"MLP 784-1024-1024-10, batch 64, SGD, fit(jit_compile={args.jit}), "
+        f"{args.repeats} interleaved rounds x {args.steps} steps, medians"
+    )
     print(f"{'method':<20} {'ms/step':>8} {'vs backprop':>11} {'first 2 steps (s)':>18}")
     for r in rows:
-        print(f"{r['method']:<20} {r['ms_per_step']:>8.2f} {r['Rf/Rb']:>11.2f} {r['first_steps_s']:>18.2f}")
+        print(
+            f"{r['method']:<20} {r['ms_per_step']:>8.2f} {r['Rf/Rb']:>11.2f} {r['first_steps_s']:>18.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ direction family and `jit_compile` setting, and the noise of each family.
 
 For each model (logistic regression, the MLP, the MNIST CNN, the CIFAR-10
 VGG, and the depth sweep's bias-free MLPs) and each `jit_compile` setting,
-`keras_fwdgrad.profiling.profile_step_costs` times in one process, round
+`keras_fwdgrad.research.profiling.profile_step_costs` times in one process, round
 robin, the base step (forward pass and loss), a backprop training step and
 one forward-gradient training step per method:
 
@@ -54,9 +54,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
-from keras_fwdgrad import architectures  # noqa: E402
+from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad import directions  # noqa: E402
-from keras_fwdgrad import profiling  # noqa: E402
+from keras_fwdgrad.research import profiling  # noqa: E402
+from keras_fwdgrad import tangents  # noqa: E402
 
 FAMILIES = ["gaussian", "rademacher", "lowrank_gaussian", "lowrank_rademacher"]
 MODELS = {
@@ -66,13 +67,33 @@ MODELS = {
     "vgg": ("CIFAR-10 VGG", architectures.cifar10_vgg, (32, 32, 3)),
 }
 BUDGETS = {
-    "smoke": dict(models=["logreg", "mlp"], depths=[], rounds=2, steps=2,
-                  slow_rounds=1, slow_steps=1, cosine_draws=20),
-    "default": dict(models=["logreg", "mlp", "cnn", "vgg", "depth"], depths=[1, 4, 16],
-                    rounds=5, steps=10, slow_rounds=3, slow_steps=3, cosine_draws=200),
-    "full": dict(models=["logreg", "mlp", "cnn", "vgg", "depth"],
-                 depths=[1, 2, 4, 8, 16, 32], rounds=10, steps=20, slow_rounds=5,
-                 slow_steps=5, cosine_draws=1000),
+    "smoke": dict(
+        models=["logreg", "mlp"],
+        depths=[],
+        rounds=2,
+        steps=2,
+        slow_rounds=1,
+        slow_steps=1,
+        cosine_draws=20,
+    ),
+    "default": dict(
+        models=["logreg", "mlp", "cnn", "vgg", "depth"],
+        depths=[1, 4, 16],
+        rounds=5,
+        steps=10,
+        slow_rounds=3,
+        slow_steps=3,
+        cosine_draws=200,
+    ),
+    "full": dict(
+        models=["logreg", "mlp", "cnn", "vgg", "depth"],
+        depths=[1, 2, 4, 8, 16, 32],
+        rounds=10,
+        steps=20,
+        slow_rounds=5,
+        slow_steps=5,
+        cosine_draws=1000,
+    ),
 }
 SLOW = ("vgg",)
 
@@ -94,7 +115,8 @@ class Fixed(directions.Direction):
 
     def __init__(self, shapes):
         drawn = directions.Rademacher().sample(
-            [tuple(s) for s in shapes], tf.constant([0, 0], tf.int64))
+            [tuple(s) for s in shapes], tf.constant([0, 0], tf.int64)
+        )
         self.held = [tf.Variable(v, trainable=False) for v in drawn]
 
     def sample(self, shapes, seed, dtype="float32"):
@@ -124,8 +146,9 @@ def machine():
         "platform": platform.platform(),
         "cpu": cpu,
         "cpus": os.cpu_count(),
-        "gpus": [tf.config.experimental.get_device_details(g).get("device_name", g.name)
-                 for g in gpus],
+        "gpus": [
+            tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus
+        ],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
@@ -143,8 +166,15 @@ def measure(name, build, input_shape, jit, rounds, steps):
     x, y = batch(input_shape)
     shapes = [tuple(v.shape) for v in build().trainable_variables]
     costs = profiling.profile_step_costs(
-        build, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        directions=methods(shapes), jit_compile=jit, steps=steps, repeats=rounds, warmup=2,
+        build,
+        x,
+        y,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        directions=methods(shapes),
+        jit_compile=jit,
+        steps=steps,
+        repeats=rounds,
+        warmup=2,
     )
     rows = []
     m = costs["methods"]
@@ -153,19 +183,22 @@ def measure(name, build, input_shape, jit, rounds, steps):
             continue
         label = method.removeprefix("forward-")
         ratio = costs["ratios"].get(method, {})
-        rows.append({
-            "model": name,
-            "jit_compile": jit,
-            "method": label,
-            "ms": r["ms"],
-            "R": r["R"],
-            "Rf/Rb": ratio.get("Rf/Rb", 1.0 if method == "backprop" else None),
-            "peak_MB": None if r["peak_bytes"] is None else r["peak_bytes"] / 1e6,
-            "peak_vs_backprop": None if r["peak_bytes"] is None
-            else r["peak_bytes"] / m["backprop"]["peak_bytes"],
-            "compile_s": r["compile_s"],
-            "base_ms": m["base"]["ms"],
-        })
+        rows.append(
+            {
+                "model": name,
+                "jit_compile": jit,
+                "method": label,
+                "ms": r["ms"],
+                "R": r["R"],
+                "Rf/Rb": ratio.get("Rf/Rb", 1.0 if method == "backprop" else None),
+                "peak_MB": None if r["peak_bytes"] is None else r["peak_bytes"] / 1e6,
+                "peak_vs_backprop": None
+                if r["peak_bytes"] is None
+                else r["peak_bytes"] / m["backprop"]["peak_bytes"],
+                "compile_s": r["compile_s"],
+                "base_ms": m["base"]["ms"],
+            }
+        )
     return rows, costs
 
 
@@ -198,8 +231,15 @@ def cosine_table(draws, seed=0):
             return tf.map_fn(one, tf.range(draws), fn_output_signature=tf.float32)
 
         c = cosines().numpy()
-        rows.append({"direction": family, "draws": draws, "cos_mean": float(c.mean()),
-                     "cos_std": float(c.std()), "cos_median": float(np.median(c))})
+        rows.append(
+            {
+                "direction": family,
+                "draws": draws,
+                "cos_mean": float(c.mean()),
+                "cos_std": float(c.std()),
+                "cos_median": float(np.median(c)),
+            }
+        )
     return rows
 
 
@@ -212,8 +252,9 @@ def sampling_table(rounds, calls=20):
     shapes = [tuple(v.shape) for v in architectures.mlp().trainable_variables]
     seed = tf.constant([1, 2], tf.int64)
     rows = []
-    for label, family in [("baseline", StatelessNormal())] + [(f, directions.get(f))
-                                                               for f in FAMILIES]:
+    for label, family in [("baseline", StatelessNormal())] + [
+        (f, directions.get(f)) for f in FAMILIES
+    ]:
         row = {"direction": label}
         for kind in ("dense", "structured"):
             sample = family.sample if kind == "dense" else family.sample_structured
@@ -224,12 +265,7 @@ def sampling_table(rounds, calls=20):
                 # timing excludes copying to NumPy.
                 parts = []
                 for t in sample(shapes, seed):
-                    if isinstance(t, directions.Factored):
-                        parts += [t.u, t.w]
-                    elif isinstance(t, directions.PackedSigns):
-                        parts.append(tf.cast(t.words, tf.float32))
-                    else:
-                        parts.append(t)
+                    parts += [tf.cast(p, tf.float32) for p in tangents.parts(t)]
                 return tf.add_n([tf.reduce_sum(t) for t in parts])
 
             draw()
@@ -249,8 +285,10 @@ def fmt(value, spec):
 
 
 def markdown(rows, cos_rows, sampling_rows=()):
-    lines = ["| model | jit | method | ms/step | R | Rf/Rb | peak MB | peak / backprop | "
-             "compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | jit | method | ms/step | R | Rf/Rb | peak MB | peak / backprop | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {'on' if r['jit_compile'] else 'off'} | {r['method']} | "
@@ -259,14 +297,22 @@ def markdown(rows, cos_rows, sampling_rows=()):
             f"{r['compile_s']:.1f} |"
         )
     if cos_rows:
-        lines += ["", "| direction | cosine to true gradient (mean ± std) | median | draws |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| direction | cosine to true gradient (mean ± std) | median | draws |",
+            "|---|---|---|---|",
+        ]
         for r in cos_rows:
-            lines.append(f"| {r['direction']} | {r['cos_mean']:.2e} ± {r['cos_std']:.2e} | "
-                         f"{r['cos_median']:.2e} | {r['draws']} |")
+            lines.append(
+                f"| {r['direction']} | {r['cos_mean']:.2e} ± {r['cos_std']:.2e} | "
+                f"{r['cos_median']:.2e} | {r['draws']} |"
+            )
     if sampling_rows:
-        lines += ["", "| direction | draw for the MLP, dense (ms) | structured (ms) |",
-                  "|---|---|---|"]
+        lines += [
+            "",
+            "| direction | draw for the MLP, dense (ms) | structured (ms) |",
+            "|---|---|---|",
+        ]
         for r in sampling_rows:
             lines.append(f"| {r['direction']} | {r['dense_ms']:.2f} | {r['structured_ms']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -289,8 +335,14 @@ def main():
     for key in models:
         if key == "depth":
             for depth in budget["depths"]:
-                cases.append((f"depth {depth}", lambda d=depth: architectures.deep_mlp(d),
-                              (28, 28, 1), False))
+                cases.append(
+                    (
+                        f"depth {depth}",
+                        lambda d=depth: architectures.deep_mlp(d),
+                        (28, 28, 1),
+                        False,
+                    )
+                )
         else:
             title, build, shape = MODELS[key]
             cases.append((title, build, shape, key in SLOW))
@@ -301,9 +353,17 @@ def main():
 
     def write(cos_rows=(), sampling_rows=()):
         # Written after every model, so an interrupted run keeps its rows.
-        report = {"budget": budget_name, "batch_size": 64, "optimizer": "SGD",
-                  "machine": machine(), "seconds": time.time() - start, "rows": rows,
-                  "cosine": list(cos_rows), "sampling": list(sampling_rows), "raw": raw}
+        report = {
+            "budget": budget_name,
+            "batch_size": 64,
+            "optimizer": "SGD",
+            "machine": machine(),
+            "seconds": time.time() - start,
+            "rows": rows,
+            "cosine": list(cos_rows),
+            "sampling": list(sampling_rows),
+            "raw": raw,
+        }
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(report, f, indent=2, default=str)
         table = markdown(rows, cos_rows, sampling_rows)
@@ -321,16 +381,20 @@ def main():
             raw.append({"model": title, "jit_compile": jit, "costs": costs})
             write()
             for row in r:
-                print(f"  {row['method']:<20} {row['ms']:9.2f} ms  R {row['R']:6.2f}  "
-                      f"Rf/Rb {fmt(row['Rf/Rb'], '6.3f')}  peak {fmt(row['peak_MB'], '7.1f')} MB",
-                      flush=True)
+                print(
+                    f"  {row['method']:<20} {row['ms']:9.2f} ms  R {row['R']:6.2f}  "
+                    f"Rf/Rb {fmt(row['Rf/Rb'], '6.3f')}  peak {fmt(row['peak_MB'], '7.1f')} MB",
+                    flush=True,
+                )
     cos_rows, sampling_rows = [], []
     if "mlp" in models:
         print("[time to draw one direction for the MLP, jit_compile=True]")
         sampling_rows = sampling_table(budget["rounds"])
         for r in sampling_rows:
-            print(f"  {r['direction']:<20} dense {r['dense_ms']:.2f} ms, "
-                  f"structured {r['structured_ms']:.2f} ms")
+            print(
+                f"  {r['direction']:<20} dense {r['dense_ms']:.2f} ms, "
+                f"structured {r['structured_ms']:.2f} ms"
+            )
         print(f"[cosine to the true gradient, MLP at init, {budget['cosine_draws']} draws]")
         cos_rows = cosine_table(budget["cosine_draws"])
         for r in cos_rows:
@@ -339,9 +403,11 @@ def main():
     report, table = write(cos_rows, sampling_rows)
     print()
     print(table)
-    print(f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
-          f"GPUs {report['machine']['gpus'] or 'none'}, TF {tf.__version__}. "
-          f"{report['seconds']:.0f} s. Written to {args.out}/results.json and results.md")
+    print(
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
+        f"GPUs {report['machine']['gpus'] or 'none'}, TF {tf.__version__}. "
+        f"{report['seconds']:.0f} s. Written to {args.out}/results.json and results.md"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad import architectures
+from keras_fwdgrad.research import architectures
 
 CONFIGS = [
     {
@@ -34,10 +34,26 @@ CONFIGS = [
     }
 ]
 BUDGETS = {
-    "smoke": dict(epochs=1, seeds=1, train_size=128, test_size=64, eval_every=1,
-                  val_batches=1, profile_steps=1, profile_repeats=2),
-    "default": dict(epochs=1, seeds=1, train_size=4000, test_size=1000, val_batches=4,
-                    eval_every=4, profile_steps=3, profile_repeats=5),
+    "smoke": dict(
+        epochs=1,
+        seeds=1,
+        train_size=128,
+        test_size=64,
+        eval_every=1,
+        val_batches=1,
+        profile_steps=1,
+        profile_repeats=2,
+    ),
+    "default": dict(
+        epochs=1,
+        seeds=1,
+        train_size=4000,
+        test_size=1000,
+        val_batches=4,
+        eval_every=4,
+        profile_steps=3,
+        profile_repeats=5,
+    ),
     "full": dict(epochs=100, seeds=3, eval_every=200, profile_steps=20, profile_repeats=10),
 }
 

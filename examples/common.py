@@ -24,12 +24,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_fwdgrad import datasets  # noqa: E402
+from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad import directions  # noqa: E402
-from keras_fwdgrad import experiments  # noqa: E402
-from keras_fwdgrad import optimizers  # noqa: E402
-from keras_fwdgrad import plotting  # noqa: E402
-from keras_fwdgrad import profiling  # noqa: E402
+from keras_fwdgrad.research import experiments  # noqa: E402
+from keras_fwdgrad.research import optimizers  # noqa: E402
+from keras_fwdgrad.research import plotting  # noqa: E402
+from keras_fwdgrad.research import profiling  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -50,8 +50,12 @@ def parser(description, default_out, default_direction=("gaussian",), several_op
         help=f"folder with mnist.npz / cifar10_jpeg.npz (or set {datasets.DATA_DIR_ENV})",
     )
     if several_optimizers:
-        p.add_argument("--optimizer", nargs="+", choices=optimizers.OPTIMIZERS,
-                       default=list(optimizers.OPTIMIZERS))
+        p.add_argument(
+            "--optimizer",
+            nargs="+",
+            choices=optimizers.OPTIMIZERS,
+            default=list(optimizers.OPTIMIZERS),
+        )
     else:
         p.add_argument("--optimizer", choices=optimizers.OPTIMIZERS, default="sgd")
     p.add_argument(
@@ -105,7 +109,9 @@ def machine():
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "gpus": [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus],
+        "gpus": [
+            tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus
+        ],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
@@ -213,7 +219,9 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
     for config in configs:
         print(f"[{config['name']}]", flush=True)
         methods = [
-            configure_method(config, "forward", args.optimizer, direction=d, jvp_clip=args.jvp_clip)
+            configure_method(
+                config, "forward", args.optimizer, direction=d, jvp_clip=args.jvp_clip
+            )
             for d in args.direction
         ] + [configure_method(config, "backprop", args.optimizer)]
         result = experiments.compare_training(
@@ -234,7 +242,12 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
             result["summary"], figure, f"{title}, {config['name']} ({name} budget)"
         )
         report["configs"].append(
-            {"name": config["name"], "methods": methods, "figure": os.path.basename(figure), **result}
+            {
+                "name": config["name"],
+                "methods": methods,
+                "figure": os.path.basename(figure),
+                **result,
+            }
         )
         for spec in methods:
             s = result["summary"][spec["label"]]

@@ -27,10 +27,10 @@ import common
 import keras
 import numpy as np
 
-from keras_fwdgrad import architectures
-from keras_fwdgrad import optimizers
-from keras_fwdgrad import plotting
-from keras_fwdgrad import profiling
+from keras_fwdgrad.research import architectures
+from keras_fwdgrad.research import optimizers
+from keras_fwdgrad.research import plotting
+from keras_fwdgrad.research import profiling
 
 BUDGETS = {
     "smoke": dict(depths=[1, 2], rounds=2, steps=2),
@@ -51,12 +51,17 @@ def main(argv=None):
     y = rng.integers(0, 10, size=(64,))
     os.makedirs(args.out, exist_ok=True)
     rows, raw = [], {}
-    print(f"Depth sweep, budget={name}, depths={depths}, optimizer={args.optimizer}, "
-          f"jit_compile={args.jit}, batch 64, {budget['rounds']} rounds", flush=True)
+    print(
+        f"Depth sweep, budget={name}, depths={depths}, optimizer={args.optimizer}, "
+        f"jit_compile={args.jit}, batch 64, {budget['rounds']} rounds",
+        flush=True,
+    )
     for depth in depths:
         costs = profiling.profile_step_costs(
             functools.partial(architectures.deep_mlp, depth),
-            x, y, common.LOSS,
+            x,
+            y,
+            common.LOSS,
             directions=args.direction,
             optimizer=lambda: optimizers.make_optimizer(args.optimizer, 1e-6),
             jit_compile=args.jit,
@@ -77,31 +82,60 @@ def main(argv=None):
                 "direction": direction,
                 "parameters": costs["parameters"],
                 "base_ms": m["base"]["ms"],
-                "Rf": float(np.mean(fwd / base)), "Rf_std": float(np.std(fwd / base)),
-                "Rb": float(np.mean(back / base)), "Rb_std": float(np.std(back / base)),
-                "Rf/Rb": float(np.mean(fwd / back)), "Rf/Rb_std": float(np.std(fwd / back)),
+                "Rf": float(np.mean(fwd / base)),
+                "Rf_std": float(np.std(fwd / base)),
+                "Rb": float(np.mean(back / base)),
+                "Rb_std": float(np.std(back / base)),
+                "Rf/Rb": float(np.mean(fwd / back)),
+                "Rf/Rb_std": float(np.std(fwd / back)),
                 "forward_ms": m[f"forward-{direction}"]["ms"],
                 "backprop_ms": m["backprop"]["ms"],
                 "forward_peak_mb": mb(m[f"forward-{direction}"]),
                 "backprop_peak_mb": mb(m["backprop"]),
             }
             row["memory_ratio"] = (
-                None if row["forward_peak_mb"] is None
+                None
+                if row["forward_peak_mb"] is None
                 else row["forward_peak_mb"] / row["backprop_peak_mb"]
             )
             rows.append(row)
-            print(f"  depth {depth:>3} {direction:<11} Rf {row['Rf']:.2f}  Rb {row['Rb']:.2f}  "
-                  f"Rf/Rb {row['Rf/Rb']:.2f}", flush=True)
+            print(
+                f"  depth {depth:>3} {direction:<11} Rf {row['Rf']:.2f}  Rb {row['Rb']:.2f}  "
+                f"Rf/Rb {row['Rf/Rb']:.2f}",
+                flush=True,
+            )
     figure = os.path.join(args.out, "depth_sweep.png")
     first = [r for r in rows if r["direction"] == args.direction[0]]
-    plotting.plot_depth_sweep(first, figure, f"MLP width 1024, batch 64, forward ({args.direction[0]}) vs backprop")
-    report = {"experiment": "depth_sweep", "budget": name, "optimizer": args.optimizer,
-              "jit_compile": args.jit, "batch_size": 64, "machine": common.machine(),
-              "rows": rows, "step_costs": {str(k): v for k, v in raw.items()},
-              "figure": os.path.basename(figure)}
+    plotting.plot_depth_sweep(
+        first, figure, f"MLP width 1024, batch 64, forward ({args.direction[0]}) vs backprop"
+    )
+    report = {
+        "experiment": "depth_sweep",
+        "budget": name,
+        "optimizer": args.optimizer,
+        "jit_compile": args.jit,
+        "batch_size": 64,
+        "machine": common.machine(),
+        "rows": rows,
+        "step_costs": {str(k): v for k, v in raw.items()},
+        "figure": os.path.basename(figure),
+    }
     common.write_outputs(args.out, report, rows)
-    common.print_rows(rows, ["depth", "direction", "parameters", "base_ms", "Rf", "Rb",
-                             "Rf/Rb", "forward_peak_mb", "backprop_peak_mb", "memory_ratio"])
+    common.print_rows(
+        rows,
+        [
+            "depth",
+            "direction",
+            "parameters",
+            "base_ms",
+            "Rf",
+            "Rb",
+            "Rf/Rb",
+            "forward_peak_mb",
+            "backprop_peak_mb",
+            "memory_ratio",
+        ],
+    )
     return report
 
 

@@ -19,7 +19,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad import architectures
+from keras_fwdgrad.research import architectures
 
 CONFIGS = [
     {
@@ -29,10 +29,25 @@ CONFIGS = [
     }
 ]
 BUDGETS = {
-    "smoke": dict(epochs=1, seeds=1, train_size=256, test_size=128, eval_every=2,
-                  profile_steps=2, profile_repeats=2),
-    "default": dict(epochs=1, seeds=2, train_size=10000, test_size=2000, val_batches=5,
-                    eval_every=10, profile_steps=5, profile_repeats=5),
+    "smoke": dict(
+        epochs=1,
+        seeds=1,
+        train_size=256,
+        test_size=128,
+        eval_every=2,
+        profile_steps=2,
+        profile_repeats=2,
+    ),
+    "default": dict(
+        epochs=1,
+        seeds=2,
+        train_size=10000,
+        test_size=2000,
+        val_batches=5,
+        eval_every=10,
+        profile_steps=5,
+        profile_repeats=5,
+    ),
     "full": dict(epochs=10, seeds=5, eval_every=100, profile_steps=20, profile_repeats=10),
 }
 

@@ -19,7 +19,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad import architectures
+from keras_fwdgrad.research import architectures
 
 CONFIGS = [
     {
@@ -29,10 +29,18 @@ CONFIGS = [
     }
 ]
 BUDGETS = {
-    "smoke": dict(epochs=1, seeds=1, train_size=512, test_size=256, eval_every=4,
-                  profile_steps=5, profile_repeats=2),
-    "default": dict(epochs=3, seeds=3, val_batches=20, eval_every=50,
-                    profile_steps=50, profile_repeats=7),
+    "smoke": dict(
+        epochs=1,
+        seeds=1,
+        train_size=512,
+        test_size=256,
+        eval_every=4,
+        profile_steps=5,
+        profile_repeats=2,
+    ),
+    "default": dict(
+        epochs=3, seeds=3, val_batches=20, eval_every=50, profile_steps=50, profile_repeats=7
+    ),
     "full": dict(epochs=10, seeds=5, eval_every=100, profile_steps=100, profile_repeats=10),
 }
 

@@ -24,7 +24,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad import architectures
+from keras_fwdgrad.research import architectures
 
 CONFIGS = [
     {
@@ -35,10 +35,18 @@ CONFIGS = [
     for lr in (2e-5, 2e-4)
 ]
 BUDGETS = {
-    "smoke": dict(epochs=1, seeds=1, train_size=512, test_size=256, eval_every=4,
-                  profile_steps=3, profile_repeats=2),
-    "default": dict(epochs=2, seeds=3, val_batches=20, eval_every=50,
-                    profile_steps=20, profile_repeats=7),
+    "smoke": dict(
+        epochs=1,
+        seeds=1,
+        train_size=512,
+        test_size=256,
+        eval_every=4,
+        profile_steps=3,
+        profile_repeats=2,
+    ),
+    "default": dict(
+        epochs=2, seeds=3, val_batches=20, eval_every=50, profile_steps=20, profile_repeats=7
+    ),
     "full": dict(epochs=10, seeds=5, eval_every=100, profile_steps=50, profile_repeats=10),
 }
 

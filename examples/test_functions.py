@@ -27,14 +27,24 @@ import time
 import common
 import numpy as np
 
-from keras_fwdgrad import objectives
-from keras_fwdgrad import plotting
+from keras_fwdgrad.research import objectives
+from keras_fwdgrad.research import plotting
 
 PROBLEMS = {
-    "beale": dict(f=objectives.beale, lr=0.01, start=(1.0, 1.0),
-                  minimum=objectives.BEALE_MINIMUM, bounds=((-4.5, 4.5), (-4.5, 4.5))),
-    "rosenbrock": dict(f=objectives.rosenbrock, lr=5e-4, start=(-0.5, 1.5),
-                       minimum=objectives.ROSENBROCK_MINIMUM, bounds=((-2.0, 2.0), (-1.0, 3.0))),
+    "beale": dict(
+        f=objectives.beale,
+        lr=0.01,
+        start=(1.0, 1.0),
+        minimum=objectives.BEALE_MINIMUM,
+        bounds=((-4.5, 4.5), (-4.5, 4.5)),
+    ),
+    "rosenbrock": dict(
+        f=objectives.rosenbrock,
+        lr=5e-4,
+        start=(-0.5, 1.5),
+        minimum=objectives.ROSENBROCK_MINIMUM,
+        bounds=((-2.0, 2.0), (-1.0, 3.0)),
+    ),
 }
 BUDGETS = {
     "smoke": dict(steps={"beale": 100, "rosenbrock": 200}, seeds=3),
@@ -52,49 +62,89 @@ def main(argv=None):
     budget = BUDGETS[name]
     runs = args.num_seeds or budget["seeds"]
     os.makedirs(args.out, exist_ok=True)
-    report = {"experiment": "test_functions", "budget": name, "runs": runs,
-              "seed": args.seed, "jit_compile": args.jit, "machine": common.machine(),
-              "problems": {}}
+    report = {
+        "experiment": "test_functions",
+        "budget": name,
+        "runs": runs,
+        "seed": args.seed,
+        "jit_compile": args.jit,
+        "machine": common.machine(),
+        "problems": {},
+    }
     rows = []
     for problem, cfg in PROBLEMS.items():
         steps = args.epochs or budget["steps"][problem]
         for direction in args.direction:
             start = time.perf_counter()
             result = objectives.optimize(
-                cfg["f"], cfg["start"], cfg["lr"], steps, num_runs=runs,
-                seed=args.seed, direction=direction, jit_compile=args.jit,
+                cfg["f"],
+                cfg["start"],
+                cfg["lr"],
+                steps,
+                num_runs=runs,
+                seed=args.seed,
+                direction=direction,
+                jit_compile=args.jit,
             )
             seconds = time.perf_counter() - start
             figure = os.path.join(args.out, f"{problem}_{direction}.png")
             plotting.plot_test_function(
-                cfg["f"], result, figure,
+                cfg["f"],
+                result,
+                figure,
                 title=f"{problem}, lr {cfg['lr']:g}, {runs} forward-gradient runs ({direction})",
-                bounds=cfg["bounds"], minimum=cfg["minimum"],
+                bounds=cfg["bounds"],
+                minimum=cfg["minimum"],
             )
             report["problems"][f"{problem}/{direction}"] = {
-                "learning_rate": cfg["lr"], "start": cfg["start"], "steps": steps,
-                "direction": direction, "seconds": seconds,
-                "forward_loss": result["forward"], "backprop_loss": result["backprop"][0],
+                "learning_rate": cfg["lr"],
+                "start": cfg["start"],
+                "steps": steps,
+                "direction": direction,
+                "seconds": seconds,
+                "forward_loss": result["forward"],
+                "backprop_loss": result["backprop"][0],
                 "forward_final_point": result["forward_path"][:, -1],
                 "figure": os.path.basename(figure),
             }
             for method in ("forward", "backprop"):
                 final = result[method][:, -1]
-                dist = np.linalg.norm(result[f"{method}_path"][:, -1] - np.asarray(cfg["minimum"]), axis=-1)
-                rows.append({
-                    "problem": problem, "method": "forward gradient" if method == "forward" else "gradient descent",
-                    "direction": direction if method == "forward" else "-",
-                    "learning_rate": cfg["lr"], "steps": steps, "runs": runs,
-                    "initial_loss": float(result[method][0, 0]),
-                    "final_loss_mean": float(final.mean()), "final_loss_std": float(final.std()),
-                    "distance_to_minimum": float(dist.mean()),
-                })
+                dist = np.linalg.norm(
+                    result[f"{method}_path"][:, -1] - np.asarray(cfg["minimum"]), axis=-1
+                )
+                rows.append(
+                    {
+                        "problem": problem,
+                        "method": "forward gradient"
+                        if method == "forward"
+                        else "gradient descent",
+                        "direction": direction if method == "forward" else "-",
+                        "learning_rate": cfg["lr"],
+                        "steps": steps,
+                        "runs": runs,
+                        "initial_loss": float(result[method][0, 0]),
+                        "final_loss_mean": float(final.mean()),
+                        "final_loss_std": float(final.std()),
+                        "distance_to_minimum": float(dist.mean()),
+                    }
+                )
     report["rows"] = rows
     common.write_outputs(args.out, report, rows)
     print(f"Test functions, budget={name}, {runs} runs")
-    common.print_rows(rows, ["problem", "method", "direction", "learning_rate", "steps",
-                             "initial_loss", "final_loss_mean", "final_loss_std",
-                             "distance_to_minimum"])
+    common.print_rows(
+        rows,
+        [
+            "problem",
+            "method",
+            "direction",
+            "learning_rate",
+            "steps",
+            "initial_loss",
+            "final_loss_mean",
+            "final_loss_std",
+            "distance_to_minimum",
+        ],
+    )
     return report
 
 

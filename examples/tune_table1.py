@@ -36,8 +36,8 @@ import os
 
 import common
 
-from keras_fwdgrad import architectures
-from keras_fwdgrad import datasets
+from keras_fwdgrad.research import architectures
+from keras_fwdgrad.research import datasets
 from keras_fwdgrad import tuning
 
 # Table I of the second paper (test loss after `epochs` epochs).
@@ -58,9 +58,24 @@ PAPER = [
     ("backprop", "vgg", "sgd", 0.01, 1e-4, 0.0, 0.0, 0.0, 100, 1.685),
 ]
 PAPER_ROWS = [
-    dict(zip(("gradient", "model", "optimizer", "learning_rate", "decay", "momentum",
-              "beta_1", "beta_2", "epochs", "test_loss"), row),
-         dataset="cifar10" if row[1] == "vgg" else "mnist")
+    dict(
+        zip(
+            (
+                "gradient",
+                "model",
+                "optimizer",
+                "learning_rate",
+                "decay",
+                "momentum",
+                "beta_1",
+                "beta_2",
+                "epochs",
+                "test_loss",
+            ),
+            row,
+        ),
+        dataset="cifar10" if row[1] == "vgg" else "mnist",
+    )
     for row in PAPER
 ]
 MODELS = {
@@ -68,23 +83,29 @@ MODELS = {
     "cnn": ("mnist", architectures.mnist_cnn),
     "vgg": ("cifar10", architectures.cifar10_vgg),
 }
-FIXED = dict(decay_values=(0.0,), momentum_values=(0.9,), beta_1_values=(0.9,),
-             beta_2_values=(0.999,))
+FIXED = dict(
+    decay_values=(0.0,), momentum_values=(0.9,), beta_1_values=(0.9,), beta_2_values=(0.999,)
+)
 BUDGETS = {
     "smoke": dict(
-        models=["mlp", "cnn"], search_epochs=1, epochs=1,
+        models=["mlp", "cnn"],
+        search_epochs=1,
+        epochs=1,
         sizes={"mlp": (256, 128), "cnn": (256, 128)},
         space=dict(learning_rate_range=(1e-4, 1e-2), learning_rate_step=100.0, **FIXED),
     ),
     "default": dict(
-        models=["mlp", "cnn", "vgg"], search_epochs=None,
+        models=["mlp", "cnn", "vgg"],
+        search_epochs=None,
         epochs={"mlp": 2, "cnn": 1, "vgg": 1},
         sizes={"mlp": (5000, 1000), "cnn": (2000, 1000), "vgg": (1000, 500)},
         space=dict(learning_rate_range=(1e-5, 1e-1), learning_rate_step=10.0, **FIXED),
     ),
     "full": dict(
-        models=["mlp", "cnn", "vgg"], search_epochs=10,
-        epochs={"mlp": 50, "cnn": 50, "vgg": 100}, sizes={},
+        models=["mlp", "cnn", "vgg"],
+        search_epochs=10,
+        epochs={"mlp": 50, "cnn": 50, "vgg": 100},
+        sizes={},
         space=dict(learning_rate_range=(1e-5, 1e-1), learning_rate_step=10**0.5),
     ),
 }
@@ -92,11 +113,20 @@ BUDGETS = {
 
 def main(argv=None):
     p = common.parser(__doc__, "out/tune_table1", several_optimizers=True)
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
-                   help="override the budget's models")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(MODELS),
+        default=None,
+        help="override the budget's models",
+    )
     p.add_argument("--tuner", choices=tuning.TUNERS, default="grid")
-    p.add_argument("--max-trials", type=int, default=None,
-                   help="trials per search (random/bayesian; default 10)")
+    p.add_argument(
+        "--max-trials",
+        type=int,
+        default=None,
+        help="trials per search (random/bayesian; default 10)",
+    )
     p.add_argument("--overwrite", action="store_true", help="restart the searches")
     p.set_defaults(jit=None)
     args = p.parse_args(argv)
@@ -107,9 +137,12 @@ def main(argv=None):
     models = args.models or budget["models"]
     jvp_clip = 1.0 if args.jvp_clip is None else args.jvp_clip
     os.makedirs(args.out, exist_ok=True)
-    print(f"Table I: budget={name}, models={models}, optimizers={args.optimizer}, "
-          f"tuner={args.tuner}, direction={args.direction[0]}, jvp_clip={jvp_clip}, "
-          f"jit_compile={args.jit}", flush=True)
+    print(
+        f"Table I: budget={name}, models={models}, optimizers={args.optimizer}, "
+        f"tuner={args.tuner}, direction={args.direction[0]}, jvp_clip={jvp_clip}, "
+        f"jit_compile={args.jit}",
+        flush=True,
+    )
     rows = []
     for model in models:
         dataset, build = MODELS[model]
@@ -117,31 +150,59 @@ def main(argv=None):
         train_size, test_size = budget["sizes"].get(model, (None, None))
         try:
             train, val, test = datasets.make_datasets(
-                dataset, data_dir=args.data_dir, source=source, train_size=train_size,
-                test_size=test_size, seed=args.seed, drop_remainder=True)
+                dataset,
+                data_dir=args.data_dir,
+                source=source,
+                train_size=train_size,
+                test_size=test_size,
+                seed=args.seed,
+                drop_remainder=True,
+            )
         except FileNotFoundError as e:
             if args.models:  # Asked for explicitly: fail loudly.
                 raise
             print(f"Skipping {model}: {e}", flush=True)
             continue
-        epochs = args.epochs or (budget["epochs"][model] if isinstance(budget["epochs"], dict)
-                                 else budget["epochs"])
+        epochs = args.epochs or (
+            budget["epochs"][model] if isinstance(budget["epochs"], dict) else budget["epochs"]
+        )
         optimizer_names = args.optimizer if model != "vgg" else ["sgd"]
-        print(f"[{model} on {common.describe_data(args, dataset, source)}, {epochs} epochs]",
-              flush=True)
+        print(
+            f"[{model} on {common.describe_data(args, dataset, source)}, {epochs} epochs]",
+            flush=True,
+        )
         for gradient in ("forward", "backprop"):
-            extra = {"direction": args.direction[0], "jvp_clip": jvp_clip, "clipnorm": 1.0} \
-                if gradient == "forward" else {}
+            extra = (
+                {"direction": args.direction[0], "jvp_clip": jvp_clip, "clipnorm": 1.0}
+                if gradient == "forward"
+                else {}
+            )
             found = tuning.compare_searches(
-                build, train, val, test, epochs=epochs, gradients=(gradient,),
-                optimizer_names=optimizer_names, model_name=model, dataset_name=dataset,
-                tuner=args.tuner, directory=os.path.join(args.out, "searches"),
-                max_trials=args.max_trials, search_epochs=budget["search_epochs"] or epochs,
-                overwrite=args.overwrite, jit_compile=args.jit, seed=args.seed,
-                **budget["space"], **extra)
+                build,
+                train,
+                val,
+                test,
+                epochs=epochs,
+                gradients=(gradient,),
+                optimizer_names=optimizer_names,
+                model_name=model,
+                dataset_name=dataset,
+                tuner=args.tuner,
+                directory=os.path.join(args.out, "searches"),
+                max_trials=args.max_trials,
+                search_epochs=budget["search_epochs"] or epochs,
+                overwrite=args.overwrite,
+                jit_compile=args.jit,
+                seed=args.seed,
+                **budget["space"],
+                **extra,
+            )
             for row in found:
-                print(f"  {row['gradient']:<8} {row['optimizer']:<8} lr {row['learning_rate']:.3g} "
-                      f"({row['trials']} trials) test loss {row['test_loss']:.4f}", flush=True)
+                print(
+                    f"  {row['gradient']:<8} {row['optimizer']:<8} lr {row['learning_rate']:.3g} "
+                    f"({row['trials']} trials) test loss {row['test_loss']:.4f}",
+                    flush=True,
+                )
             rows += found
     order = {(r["model"], r["optimizer"], r["gradient"]): i for i, r in enumerate(PAPER_ROWS)}
     rows.sort(key=lambda r: order.get((r["model"], r["optimizer"], r["gradient"]), 99))
@@ -152,14 +213,33 @@ def main(argv=None):
         r["paper_learning_rate"] = ref.get("learning_rate")
         r["paper_test_loss"] = ref.get("test_loss")
         r["paper_epochs"] = ref.get("epochs")
-    report = {"experiment": "tune_table1", "budget": name, "tuner": args.tuner,
-              "direction": args.direction[0], "jvp_clip": jvp_clip, "jit_compile": args.jit,
-              "machine": common.machine(), "rows": rows, "paper": PAPER_ROWS}
+    report = {
+        "experiment": "tune_table1",
+        "budget": name,
+        "tuner": args.tuner,
+        "direction": args.direction[0],
+        "jvp_clip": jvp_clip,
+        "jit_compile": args.jit,
+        "machine": common.machine(),
+        "rows": rows,
+        "paper": PAPER_ROWS,
+    }
     common.write_outputs(args.out, report, [])
     print("\nOurs (budget: %s) vs the paper's Table I:" % name)
-    common.print_rows(rows, ["gradient", "model", "optimizer", "learning_rate", "epochs",
-                             "test_loss", "paper_learning_rate", "paper_epochs",
-                             "paper_test_loss"])
+    common.print_rows(
+        rows,
+        [
+            "gradient",
+            "model",
+            "optimizer",
+            "learning_rate",
+            "epochs",
+            "test_loss",
+            "paper_learning_rate",
+            "paper_epochs",
+            "paper_test_loss",
+        ],
+    )
     return report
 
 

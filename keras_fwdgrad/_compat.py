@@ -7,6 +7,7 @@ fails loudly instead of silently changing a gradient.
 Checked on TensorFlow 2.21.0 and Keras 3.15.1.
 """
 
+import keras
 import tensorflow as tf
 
 # Op types whose output Keras' TensorFlow cross-entropies replace by the
@@ -87,6 +88,7 @@ def gradient_registered(op_type):
     """
     try:
         from tensorflow.python.framework import ops
+
         registry = ops._gradient_registry
     except (ImportError, AttributeError) as e:  # pragma: no cover
         raise _missing("tensorflow.python.framework.ops._gradient_registry", e) from e
@@ -106,3 +108,123 @@ def all_layers(model):
     except AttributeError as e:  # pragma: no cover
         raise _missing("keras.layers.Layer._flatten_layers", e) from e
     return list(flatten(include_self=False))
+
+
+def _attribute(obj, name, where):
+    try:
+        return getattr(obj, name)
+    except AttributeError as e:
+        raise _missing(where, e) from e
+
+
+def is_functional(model):
+    """Whether `model` is a graph of layers (`keras.Model(inputs, outputs)`),
+    not a subclass with its own `call`. Checks for
+    `Functional._run_through_graph` and `_nodes_by_depth` (Keras 3.15.1)."""
+    return (
+        isinstance(model, keras.Model)
+        and not isinstance(model, keras.Sequential)
+        and type(model).__module__.startswith("keras.")
+        and hasattr(model, "_run_through_graph")
+        and hasattr(model, "_nodes_by_depth")
+    )
+
+
+def standardize_inputs(model, x):
+    """`Functional._standardize_inputs` (Keras 3.15.1): the flat list of a
+    functional model's input tensors."""
+    return _attribute(model, "_standardize_inputs", "Functional._standardize_inputs")(x)
+
+
+def run_through_graph(model, inputs, operation_fn):
+    """`Functional._run_through_graph` (Keras 3.15.1): runs the graph node
+    by node, calling `operation_fn(op)` for each node's operation."""
+    run = _attribute(model, "_run_through_graph", "Functional._run_through_graph")
+    return run(inputs, operation_fn=operation_fn)
+
+
+def call_context_args(layer):
+    """The call arguments (such as `training`) that Keras passes down to a
+    layer from its caller: `Layer._call_context_args` (Keras 3.15.1)."""
+    return _attribute(layer, "_call_context_args", "Layer._call_context_args")
+
+
+def clear_losses(layer):
+    """`Layer._clear_losses` (Keras 3.15.1): drops the `add_loss` losses of
+    the previous call."""
+    _attribute(layer, "_clear_losses", "Layer._clear_losses")()
+
+
+def loss_tracker(model):
+    """The `Mean` metric behind the `loss` log: `Trainer._loss_tracker`
+    (Keras 3.15.1)."""
+    return _attribute(model, "_loss_tracker", "Trainer._loss_tracker")
+
+
+def use_gradients_as_given(optimizer):
+    """Makes `optimizer.apply` use gradients without summing them over
+    replicas (they are identical on every replica already).
+
+    Replaces `_all_reduce_sum_gradients` of the TensorFlow backend's
+    optimizer (Keras 3.15.1), also of a `LossScaleOptimizer`'s inner
+    optimizer. Idempotent, so safe from concurrent replica threads. The
+    optimizer keeps this setting: it is only ever used by this model's
+    strategy.
+    """
+    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
+        if opt is None:
+            continue
+        _attribute(opt, "_all_reduce_sum_gradients", "optimizer._all_reduce_sum_gradients")
+        opt._all_reduce_sum_gradients = list
+
+
+def strategy_supports_no_merge_call():
+    """`tf.__internal__.distribute.strategy_supports_no_merge_call`
+    (TensorFlow 2.21.0)."""
+    internal = _attribute(tf, "__internal__", "tf.__internal__")
+    distribute = _attribute(internal, "distribute", "tf.__internal__.distribute")
+    return _attribute(
+        distribute,
+        "strategy_supports_no_merge_call",
+        "tf.__internal__.distribute.strategy_supports_no_merge_call",
+    )()
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is a `MultiWorkerMirroredStrategy` running on
+    several workers: `extended._in_multi_worker_mode` (TensorFlow 2.21.0)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    return _attribute(
+        strategy.extended, "_in_multi_worker_mode", "extended._in_multi_worker_mode"
+    )()
+
+
+class BuildsFromOneReplica:
+    """Mixin for a `keras.Model` that builds from one replica's batch.
+
+    Under a strategy, Keras (3.15.1) builds the model from the first input
+    batch, which it first averages over replicas with
+    `strategy.reduce("MEAN", ...)`; under `MultiWorkerMirroredStrategy`
+    that reduce fails on the distributed batch. The build needs only the
+    batch's shapes and dtypes, which one replica's batch has. Overrides
+    `Trainer._maybe_symbolic_build` and calls `_symbolic_build`.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = next(it)
+            break
+        data_batch = tf.nest.map_structure(
+            lambda v: (
+                strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues)
+                else v
+            ),
+            data_batch,
+        )
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)

@@ -17,15 +17,13 @@ import tensorflow as tf
 # Ops whose output does not depend on the values of their inputs, or that
 # cut the gradient on purpose.
 _VALUE_INDEPENDENT = frozenset(
-    {"StopGradient", "PreventGradient", "ZerosLike", "OnesLike", "Shape",
-     "ShapeN", "Size", "Rank"}
+    {"StopGradient", "PreventGradient", "ZerosLike", "OnesLike", "Shape", "ShapeN", "Size", "Rank"}
 )
 
 
 def _float_inputs(op):
     return [
-        t for t in op.inputs
-        if t.dtype.is_floating or t.dtype.is_complex or t.dtype == tf.resource
+        t for t in op.inputs if t.dtype.is_floating or t.dtype.is_complex or t.dtype == tf.resource
     ]
 
 
@@ -107,7 +105,9 @@ def check_connected(loss_fn, variables, args, layer_names=()):
         for variable, op in problems:
             where = (
                 f"op `{op.name}` (type `{op.type}`) in layer "
-                f"{_layer_of(op.name, set(layer_names))!r}" if op is not None else "an op"
+                f"{_layer_of(op.name, set(layer_names))!r}"
+                if op is not None
+                else "an op"
             )
             lines.append(f"variable {variable.path!r}: {where}")
         raise ValueError(
@@ -140,15 +140,13 @@ def _blocking_op(loss, placeholder, ancestors):
         for t in _float_inputs(op):
             if t.op.name in on_path and t.dtype != tf.resource:
                 inputs.append((op, t))
-        outputs.extend(
-            (op, t) for t in op.outputs if t.dtype.is_floating
-        )
+        outputs.extend((op, t) for t in op.outputs if t.dtype.is_floating)
     if not outputs:
         return None
     tensors = [t for _, t in inputs] + [t for _, t in outputs]
     grads = tf.gradients(loss, tensors, unconnected_gradients="none")
     in_grads = grads[: len(inputs)]
-    out_grads = grads[len(inputs):]
+    out_grads = grads[len(inputs) :]
     has_out_grad = {op.name for (op, _), g in zip(outputs, out_grads) if g is not None}
     for (op, _), g in zip(inputs, in_grads):
         if g is None and op.name in has_out_grad and op.type not in _VALUE_INDEPENDENT:

@@ -28,6 +28,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# The compact forms `sample_structured` returns, re-exported here.
+from keras_fwdgrad.tangents import Factored  # noqa: F401
+from keras_fwdgrad.tangents import PackedSigns  # noqa: F401
+from keras_fwdgrad.tangents import to_dense  # noqa: F401
+
 _REGISTRY = {}
 
 
@@ -60,9 +65,7 @@ def register(name):
     ```
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(
-            f"`name` must be a non-empty string. Received: name={name!r}"
-        )
+        raise ValueError(f"`name` must be a non-empty string. Received: name={name!r}")
 
     def decorator(cls):
         if not (isinstance(cls, type) and issubclass(cls, Direction)):
@@ -236,106 +239,6 @@ class Rademacher(Direction):
         return _per_variable(_packed_signs, shapes, seed, dtype)
 
 
-class Factored:
-    """A rank-one direction for one variable, kept in factored form.
-
-    `v = u ⊗ w`: `u` spans every axis of the variable but the last (for a
-    `Dense` kernel, its inputs; for a convolution kernel, the window and
-    input channels) and `w` spans the last axis (the units or filters).
-    Layer rules use the factors directly: the tangent of `x @ (u ⊗ w)` is
-    `(x @ u) ⊗ w`, which costs `O(batch · (fan_in + fan_out))` instead of
-    a full matrix product.
-
-    Args:
-        u: Tensor with the variable's shape without its last axis.
-        w: 1-D tensor, the size of the variable's last axis.
-    """
-
-    def __init__(self, u, w):
-        self.u = u
-        self.w = w
-
-    @property
-    def shape(self):
-        return tuple(self.u.shape) + tuple(self.w.shape)
-
-    @property
-    def dtype(self):
-        return self.u.dtype
-
-    def dense(self, scale=None):
-        """Returns `scale · u ⊗ w` as a tensor of the variable's shape."""
-        u = self.u if scale is None else tf.cast(scale, self.u.dtype) * self.u
-        return u[..., tf.newaxis] * self.w
-
-    def cast(self, dtype):
-        return Factored(tf.cast(self.u, dtype), tf.cast(self.w, dtype))
-
-    def __repr__(self):
-        return f"Factored(shape={self.shape})"
-
-
-class PackedSigns:
-    """A random-sign direction for one variable, kept as its random words.
-
-    Bit `j` of word `i` (least significant first) gives component
-    `32 i + j` of the flattened variable: `+1` where the bit is set, `-1`
-    where it is not, as in `Rademacher.sample()`. The words take 1/32 of
-    the memory of the dense direction and unpacking them is element-wise,
-    so a training step unpacks them where each layer reads its kernel's
-    direction and again inside the optimizer's update, and never holds
-    the dense direction of every layer at once.
-
-    Args:
-        words: `[ceil(n / 32)]` `uint32` tensor, `n` the variable's size.
-        shape: The variable's shape (tuple of ints).
-        dtype: Floating dtype of the dense direction.
-    """
-
-    def __init__(self, words, shape, dtype="float32"):
-        self.words = words
-        self._shape = tuple(shape)
-        self._dtype = tf.as_dtype(dtype)
-
-    @property
-    def shape(self):
-        return self._shape
-
-    @property
-    def dtype(self):
-        return self._dtype
-
-    def dense(self, scale=None):
-        """Returns `scale · v` as a tensor of the variable's shape."""
-        shifts = tf.constant([list(range(32))], dtype=tf.uint32)
-        bits = tf.bitwise.bitwise_and(
-            tf.bitwise.right_shift(self.words[:, tf.newaxis], shifts), 1
-        )
-        bits = tf.reshape(
-            tf.reshape(bits, [-1])[: math.prod(self._shape)], self._shape
-        )
-        if scale is None:
-            # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
-            return tf.cast(bits, self._dtype) * 2 - 1
-        scale = tf.cast(scale, self._dtype)
-        return tf.where(tf.equal(bits, 1), scale, -scale)
-
-    def cast(self, dtype):
-        return PackedSigns(self.words, self._shape, dtype)
-
-    def __repr__(self):
-        return f"PackedSigns(shape={self._shape})"
-
-
-def to_dense(tangent, scale=None):
-    """Returns a direction component as a dense tensor (times `scale`)."""
-    if isinstance(tangent, (Factored, PackedSigns)):
-        return tangent.dense(scale)
-    if scale is None:
-        return tangent
-    return tf.cast(scale, tangent.dtype) * tangent
-
-
 def random_bits(n, seed):
     """Counter-based random 32-bit words, a pure function of `seed`.
 
@@ -353,7 +256,11 @@ def random_bits(n, seed):
     """
     return tf.bitcast(
         tf.random.stateless_uniform(
-            [n], seed=seed, minval=None, maxval=None, dtype=tf.int32,
+            [n],
+            seed=seed,
+            minval=None,
+            maxval=None,
+            dtype=tf.int32,
             alg="philox",
         ),
         tf.uint32,

@@ -11,7 +11,7 @@ import re
 import keras
 import tensorflow as tf
 
-from keras_fwdgrad.directions import to_dense
+from keras_fwdgrad.tangents import to_dense
 
 _HINT = (
     "TensorFlow computes forward-mode derivatives from the registered "
@@ -72,8 +72,7 @@ def jvp(fn, variables, tangents):
         op = _op_name_from(e)
         where = f" in op `{op}`" if op else ""
         raise ValueError(
-            f"Cannot compute a forward-mode derivative{where}. {_HINT} "
-            f"Original error: {e}"
+            f"Cannot compute a forward-mode derivative{where}. {_HINT} Original error: {e}"
         ) from e
     jvps = tf.nest.map_structure(
         lambda o: acc.jvp(o, unconnected_gradients=tf.UnconnectedGradients.ZERO),
@@ -106,7 +105,7 @@ def forward_gradient(directional_derivatives, directions):
     Args:
         directional_derivatives: List of K scalar tensors `d_k`.
         directions: List of K directions, each a list of tensors or
-            `keras_fwdgrad.directions.Factored` or `PackedSigns` (one per
+            `keras_fwdgrad.tangents.Factored` or `PackedSigns` (one per
             variable).
 
     Returns:

@@ -43,9 +43,8 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
-from keras_fwdgrad.directions import Factored
-from keras_fwdgrad.directions import PackedSigns
-from keras_fwdgrad.directions import to_dense
+from keras_fwdgrad import tangents as tangents_module
+from keras_fwdgrad.tangents import to_dense
 from keras_fwdgrad.forward_gradient import jvp
 
 L = keras.layers
@@ -88,15 +87,7 @@ def _is_sequential(layer):
 
 
 def _is_functional(layer):
-    # A graph of layers (`keras.Model(inputs, outputs)`), not a subclass
-    # with its own `call`.
-    return (
-        isinstance(layer, keras.Model)
-        and not _is_sequential(layer)
-        and hasattr(layer, "_run_through_graph")
-        and hasattr(layer, "_nodes_by_depth")
-        and type(layer).__module__.startswith("keras.")
-    )
+    return _compat.is_functional(layer)
 
 
 def supports(model):
@@ -122,7 +113,7 @@ def supports(model):
             return False
     elif not _is_sequential(model):
         return False
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _compat.all_layers(model):
         module = type(layer).__module__
         if not module.startswith("keras."):
             return False
@@ -130,9 +121,7 @@ def supports(model):
             return False
         if isinstance(layer, L.Masking) or getattr(layer, "mask_zero", False):
             return False
-        if isinstance(layer, keras.Model) and not (
-            _is_sequential(layer) or _is_functional(layer)
-        ):
+        if isinstance(layer, keras.Model) and not (_is_sequential(layer) or _is_functional(layer)):
             return False
     return True
 
@@ -194,7 +183,7 @@ def supports_batched_tangents(model):
     pooling and reshaping layers)."""
     if not supports(model):
         return False
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _compat.all_layers(model):
         if not (
             _is_sequential(layer)
             or _is_functional(layer)
@@ -208,7 +197,7 @@ def supports_batched_tangents(model):
 def _dual_functional(model, x, x_dot, tangent_of, training, num_tangents):
     """Runs a functional model's graph node by node, carrying tangents
     (keyed by the primal tensor they belong to)."""
-    inputs = model._standardize_inputs(x)
+    inputs = _compat.standardize_inputs(model, x)
     tangents = {}
     if x_dot is not None:
         for t, t_dot in zip(inputs, tf.nest.flatten(x_dot)):
@@ -226,7 +215,11 @@ def _dual_functional(model, x, x_dot, tangent_of, training, num_tangents):
                 and isinstance(op, keras.layers.Layer)
             ):
                 y, y_dot = dual_call(
-                    op, args[0], tangents.get(id(args[0])), tangent_of, training,
+                    op,
+                    args[0],
+                    tangents.get(id(args[0])),
+                    tangent_of,
+                    training,
                     num_tangents,
                 )
             else:
@@ -239,7 +232,7 @@ def _dual_functional(model, x, x_dot, tangent_of, training, num_tangents):
 
         return call
 
-    outputs = model._run_through_graph(inputs, operation_fn=operation_fn)
+    outputs = _compat.run_through_graph(model, inputs, operation_fn)
     y = tf.nest.flatten(outputs)[0]
     return y, tangents.get(id(y))
 
@@ -270,8 +263,7 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
             return y, None
         if isinstance(op, L.Concatenate):
             dots = [
-                tf.zeros_like(_tile(t, num_tangents)) if d is None else d
-                for t, d in zip(xs, dots)
+                tf.zeros_like(_tile(t, num_tangents)) if d is None else d for t, d in zip(xs, dots)
             ]
             return y, tf.concat(dots, axis=op.axis)
         if isinstance(op, L.Subtract):
@@ -287,7 +279,7 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
         raise NeedsSeparatePasses(type(op).__name__)
     if (
         isinstance(op, keras.layers.Layer)
-        and "training" in getattr(op, "_call_context_args", ())
+        and "training" in _compat.call_context_args(op)
         and training is not None
     ):
         # As the functional model's own call passes `training` on (it
@@ -419,9 +411,7 @@ def inexact_reason(layer, graph):
     if not graph:
         return None
     if isinstance(layer, _CONVS):
-        if layer.groups != 1 or (
-            layer.rank == 3 and layer.data_format == "channels_first"
-        ):
+        if layer.groups != 1 or (layer.rank == 3 and layer.data_format == "channels_first"):
             return (
                 "TensorFlow's forward-mode derivative of a grouped or "
                 "channels-first 3-D convolution is wrong in a `tf.function`"
@@ -521,47 +511,22 @@ def activation_jvp(activation, x, x_dot, num_tangents=1):
     logits = _compat.keras_logits(y)
     if logits is not None:
         if logits is not x:  # pragma: no cover - Keras keeps its input
-            raise ValueError(
-                f"Activation {activation!r} keeps logits other than its input."
-            )
+            raise ValueError(f"Activation {activation!r} keeps logits other than its input.")
         _keep_logits_tangent(y, x, x_dot)
     return y, y_dot
 
 
 def _kernel_tangent(layer, x, tangent, product, after=None):
-    """`product(x, Ẇ)`, using the factors when `Ẇ = u ⊗ w` and unpacking
-    `PackedSigns` after `after` (for K tangents, the K products stacked on
-    the batch axis)."""
-    if isinstance(tangent, tuple):
-        terms = [_kernel_tangent(layer, x, t, product, after) for t in tangent]
-        if all(t is None for t in terms):
-            return None
-        zero = tf.zeros_like(next(t for t in terms if t is not None))
-        return tf.concat([zero if t is None else t for t in terms], axis=0)
-    if tangent is None:
-        return None
-    if isinstance(tangent, Factored) and getattr(layer, "groups", 1) == 1:
-        xu = product(x, tangent.u[..., tf.newaxis])
-        return xu * _channels(layer, tangent.w)
-    if isinstance(tangent, PackedSigns) and after is not None:
-        tangent = PackedSigns(
-            _computed_after(tangent.words, after), tangent.shape, tangent.dtype
-        )
-    return product(x, to_dense(tangent))
-
-
-def _computed_after(words, tensor):
-    """Returns `words` unchanged, but as a value computed from `tensor`.
-
-    The unpacked direction of a kernel is as large as the kernel. Without a
-    data dependency, XLA's scheduler unpacks every layer's direction at the
-    start of the step and holds them all; tied to the layer's stacked
-    product, each is unpacked when its layer runs and freed after it.
-    `tensor > inf` is false for every float, NaN included, so `zero` is 0,
-    which the compiler cannot prove.
-    """
-    zero = tf.cast(tf.reduce_any(tensor > float("inf")), words.dtype)
-    return words + zero
+    """`product(x, Ẇ)`, from the factors when `Ẇ = u ⊗ w` (see
+    `tangents.kernel_product`)."""
+    return tangents_module.kernel_product(
+        tangent,
+        x,
+        product,
+        lambda w: _channels(layer, w),
+        after,
+        factored=getattr(layer, "groups", 1) == 1,
+    )
 
 
 def _channels(layer, vector):
@@ -576,7 +541,7 @@ def _bias(layer, y, y_dot, tangent_of, channels_first=False):
     if not getattr(layer, "use_bias", True) or layer.bias is None:
         return y, y_dot
     bias, bias_dot = layer.bias.value, tangent_of(layer.bias)
-    if isinstance(bias_dot, tuple):
+    if tangents_module.is_several(bias_dot):
         bias_dots = tuple(None if t is None else to_dense(t) for t in bias_dot)
         return _bias_many(layer, y, y_dot, bias_dots, channels_first)
     if bias_dot is not None:
@@ -603,9 +568,7 @@ def _bias_many(layer, y, y_dot, bias_dots, channels_first):
     )
     if all(b is None for b in bias_dots):
         return y, y_dot
-    b = tf.stack(
-        [tf.zeros_like(layer.bias.value) if t is None else t for t in bias_dots]
-    )
+    b = tf.stack([tf.zeros_like(layer.bias.value) if t is None else t for t in bias_dots])
     rank = len(y.shape)
     if channels_first:
         b = tf.reshape(b, (k, 1, -1) + (1,) * (rank - 2))
@@ -626,7 +589,10 @@ def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
     y_dot = _add(
         y_dot,
         _kernel_tangent(
-            layer, x, tangent_of(kernel), keras.ops.matmul,
+            layer,
+            x,
+            tangent_of(kernel),
+            keras.ops.matmul,
             after=y if y_dot is None else y_dot,
         ),
     )
@@ -670,9 +636,7 @@ def _convolution(layer):
         xs = tf.split(x, groups, axis=-1)
         ks = tf.split(kernel, groups, axis=-1)
         out = [
-            tf.nn.convolution(
-                a, k, strides=strides, padding=padding, dilations=dilations
-            )
+            tf.nn.convolution(a, k, strides=strides, padding=padding, dilations=dilations)
             for a, k in zip(xs, ks)
         ]
         return out[0] if groups == 1 else tf.concat(out, axis=-1)
@@ -690,12 +654,18 @@ def _conv(layer, x, x_dot, tangent_of, training, num_tangents=1):
     y_dot = _add(
         y_dot,
         _kernel_tangent(
-            layer, x, tangent_of(kernel), convolution,
+            layer,
+            x,
+            tangent_of(kernel),
+            convolution,
             after=y if y_dot is None else y_dot,
         ),
     )
     y, y_dot = _bias(
-        layer, y, y_dot, tangent_of,
+        layer,
+        y,
+        y_dot,
+        tangent_of,
         channels_first=layer.data_format == "channels_first",
     )
     return activation_jvp(layer.activation, y, y_dot, num_tangents)
@@ -708,11 +678,7 @@ def _activation_layer(layer, x, x_dot, tangent_of, training, num_tangents=1):
 
 @_rule(L.ReLU)
 def _relu_layer(layer, x, x_dot, tangent_of, training, num_tangents=1):
-    if (
-        layer.max_value is None
-        and not layer.negative_slope
-        and not layer.threshold
-    ):
+    if layer.max_value is None and not layer.negative_slope and not layer.threshold:
         return activation_jvp(keras.activations.relu, x, x_dot, num_tangents)
     return None
 
@@ -788,16 +754,17 @@ def _max_pool_tangent(layer, x, x_dot, num_tangents=1):
 
     def patches(t):
         p = tf.image.extract_patches(
-            t, sizes=[1, *pool, 1], strides=[1, *strides, 1],
-            rates=[1, 1, 1, 1], padding="VALID",
+            t,
+            sizes=[1, *pool, 1],
+            strides=[1, *strides, 1],
+            rates=[1, 1, 1, 1],
+            padding="VALID",
         )
         # [N, H', W', kh·kw·C] -> [N, H', W', kh·kw, C]
         return tf.reshape(p, tf.concat([tf.shape(p)[:3], [pool[0] * pool[1], -1]], 0))
 
     which = tf.argmax(patches(x), axis=3, output_type=tf.int32)
-    pick = _tile(
-        tf.one_hot(which, pool[0] * pool[1], axis=3, dtype=x_dot.dtype), num_tangents
-    )
+    pick = _tile(tf.one_hot(which, pool[0] * pool[1], axis=3, dtype=x_dot.dtype), num_tangents)
     y_dot = tf.reduce_sum(patches(x_dot) * pick, axis=3)
     if len(layer.pool_size) == 1:
         y_dot = y_dot[:, 0]

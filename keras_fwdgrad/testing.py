@@ -109,7 +109,7 @@ def tape_gradients(wrapper, x, y, mode="eager"):
     return float(loss), [None if g is None else np.asarray(g, "float64") for g in grads]
 
 
-def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, seed=0):
+def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction=None, seed=0):
     """Compares the forward-mode directional derivative with the tape's.
 
     The model's trainable weights are not changed; its non-trainable state
@@ -123,7 +123,9 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, seed=0):
         mode: `"eager"`, `"graph"` (`tf.function`) or `"xla"`
             (`jit_compile=True`). Defaults to `"graph"`.
         layer_rules: Passed to `ForwardGradientModel`. Defaults to `True`.
-        seed: Seed of the fixed direction. Defaults to `0`.
+        direction: Passed to `ForwardGradientModel`. Defaults to `None`, a
+            `FixedDirection`.
+        seed: Seed of the direction. Defaults to `0`.
 
     Returns:
         A dict with `"directional_derivative"` (forward mode),
@@ -136,15 +138,14 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, seed=0):
             without a derivative).
     """
     _check_mode(mode)
-    direction = FixedDirection(seed)
-    wrapper = ForwardGradientModel(
-        model, direction=direction, layer_rules=layer_rules, seed=0
-    )
+    if direction is None:
+        direction = FixedDirection(seed)
+    wrapper = ForwardGradientModel(model, direction=direction, layer_rules=layer_rules, seed=seed)
     wrapper.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
     if not model.built:
         # Built from the first batch, as `fit` builds it.
         wrapper.forward_gradient(x, y)
-    v = direction.numpy_sample([tuple(w.shape) for w in model.trainable_variables])
+    v = [np.asarray(t, "float64") for t in wrapper.current_directions()[0]]
     state = _snapshot(model)
     loss_value, grads = _run(lambda: wrapper.forward_gradient(x, y), mode)
     _restore(model, state)
@@ -156,11 +157,9 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, seed=0):
         g = np.asarray(g, "float64")
         if np.any(g != 0):
             num += float(np.sum(g * t))
-            den += float(np.sum(t.astype("float64") ** 2))
+            den += float(np.sum(t**2))
     d = num / den if den else 0.0
-    reference = sum(
-        float(np.sum(g * t)) for g, t in zip(reference_grads, v) if g is not None
-    )
+    reference = sum(float(np.sum(g * t)) for g, t in zip(reference_grads, v) if g is not None)
     return {
         "directional_derivative": d,
         "reference": reference,

@@ -20,7 +20,7 @@ Example:
 
 ```python
 hypermodel = keras_fwdgrad.tuning.LearningRateHyperModel(
-    keras_fwdgrad.architectures.mlp, gradient="forward", optimizer="sgd")
+    keras_fwdgrad.research.architectures.mlp, gradient="forward", optimizer="sgd")
 tuner = keras_fwdgrad.tuning.make_tuner(hypermodel, directory="tuning")
 tuner.search(train, validation_data=val, epochs=5)
 best = tuner.get_best_models(1)[0]
@@ -32,7 +32,7 @@ import os
 
 import keras
 
-from keras_fwdgrad import experiments
+from keras_fwdgrad.research import experiments
 
 try:
     import keras_tuner
@@ -44,8 +44,17 @@ except ImportError as e:  # pragma: no cover - exercised without the extra.
 
 TUNERS = ("grid", "random", "bayesian")
 TABLE_COLUMNS = (
-    "gradient", "model", "dataset", "optimizer", "learning_rate", "decay",
-    "momentum", "beta_1", "beta_2", "epochs", "test_loss",
+    "gradient",
+    "model",
+    "dataset",
+    "optimizer",
+    "learning_rate",
+    "decay",
+    "momentum",
+    "beta_1",
+    "beta_2",
+    "epochs",
+    "test_loss",
 )
 
 
@@ -156,9 +165,7 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         if low == high:
             lr = hp.Fixed("learning_rate", low)
         else:
-            lr = hp.Float(
-                "learning_rate", low, high, step=self.learning_rate_step, sampling="log"
-            )
+            lr = hp.Float("learning_rate", low, high, step=self.learning_rate_step, sampling="log")
         settings = {
             # Grid points are low·step^i; round off the float drift.
             "learning_rate": float(f"{lr:.6g}"),
@@ -178,8 +185,11 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         if self.gradient == "forward":
             extra = {"direction": self.direction, "jvp_clip": self.jvp_clip}
         return experiments.method(
-            self.gradient, optimizer=self.optimizer, clipnorm=self.clipnorm,
-            **settings, **extra,
+            self.gradient,
+            optimizer=self.optimizer,
+            clipnorm=self.clipnorm,
+            **settings,
+            **extra,
         )
 
     def build(self, hp):
@@ -300,16 +310,23 @@ def compare_searches(
     for optimizer_name in optimizer_names:
         for gradient in gradients:
             hypermodel = LearningRateHyperModel(
-                build_model, gradient=gradient, optimizer=optimizer_name,
+                build_model,
+                gradient=gradient,
+                optimizer=optimizer_name,
                 name=f"{model_name}_{dataset_name}_{optimizer_name}_{gradient}",
                 **hypermodel_kwargs,
             )
             search = make_tuner(
-                hypermodel, tuner=tuner, directory=directory,
-                max_trials=max_trials, overwrite=overwrite,
+                hypermodel,
+                tuner=tuner,
+                directory=directory,
+                max_trials=max_trials,
+                overwrite=overwrite,
             )
             search.search(
-                train, validation_data=validation, epochs=search_epochs or epochs,
+                train,
+                validation_data=validation,
+                epochs=search_epochs or epochs,
                 verbose=verbose,
             )
             best_hp = search.get_best_hyperparameters(1)[0]

@@ -135,14 +135,22 @@ CASES = {
         (random_inputs(20), (random_labels() % 2).astype("float32")[:, None]),
         keras.losses.BinaryCrossentropy(),
     ),
-    "residual_overlapping_max_pool": (_residual_overlapping_pool, (random_inputs(12, 12, 3), random_labels()), SCCE),
+    "residual_overlapping_max_pool": (
+        _residual_overlapping_pool,
+        (random_inputs(12, 12, 3), random_labels()),
+        SCCE,
+    ),
     "dense_concatenating": (_dense_concat, (random_inputs(8, 8, 3), random_labels()), SCCE),
     "transformer_encoder": (
         _transformer,
         (np.random.default_rng(2).integers(0, 20, size=(BATCH, 6)), random_labels()),
         "sparse_categorical_crossentropy",
     ),
-    "lstm": (_seq((5, 3), lambda: [L.LSTM(4), L.Dense(10)]), (random_inputs(5, 3), random_labels()), SCCE),
+    "lstm": (
+        _seq((5, 3), lambda: [L.LSTM(4), L.Dense(10)]),
+        (random_inputs(5, 3), random_labels()),
+        SCCE,
+    ),
     "gru_simple_rnn": (
         _seq((5, 3), lambda: [L.GRU(4, return_sequences=True), L.SimpleRNN(3), L.Dense(10)]),
         (random_inputs(5, 3), random_labels()),
@@ -159,9 +167,15 @@ CASES = {
         SCCE,
     ),
     "conv1d_causal_and_grouped": (
-        _seq((9, 4), lambda: [L.Conv1D(4, 3, padding="causal", dilation_rate=2),
-                              L.Conv1D(4, 3, groups=2, activation="relu"),
-                              L.Flatten(), L.Dense(10)]),
+        _seq(
+            (9, 4),
+            lambda: [
+                L.Conv1D(4, 3, padding="causal", dilation_rate=2),
+                L.Conv1D(4, 3, groups=2, activation="relu"),
+                L.Flatten(),
+                L.Dense(10),
+            ],
+        ),
         (random_inputs(9, 4), random_labels()),
         SCCE,
     ),
@@ -171,15 +185,18 @@ CASES = {
         SCCE,
     ),
     "separable_depthwise_transpose_upsampling": (
-        _seq((8, 8, 3), lambda: [
-            L.SeparableConv2D(4, 3, padding="same", activation="relu"),
-            L.DepthwiseConv2D(3, strides=2),
-            L.Conv2DTranspose(4, 3, strides=2),
-            L.UpSampling2D(2),
-            L.GroupNormalization(groups=2),
-            L.GlobalAveragePooling2D(),
-            L.Dense(10),
-        ]),
+        _seq(
+            (8, 8, 3),
+            lambda: [
+                L.SeparableConv2D(4, 3, padding="same", activation="relu"),
+                L.DepthwiseConv2D(3, strides=2),
+                L.Conv2DTranspose(4, 3, strides=2),
+                L.UpSampling2D(2),
+                L.GroupNormalization(groups=2),
+                L.GlobalAveragePooling2D(),
+                L.Dense(10),
+            ],
+        ),
         (random_inputs(8, 8, 3), random_labels()),
         SCCE,
     ),
@@ -195,23 +212,30 @@ CASES = {
     ),
     "subclassed_unbuilt": (SubclassedClassifier, (random_inputs(6), random_labels()), SCCE),
     "custom_layer_raw_ops": (
-        _seq((6,), lambda: [_RawOps(), L.Dense(10)]), (random_inputs(6), random_labels()), SCCE
+        _seq((6,), lambda: [_RawOps(), L.Dense(10)]),
+        (random_inputs(6), random_labels()),
+        SCCE,
     ),
     "frozen_backbone": (_frozen_backbone, (random_inputs(6), random_labels()), SCCE),
     "regularizers_and_constraints": (
-        _seq((6,), lambda: [
-            L.Dense(8, activation="relu", kernel_regularizer="l2",
+        _seq(
+            (6,),
+            lambda: [
+                L.Dense(
+                    8,
+                    activation="relu",
+                    kernel_regularizer="l2",
                     bias_regularizer=keras.regularizers.L1(0.01),
-                    kernel_constraint=keras.constraints.MaxNorm(100.0)),
-            L.Dropout(0.3, seed=1),
-            L.Dense(10, activity_regularizer="l2"),
-        ]),
+                    kernel_constraint=keras.constraints.MaxNorm(100.0),
+                ),
+                L.Dropout(0.3, seed=1),
+                L.Dense(10, activity_regularizer="l2"),
+            ],
+        ),
         (random_inputs(6), random_labels()),
         SCCE,
     ),
 }
-
-
 
 
 def application(name):
@@ -222,7 +246,9 @@ def application(name):
         keras.config.set_dtype_policy("float64")
         try:
             return getattr(keras.applications, name)(
-                input_shape=(32, 32, 3), weights=None, classes=10,
+                input_shape=(32, 32, 3),
+                weights=None,
+                classes=10,
                 **({"alpha": 0.35} if name == "MobileNetV2" else {}),
             )
         finally:
@@ -254,8 +280,10 @@ def check_fit_steps(build, data, loss, mode, layer_rules=True, lr=0.01, steps=2)
     direction = testing.FixedDirection()
     wrapper = ForwardGradientModel(base, direction=direction, layer_rules=layer_rules, seed=0)
     wrapper.compile(
-        optimizer=keras.optimizers.SGD(lr), loss=loss,
-        run_eagerly=mode == "eager", jit_compile=mode == "xla",
+        optimizer=keras.optimizers.SGD(lr),
+        loss=loss,
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "xla",
     )
     if not base.built:
         base(tf.nest.map_structure(lambda t: t[:1], x))
@@ -269,8 +297,7 @@ def check_fit_steps(build, data, loss, mode, layer_rules=True, lr=0.01, steps=2)
             w.assign(value)
         d = sum(float(np.sum(g * t)) for g, t in zip(grads, v) if g is not None)
         expected = [
-            np.zeros_like(w) if g is None else -lr * d * t
-            for w, g, t in zip(before, grads, v)
+            np.zeros_like(w) if g is None else -lr * d * t for w, g, t in zip(before, grads, v)
         ]
         wrapper.train_on_batch(x, y)
         after = [np.array(w.value, "float64") for w in base.trainable_variables]

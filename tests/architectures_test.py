@@ -71,11 +71,13 @@ def test_two_fit_steps_move_every_variable_by_minus_lr_g(case):
 
 
 def _mixed_precision_mlp():
-    return keras.Sequential([
-        keras.Input((20,)),
-        L.Dense(16, activation="relu", dtype="mixed_float16"),
-        L.Dense(10, activation="softmax", dtype="mixed_float16"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((20,)),
+            L.Dense(16, activation="relu", dtype="mixed_float16"),
+            L.Dense(10, activation="softmax", dtype="mixed_float16"),
+        ]
+    )
 
 
 @pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
@@ -87,8 +89,11 @@ def test_mixed_precision_derivative_is_unscaled(mode, layer_rules):
     keras.config.set_dtype_policy("mixed_float16")
     try:
         d, ref, err = check_directional_derivative(
-            _mixed_precision_mlp, (random_inputs(20), random_labels()),
-            "sparse_categorical_crossentropy", mode, layer_rules,
+            _mixed_precision_mlp,
+            (random_inputs(20), random_labels()),
+            "sparse_categorical_crossentropy",
+            mode,
+            layer_rules,
         )
     finally:
         keras.config.set_dtype_policy("float32")
@@ -104,14 +109,14 @@ def test_loss_scale_factor_is_undone_before_jvp_clip_and_in_the_update(mode):
     keras.utils.set_random_seed(3)
     build, (x, y), loss = CASES["softmax_sparse_crossentropy"]
     base = build()
-    _, ref, _ = check_directional_derivative(
-        lambda: base, (x, y), loss, "eager", True
-    )
+    _, ref, _ = check_directional_derivative(lambda: base, (x, y), loss, "eager", True)
     clip = abs(ref) / 2
     model = ForwardGradientModel(base, direction=testing.FixedDirection(), jvp_clip=clip, seed=0)
     model.compile(
-        optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=64.0), loss=loss,
-        run_eagerly=mode == "eager", jit_compile=mode == "xla",
+        optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=64.0),
+        loss=loss,
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "xla",
     )
     v = testing.FixedDirection().numpy_sample([tuple(w.shape) for w in base.trainable_variables])
     _, grads = model.forward_gradient(x, y)
@@ -127,9 +132,9 @@ def test_loss_scale_factor_is_undone_before_jvp_clip_and_in_the_update(mode):
 
 APPLICATIONS = [
     "MobileNetV2",
-    pytest.param("EfficientNetB0", marks=pytest.mark.slow),
-    pytest.param("ResNet50V2", marks=pytest.mark.slow),
-    pytest.param("DenseNet121", marks=pytest.mark.slow),
+    pytest.param("EfficientNetB0", marks=pytest.mark.heavy),
+    pytest.param("ResNet50V2", marks=pytest.mark.heavy),
+    pytest.param("DenseNet121", marks=pytest.mark.heavy),
 ]
 
 
@@ -139,9 +144,23 @@ APPLICATIONS = [
 def test_keras_applications_default_softmax_head(name, mode, layer_rules):
     """The default head (softmax, `from_logits=False`) of
     `keras.applications` models, in float64 (see the module docstring)."""
+    if name in ("ResNet50V2", "DenseNet121") and mode == "xla" and not layer_rules:
+        # Their stem has overlapping max-pooling (see ACCUMULATOR_REFUSES_XLA).
+        with pytest.raises(ValueError, match="overlapping.*layer_rules=True"):
+            check_directional_derivative(
+                application(name),
+                application_data(),
+                "sparse_categorical_crossentropy",
+                mode,
+                layer_rules,
+            )
+        return
     d, ref, err = check_directional_derivative(
-        application(name), application_data(), "sparse_categorical_crossentropy",
-        mode, layer_rules,
+        application(name),
+        application_data(),
+        "sparse_categorical_crossentropy",
+        mode,
+        layer_rules,
     )
     assert abs(ref) > 1e-3
     assert err < RTOL_FLOAT64, (d, ref)

@@ -7,16 +7,33 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {"baseline", "gaussian", "rademacher", "lowrank_gaussian",
-           "lowrank_rademacher", "fixed", "backprop"}
+METHODS = {
+    "baseline",
+    "gaussian",
+    "rademacher",
+    "lowrank_gaussian",
+    "lowrank_rademacher",
+    "fixed",
+    "backprop",
+}
 
 
 def test_step_costs_smoke(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "step_costs.py"), "--smoke",
-         "--jit", "on", "--out", str(tmp_path)],
-        check=True, timeout=600, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "step_costs.py"),
+            "--smoke",
+            "--jit",
+            "on",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
     )
     report = json.loads((tmp_path / "results.json").read_text())
     models = {r["model"] for r in report["rows"]}
@@ -29,11 +46,15 @@ def test_step_costs_smoke(tmp_path):
     # The cosine between an unbiased forward gradient and the gradient is in
     # (0, 1]; for 1.86 M parameters it is of order sqrt(2 / (π n)) ≈ 6e-4.
     assert {r["direction"] for r in report["cosine"]} == METHODS - {
-        "baseline", "fixed", "backprop"}
+        "baseline",
+        "fixed",
+        "backprop",
+    }
     for r in report["cosine"]:
         assert 1e-5 < r["cos_mean"] < 1e-2
     assert {r["direction"] for r in report["sampling"]} == METHODS - {"fixed", "backprop"}
-    assert "| MLP 784-1024-1024-10 | on | lowrank_rademacher |" in (
-        tmp_path / "results.md"
-    ).read_text()
+    assert (
+        "| MLP 784-1024-1024-10 | on | lowrank_rademacher |"
+        in (tmp_path / "results.md").read_text()
+    )
     assert report["machine"]["cpus"] >= 1

@@ -20,3 +20,29 @@ def _fresh_keras_state():
     keras.backend.clear_session()
     keras.utils.set_random_seed(1234)
     yield
+
+
+# Whole files that start processes or train for many steps.
+_SLOW_FILES = {
+    "benchmarks_test.py",
+    "distributed_test.py",
+    "examples_test.py",
+    "tuning_test.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the tests left out of the fast tier (`-m "not slow"`): whole
+    files that start processes or train for many steps, the XLA variants
+    of the per-architecture parametrizations (the eager and graph variants
+    stay), and the `keras.applications` models."""
+    for item in items:
+        name = item.fspath.basename
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        if (
+            name in _SLOW_FILES
+            or (params.get("mode") == "xla" and "case" in params)
+            or "name" in params
+        ):
+            item.add_marker(pytest.mark.slow)

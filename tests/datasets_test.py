@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from keras_fwdgrad import datasets
+from keras_fwdgrad.research import datasets
 
 
 def _write_mnist(folder, n_train=50, n_test=20):
@@ -32,7 +32,7 @@ def test_bundled_subset_is_real_mnist():
     arrays = datasets.load("mnist", source="bundled")
     assert arrays["x_train"].shape == (10000, 28, 28, 1)
     assert arrays["x_test"].shape == (2000, 28, 28, 1)
-    # The first MNIST labels (see keras_fwdgrad/data/README.md).
+    # The first MNIST labels (see keras_fwdgrad/research/data/README.md).
     assert list(arrays["y_train"][:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert list(arrays["y_test"][:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
@@ -90,8 +90,9 @@ def test_test_subset_is_not_the_first_examples(tmp_path):
     x = np.zeros((1000, 4, 4, 3), "uint8")
     y_sorted = np.repeat(np.arange(10), 100)
     np.savez(tmp_path / "cifar10.npz", x_train=x, y_train=y_sorted, x_test=x, y_test=y_sorted)
-    _, _, test = datasets.make_datasets("cifar10", data_dir=str(tmp_path), source="local",
-                                        test_size=200)
+    _, _, test = datasets.make_datasets(
+        "cifar10", data_dir=str(tmp_path), source="local", test_size=200
+    )
     labels = np.concatenate([b.numpy() for _, b in test])
     assert len(labels) == 200
     # 200 draws without replacement from 10 classes of 100: every class

@@ -15,13 +15,9 @@ N_SAMPLES = 4000
 
 def _draw(direction, n, shapes=SHAPES):
     sample = tf.function(
-        lambda s: tf.concat(
-            [tf.reshape(t, [-1]) for t in direction.sample(shapes, s)], 0
-        )
+        lambda s: tf.concat([tf.reshape(t, [-1]) for t in direction.sample(shapes, s)], 0)
     )
-    return np.stack(
-        [sample(tf.constant([5, i], tf.int64)).numpy() for i in range(n)]
-    )
+    return np.stack([sample(tf.constant([5, i], tf.int64)).numpy() for i in range(n)])
 
 
 FAMILIES = ["gaussian", "rademacher", "lowrank_gaussian", "lowrank_rademacher"]
@@ -55,9 +51,7 @@ def test_sample_shapes_dtype_and_determinism(name):
         ("lowrank_rademacher", 1.0, 1.0),
     ],
 )
-def test_moments_mean_zero_identity_covariance(
-    name, fourth_moment, off_diagonal_variance
-):
+def test_moments_mean_zero_identity_covariance(name, fourth_moment, off_diagonal_variance):
     """Probabilistic, fixed seed: E[v] = 0 and E[v vᵀ] = I.
 
     Each bound is 5 standard errors of the estimate: for a mean, Var(v_i) = 1;
@@ -170,9 +164,7 @@ def test_gaussian_reads_two_levels_per_random_word():
     exactly on an odd size, for the second variable of a direction)."""
     seed = tf.constant([6, 7], tf.int64)
     v = directions.Gaussian().sample([(4,), (7,)], seed)[1].numpy()
-    words = directions.random_bits(
-        4, tf.random.experimental.stateless_fold_in(seed, 1)
-    ).numpy()
+    words = directions.random_bits(4, tf.random.experimental.stateless_fold_in(seed, 1)).numpy()
     index = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:7]
     expected = directions.gaussian_levels()[index].astype("float32")
     np.testing.assert_array_equal(v, expected)

@@ -18,9 +18,7 @@ import tensorflow as tf  # noqa: E402
 MODE, OUT = sys.argv[1], sys.argv[2]
 if MODE == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,11 +52,23 @@ def build(method, optimizer, all_reduce):
     base = keras.Sequential(
         [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)]
     )
-    opt = keras.optimizers.SGD(0.05, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(1e-2)
-    model = base if method == "backprop" else ForwardGradientModel(
-        base, direction="gaussian", num_directions=2, seed=7, all_reduce=all_reduce)
-    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=False)
+    opt = (
+        keras.optimizers.SGD(0.05, momentum=0.9)
+        if optimizer == "sgd"
+        else keras.optimizers.Adam(1e-2)
+    )
+    model = (
+        base
+        if method == "backprop"
+        else ForwardGradientModel(
+            base, direction="gaussian", num_directions=2, seed=7, all_reduce=all_reduce
+        )
+    )
+    model.compile(
+        optimizer=opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
     return model
 
 
@@ -86,15 +96,13 @@ def run(strategy):
         reduced_sizes.clear()
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
         model.fit(dataset, epochs=1, verbose=0)
-        replicas = strategy.num_replicas_in_sync
         results[key] = {
             "weights": [np.asarray(w).tolist() for w in model.get_weights()],
             # Values all-reduced per replica while tracing the step.
             # (`worker_devices` are this process's replicas.)
             "reduced_per_replica": sum(reduced_sizes) // local_replicas(strategy),
             "reduce_calls": len(reduced_sizes),
-            "bytes_per_step": model.all_reduce_bytes_per_step()
-            if method == "forward" else None,
+            "bytes_per_step": model.all_reduce_bytes_per_step() if method == "forward" else None,
             "params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         }
         if method == "forward":

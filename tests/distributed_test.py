@@ -36,8 +36,12 @@ def test_two_replicas(runs):
 
 @pytest.mark.parametrize(
     "key",
-    ["forward/sgd/directional_derivatives", "forward/adam/directional_derivatives",
-     "forward/sgd/gradients", "backprop/sgd/None"],
+    [
+        "forward/sgd/directional_derivatives",
+        "forward/adam/directional_derivatives",
+        "forward/sgd/gradients",
+        "backprop/sgd/None",
+    ],
 )
 def test_mirrored_weights_match_single_device(runs, key):
     """Same seed, data and global batch (64, i.e. 32 per replica), 6 steps,
@@ -93,13 +97,27 @@ def worker_runs(tmp_path_factory):
     procs = []
     try:
         for index in range(2):
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-                   "TF_CONFIG": json.dumps({"cluster": cluster,
-                                            "task": {"type": "worker", "index": index}})}
-            procs.append(subprocess.Popen(
-                [sys.executable, SCRIPT, "worker", str(tmp / f"worker{index}.json"), "forward"],
-                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            ))
+            env = {
+                **os.environ,
+                "TF_CPP_MIN_LOG_LEVEL": "3",
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": index}}
+                ),
+            }
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        SCRIPT,
+                        "worker",
+                        str(tmp / f"worker{index}.json"),
+                        "forward",
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
         for p in procs:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err.decode()[-3000:]
@@ -113,8 +131,11 @@ def worker_runs(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "key",
-    ["forward/sgd/directional_derivatives", "forward/adam/directional_derivatives",
-     "forward/sgd/gradients"],
+    [
+        "forward/sgd/directional_derivatives",
+        "forward/adam/directional_derivatives",
+        "forward/sgd/gradients",
+    ],
 )
 def test_two_workers_stay_in_sync_and_match_single_process(worker_runs, runs, key):
     """Two worker processes (global batch 64, 32 each), 6 steps: their

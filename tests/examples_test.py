@@ -64,8 +64,14 @@ def test_mnist_example_smoke(script, num_configs, tmp_path):
 
 def test_mnist_mlp_smoke_two_directions_no_jit(tmp_path):
     report, rows, pngs = _run(
-        "mnist_mlp.py", tmp_path / "out", "--direction", "gaussian", "rademacher",
-        "--no-jit", "--optimizer", "adam",
+        "mnist_mlp.py",
+        tmp_path / "out",
+        "--direction",
+        "gaussian",
+        "rademacher",
+        "--no-jit",
+        "--optimizer",
+        "adam",
     )
     assert report["jit_compile"] is False and report["optimizer"] == "adam"
     _check_classification(report, rows, pngs, 2, directions=("gaussian", "rademacher"))
@@ -98,9 +104,18 @@ def test_test_functions_smoke(tmp_path):
 
 def test_test_functions_rejects_other_optimizers(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "test_functions.py"), "--smoke",
-         "--optimizer", "adam", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "test_functions.py"),
+            "--smoke",
+            "--optimizer",
+            "adam",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "--optimizer sgd" in result.stderr
 
@@ -126,17 +141,44 @@ def test_tune_table1_smoke(tmp_path):
     env.pop("KERAS_FWDGRAD_DATA_DIR", None)
     subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "tune_table1.py"), "--smoke", "--out", str(out)],
-        check=True, timeout=600, env=env,
+        check=True,
+        timeout=600,
+        env=env,
     )
     report = json.loads((out / "results.json").read_text())
     keys = [(r["model"], r["optimizer"], r["gradient"]) for r in report["rows"]]
     # Both gradient types tuned separately for every model and optimizer,
     # in the paper's row order.
-    assert keys == [(m, o, g) for m in ("mlp", "cnn") for o in ("sgd", "nesterov", "adam")
-                    for g in ("forward", "backprop")]
+    assert keys == [
+        (m, o, g)
+        for m in ("mlp", "cnn")
+        for o in ("sgd", "nesterov", "adam")
+        for g in ("forward", "backprop")
+    ]
     for r in report["rows"]:
         assert r["trials"] == 2 and r["learning_rate"] in (1e-4, 1e-2)
         assert r["test_loss"] > 0 and r["paper_test_loss"] is not None
     with open(out / "table1.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
     assert (out / "table1.md").read_text().startswith("| gradient | model | dataset |")
+
+
+def test_quickstart_trains_and_compares_with_backprop():
+    """`examples/quickstart.py` runs top to bottom and prints both rows."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "quickstart.py"), "--epochs", "1"],
+        check=True,
+        timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = {
+        line.rsplit(None, 2)[0]: line.split()[-2:]
+        for line in out.splitlines()
+        if line.startswith(("forward gradient", "backprop"))
+    }
+    assert set(rows) == {"forward gradient", "backprop"}
+    for accuracy, seconds in rows.values():
+        assert 0.0 < float(accuracy) <= 1.0 and float(seconds) > 0

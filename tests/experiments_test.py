@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_fwdgrad import experiments
-from keras_fwdgrad import metrics
-from keras_fwdgrad import optimizers
-from keras_fwdgrad import profiling
+from keras_fwdgrad.research import experiments
+from keras_fwdgrad.research import measures
+from keras_fwdgrad.research import optimizers
+from keras_fwdgrad.research import profiling
 
 L = keras.layers
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -37,17 +37,23 @@ def test_decay_schedule_follows_eta0_exp_minus_ik():
     # and raises it to the i-th power: relative error up to i·6e-8.
     for i in (0, 1, 1000, 25000):
         np.testing.assert_allclose(
-            float(schedule(i)), 2e-4 * math.exp(-i * 1e-4), rtol=1e-6 + i * 6e-8)
+            float(schedule(i)), 2e-4 * math.exp(-i * 1e-4), rtol=1e-6 + i * 6e-8
+        )
     assert optimizers.decay_schedule(0.1, 0.0) == 0.1
 
 
 @pytest.mark.parametrize(
     "name, cls, nesterov",
-    [("sgd", keras.optimizers.SGD, False), ("nesterov", keras.optimizers.SGD, True),
-     ("adam", keras.optimizers.Adam, None)],
+    [
+        ("sgd", keras.optimizers.SGD, False),
+        ("nesterov", keras.optimizers.SGD, True),
+        ("adam", keras.optimizers.Adam, None),
+    ],
 )
 def test_make_optimizer_builds_stock_optimizers(name, cls, nesterov):
-    opt = optimizers.make_optimizer(name, 1e-3, momentum=0.5, beta_1=0.8, beta_2=0.99, clipnorm=1.0)
+    opt = optimizers.make_optimizer(
+        name, 1e-3, momentum=0.5, beta_1=0.8, beta_2=0.99, clipnorm=1.0
+    )
     assert type(opt) is cls
     assert opt.clipnorm == 1.0
     if name == "nesterov":
@@ -72,19 +78,21 @@ def test_make_optimizer_errors():
 
 def test_tf_over_tb_worked_example():
     # Backprop is lowest (0.5) at t=3; forward first reaches 0.5 at t=1.5.
-    r = metrics.tf_over_tb([0, 1, 1.5, 2], [2.0, 0.9, 0.5, 0.4], [0, 1, 2, 3, 4], [2, 1, 0.7, 0.5, 0.6])
+    r = measures.tf_over_tb(
+        [0, 1, 1.5, 2], [2.0, 0.9, 0.5, 0.4], [0, 1, 2, 3, 4], [2, 1, 0.7, 0.5, 0.6]
+    )
     assert r == {"Tb": 3.0, "Tf": 1.5, "Tf/Tb": 0.5}
-    r = metrics.tf_over_tb([0, 1], [2.0, 0.9], [0, 1, 2], [2, 1, 0.5])
+    r = measures.tf_over_tb([0, 1], [2.0, 0.9], [0, 1, 2], [2, 1, 0.5])
     assert r["Tf"] is None and r["Tf/Tb"] is None
     # Backprop never improves on its first loss: no ratio rather than 0/0.
-    assert metrics.tf_over_tb([0, 1], [2.0, 0.9], [0, 1], [1.0, 2.0])["Tf/Tb"] is None
+    assert measures.tf_over_tb([0, 1], [2.0, 0.9], [0, 1], [1.0, 2.0])["Tf/Tb"] is None
 
 
 def test_training_trace_schedule_and_clock():
     model = _model()
     model.compile(optimizer="sgd", loss=SCCE)
     data = _dataset()
-    trace = metrics.TrainingTrace(data.take(2), eval_every=4, warmup_steps=2)
+    trace = measures.TrainingTrace(data.take(2), eval_every=4, warmup_steps=2)
     model.fit(data, epochs=2, callbacks=[trace], verbose=0)
     assert len(trace.step_times) == 20
     # Before training, every 4 steps, and after the last step.
@@ -102,14 +110,17 @@ def test_training_trace_schedule_and_clock():
 
 def test_training_trace_rejects_bad_eval_every():
     with pytest.raises(ValueError, match="`eval_every` must be a positive integer"):
-        metrics.TrainingTrace(None, eval_every=0)
+        measures.TrainingTrace(None, eval_every=0)
 
 
 # --- compare_training ---------------------------------------------------
 
 
 def test_method_labels_and_errors():
-    assert experiments.method("forward", 1e-3, direction="rademacher")["label"] == "forward (rademacher)"
+    assert (
+        experiments.method("forward", 1e-3, direction="rademacher")["label"]
+        == "forward (rademacher)"
+    )
     assert experiments.method("backprop", 1e-3)["label"] == "backprop"
     with pytest.raises(ValueError, match="`gradient` must be one of"):
         experiments.method("reverse", 1e-3)
@@ -124,12 +135,25 @@ def test_compare_training_runs_every_method_on_every_seed():
         experiments.method("backprop", 0.05, decay=1e-4),
     ]
     result = experiments.compare_training(
-        _model, data, data.take(2), SCCE, methods, epochs=1, seeds=(0, 1), test=data.take(2),
-        eval_every=3, jit_compile=False, verbose=False,
+        _model,
+        data,
+        data.take(2),
+        SCCE,
+        methods,
+        epochs=1,
+        seeds=(0, 1),
+        test=data.take(2),
+        eval_every=3,
+        jit_compile=False,
+        verbose=False,
     )
     runs = result["runs"]
     assert [(r["label"], r["seed"]) for r in runs] == [
-        ("forward (rademacher)", 0), ("backprop", 0), ("forward (rademacher)", 1), ("backprop", 1)]
+        ("forward (rademacher)", 0),
+        ("backprop", 0),
+        ("forward (rademacher)", 1),
+        ("backprop", 1),
+    ]
     for r in runs:
         assert r["steps"] == 10 and r["eval_steps"] == [0, 3, 6, 9, 10]
     # Same initial weights for both methods of a seed: same first loss.
@@ -137,15 +161,26 @@ def test_compare_training_runs_every_method_on_every_seed():
     assert runs[0]["val_loss"][0] != pytest.approx(runs[2]["val_loss"][0], rel=1e-3)
     s = result["summary"]
     np.testing.assert_allclose(
-        s["backprop"]["mean_val_loss"], np.mean([runs[1]["val_loss"], runs[3]["val_loss"]], axis=0))
-    assert s["backprop"]["test_loss"] == pytest.approx(np.mean([runs[1]["test_loss"], runs[3]["test_loss"]]))
+        s["backprop"]["mean_val_loss"], np.mean([runs[1]["val_loss"], runs[3]["val_loss"]], axis=0)
+    )
+    assert s["backprop"]["test_loss"] == pytest.approx(
+        np.mean([runs[1]["test_loss"], runs[3]["test_loss"]])
+    )
     assert "Tf/Tb" in s["forward (rademacher)"] and "Tf/Tb" not in s["backprop"]
 
 
 def test_summarize_tf_tb_from_mean_curves():
     def run(label, seed, losses, times):
-        return {"label": label, "seed": seed, "eval_steps": [0, 1, 2], "val_loss": losses,
-                "eval_times": times, "ms_per_step": 1.0, "compile_s": 0.0, "skipped_steps": 0}
+        return {
+            "label": label,
+            "seed": seed,
+            "eval_steps": [0, 1, 2],
+            "val_loss": losses,
+            "eval_times": times,
+            "ms_per_step": 1.0,
+            "compile_s": 0.0,
+            "skipped_steps": 0,
+        }
 
     runs = [
         run("backprop", 0, [2.0, 1.0, 0.4], [0.0, 1.0, 2.0]),
@@ -164,7 +199,8 @@ def test_profile_step_costs_measures_and_ratios():
     x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
     y = np.arange(32) % 3
     costs = profiling.profile_step_costs(
-        _model, x, y, SCCE, directions=("gaussian", "rademacher"), steps=2, repeats=3, warmup=1)
+        _model, x, y, SCCE, directions=("gaussian", "rademacher"), steps=2, repeats=3, warmup=1
+    )
     m = costs["methods"]
     assert set(m) == {"base", "forward-gaussian", "forward-rademacher", "backprop"}
     params = 6 * 8 + 8 + 8 * 3 + 3
@@ -207,7 +243,7 @@ def test_step_bytes_ignores_allocator_fragmentation():
     left, hole, right = (tf.zeros([3 * size // 8]) for _ in range(3))
     del hole
     single = naive()
-    measured = profiling._step_bytes(call, "CPU:0")
+    measured = profiling.step_bytes(call, "CPU:0")
     # 64 KiB of slack for the step's scalar output and the allocator's
     # rounding; a measurement landing in any hole would be >= 1.5 x size.
     assert size <= measured <= size + 2**16, (measured, single)

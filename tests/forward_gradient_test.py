@@ -5,14 +5,13 @@ The directional derivative from `jvp` is checked against `∇f·v` from
 for every layer family in every execution mode.
 """
 
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import keras
 
 from keras_fwdgrad import directions
-from keras_fwdgrad import objectives
+from keras_fwdgrad.research import objectives
 from keras_fwdgrad.forward_gradient import clip_directional_derivative
 from keras_fwdgrad.forward_gradient import forward_gradient
 from keras_fwdgrad.forward_gradient import jvp
@@ -122,9 +121,7 @@ def _case(name):
             rng.integers(0, 10, size=(8, 4)).astype("int32"),
         ),
         "flatten": (
-            lambda: keras.Sequential(
-                [keras.Input((3, 4)), L.Flatten(), L.Dense(3)]
-            ),
+            lambda: keras.Sequential([keras.Input((3, 4)), L.Flatten(), L.Dense(3)]),
             rng.normal(size=(8, 3, 4)).astype("float32"),
         ),
         "functional_multi_input": (
@@ -177,9 +174,7 @@ def test_jvp_matches_tape(case, mode):
         with tf.GradientTape() as tape:
             loss, d = jvp(lambda: loss_fn(y, model(x, training=True)), variables, v)
         grads = tape.gradient(loss, variables)
-        ref = tf.add_n(
-            [tf.reduce_sum(tf.convert_to_tensor(g) * t) for g, t in zip(grads, v)]
-        )
+        ref = tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g) * t) for g, t in zip(grads, v)])
         return d, ref
 
     d, ref = _run(mode, step)
@@ -202,9 +197,7 @@ class BicubicUpsample(keras.layers.Layer):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_jvp_names_op_and_layer_it_cannot_differentiate(mode):
-    model = keras.Sequential(
-        [keras.Input((4, 4, 1)), BicubicUpsample(), L.Flatten(), L.Dense(2)]
-    )
+    model = keras.Sequential([keras.Input((4, 4, 1)), BicubicUpsample(), L.Flatten(), L.Dense(2)])
     x = np.ones((2, 4, 4, 1), "float32")
     variables = model.trainable_variables
     v = [tf.ones_like(w) for w in variables]

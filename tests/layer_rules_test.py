@@ -10,6 +10,8 @@ import tensorflow as tf
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import directions
 from keras_fwdgrad import layer_rules
+from keras_fwdgrad import tangents
+from keras_fwdgrad import testing
 from tests.conftest import MODES
 
 L = keras.layers
@@ -85,9 +87,7 @@ CASES = {
             L.Dense(3),
         ],
     ),
-    "conv1d": _seq(
-        (9, 2), lambda: [L.Conv1D(4, 3, activation="relu"), L.Flatten(), L.Dense(3)]
-    ),
+    "conv1d": _seq((9, 2), lambda: [L.Conv1D(4, 3, activation="relu"), L.Flatten(), L.Dense(3)]),
     "conv3d": _seq(
         (4, 4, 4, 1),
         lambda: [L.Conv3D(2, 2, activation="relu"), L.Flatten(), L.Dense(3)],
@@ -106,7 +106,12 @@ CASES = {
     ),
     "max_pool1d_same_overlapping": _seq(
         (9, 2),
-        lambda: [L.Dense(3), L.MaxPooling1D(3, strides=2, padding="same"), L.Flatten(), L.Dense(3)],
+        lambda: [
+            L.Dense(3),
+            L.MaxPooling1D(3, strides=2, padding="same"),
+            L.Flatten(),
+            L.Dense(3),
+        ],
     ),
     "max_pool2d_same_strided": _seq(
         (7, 7, 2),
@@ -132,9 +137,7 @@ CASES = {
     "relu_layer_and_reshape": _seq(
         (6,), lambda: [L.Dense(8), L.ReLU(), L.Reshape((2, 4)), L.Flatten(), L.Dense(3)]
     ),
-    "leaky_relu_layer": _seq(
-        (6,), lambda: [L.Dense(8), L.ReLU(negative_slope=0.1), L.Dense(3)]
-    ),
+    "leaky_relu_layer": _seq((6,), lambda: [L.Dense(8), L.ReLU(negative_slope=0.1), L.Dense(3)]),
     "dropout": _seq((6,), lambda: [L.Dense(16), L.Dropout(0.5, seed=3), L.Dense(3)]),
     "batch_normalization": _seq(
         (8, 8, 2),
@@ -189,36 +192,21 @@ def _run(mode, fn):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layer_rules_match_tape(case, mode, direction):
     """d from the layer rules equals sum(grad * v) from a tape on the same
-    forward pass (so dropout draws the same mask), rtol 1e-5."""
+    weights and state (so dropout draws the same mask), rtol 1e-5."""
     keras.utils.set_random_seed(1)
     base = CASES[case]()
     x, y = _model_data(base)
-    model = ForwardGradientModel(base, direction=direction, seed=5)
-    model.compile(optimizer="sgd", loss=SCCE)
-    assert model._uses_layer_rules()
-    variables = model.trainable_variables
-
-    def step():
-        v = model._directions(variables, 0, structured=True)
-        with tf.GradientTape() as tape:
-            y_pred, loss, d = model._rules_pass(x, y, None, variables, v)
-        grads = tape.gradient(loss, variables)
-        ref = tf.add_n(
-            [
-                tf.reduce_sum(tf.convert_to_tensor(g) * directions.to_dense(t))
-                for g, t in zip(grads, v)
-            ]
-        )
-        return d, ref, loss
-
-    d, ref, loss = _run(mode, step)
-    np.testing.assert_allclose(d.numpy(), ref.numpy(), rtol=RTOL, atol=ATOL)
+    assert ForwardGradientModel(base, seed=0).uses_layer_rules
+    report = testing.check_exactness(base, x, y, SCCE, mode=mode, direction=direction, seed=5)
+    np.testing.assert_allclose(
+        report["directional_derivative"], report["reference"], rtol=RTOL, atol=ATOL
+    )
     # Not vacuous: the derivative is far from zero and the loss is the
     # model's (regularization included).
-    assert abs(ref.numpy()) > 1e-3
+    assert abs(report["reference"]) > 1e-3
     expected = SCCE(y, base(x, training=False)) + sum(base.losses)
     if "dropout" not in case and case != "batch_normalization":
-        np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(report["loss"], expected.numpy(), rtol=1e-5)
 
 
 def test_rule_and_accumulator_give_the_same_step():
@@ -326,7 +314,7 @@ def test_unsupported_model_still_trains_with_the_accumulator():
     `tf.autodiff.ForwardAccumulator` path, and a step is exact there."""
     base = _seq((6,), lambda: [_Custom(), L.Dense(3)])()
     model = ForwardGradientModel(base, seed=0)
-    assert not model._uses_layer_rules()
+    assert not model.uses_layer_rules
     x, y = _data((6,))
     model.compile(optimizer="sgd", loss=SCCE)
     logs = model.train_on_batch(x, y, return_dict=True)
@@ -336,38 +324,57 @@ def test_unsupported_model_still_trains_with_the_accumulator():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "case",
-    sorted(c for c in CASES if c not in ("dropout", "batch_normalization", "leaky_relu_layer",
-                                         "max_pool3d", "functional_keras_op_and_dropout")),
+    sorted(
+        c
+        for c in CASES
+        if c
+        not in (
+            "dropout",
+            "batch_normalization",
+            "leaky_relu_layer",
+            "max_pool3d",
+            "functional_keras_op_and_dropout",
+        )
+    ),
 )
 def test_several_directions_in_one_pass_match_separate_passes(case, mode):
-    """K = 3 directions carried in one pass give each direction's
-    derivative of a pass of its own, rtol 1e-5."""
-    keras.utils.set_random_seed(1)
-    base = CASES[case]()
-    x, y = _model_data(base)
-    model = ForwardGradientModel(base, direction="lowrank_gaussian", seed=5, num_directions=3)
-    model.compile(optimizer="sgd", loss=SCCE)
-    assert layer_rules.supports_batched_tangents(base)
-    variables = model.trainable_variables
-
-    def both():
-        vs = [model._directions(variables, k, structured=True) for k in range(3)]
-        _, _, together = model._rules_pass_many(x, y, None, variables, vs)
-        apart = [model._rules_pass(x, y, None, variables, v)[2] for v in vs]
-        return tf.stack(together), tf.stack(apart)
-
-    together, apart = _run(mode, both)
-    np.testing.assert_allclose(together.numpy(), apart.numpy(), rtol=RTOL, atol=ATOL)
-    # The three directions differ, so the check compares three numbers.
-    assert len(set(np.round(apart.numpy(), 4))) == 3
+    """K = 3 directions carried in one pass through the layer rules give
+    the estimate of K separate passes of `tf.autodiff.ForwardAccumulator`
+    (run eagerly, where TensorFlow's forward mode is exact for every layer
+    here), rtol 1e-5."""
+    assert layer_rules.supports_batched_tangents(CASES[case]())
+    results = []
+    for rules in (True, False):
+        keras.utils.set_random_seed(1)
+        base = CASES[case]()
+        x, y = _model_data(base)
+        model = ForwardGradientModel(
+            base, direction="lowrank_gaussian", seed=5, num_directions=3, layer_rules=rules
+        )
+        model.compile(optimizer="sgd", loss=SCCE)
+        fn = lambda: model.forward_gradient(x, y)[1]  # noqa: E731
+        results.append(_run(mode if rules else "eager", fn))
+        directions_of_step = model.current_directions()
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    # The three directions differ, so the check averages three estimates.
+    first = [np.asarray(v[0]).ravel()[:4] for v in directions_of_step]
+    assert not np.allclose(first[0], first[1]) and not np.allclose(first[1], first[2])
 
 
 @pytest.mark.parametrize(
     "case",
     # One pass; K passes (a layer without rule); K passes after the one-pass
     # attempt finds that the leaky ReLU's rule does not apply.
-    ["dense_relu", "max_pool2d_tiled", "dropout", "batch_normalization", "leaky_relu_layer",
-     "functional_two_inputs", "functional_keras_op_and_dropout"],
+    [
+        "dense_relu",
+        "max_pool2d_tiled",
+        "dropout",
+        "batch_normalization",
+        "leaky_relu_layer",
+        "functional_two_inputs",
+        "functional_keras_op_and_dropout",
+    ],
 )
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
 def test_several_directions_step_equals_the_accumulator_step(case, direction):
@@ -394,7 +401,7 @@ def test_words_computed_after_a_tensor_are_unchanged(mode):
     whatever the tensor holds (NaN and infinities included)."""
     words = directions.random_bits(5, tf.constant([1, 2]))
     tensor = tf.constant([[np.nan, np.inf], [-np.inf, 3.0]])
-    out = _run(mode, lambda: layer_rules._computed_after(words, tensor))
+    out = _run(mode, lambda: tangents.computed_after(words, tensor))
     assert out.dtype == tf.uint32
     np.testing.assert_array_equal(out, words)
 
@@ -404,11 +411,11 @@ def test_layer_without_forward_mode_derivative_is_named():
     mode (bicubic resizing) raises the same clear error through the rules'
     per-layer fallback."""
     base = _seq(
-        (4, 4, 1), lambda: [L.Dense(2), L.Resizing(7, 7, interpolation="bicubic"),
-                            L.Flatten(), L.Dense(2)]
+        (4, 4, 1),
+        lambda: [L.Dense(2), L.Resizing(7, 7, interpolation="bicubic"), L.Flatten(), L.Dense(2)],
     )()
     model = ForwardGradientModel(base, seed=0)
-    assert model._uses_layer_rules()
+    assert model.uses_layer_rules
     model.compile(optimizer="sgd", loss=SCCE)
     with pytest.raises(ValueError, match="ResizeBicubicGrad"):
         model.fit(np.ones((4, 4, 4, 1), "float32"), np.zeros(4), verbose=0)

@@ -106,10 +106,8 @@ def test_one_sgd_step_is_w_minus_lr_d_v(mode, direction, layer_rules):
     the layer rules and with `tf.autodiff.ForwardAccumulator`."""
     x, y = _data(n=16)
     base = _mlp()
-    model = ForwardGradientModel(
-        base, direction=direction, seed=42, layer_rules=layer_rules
-    )
-    assert model._uses_layer_rules() == layer_rules
+    model = ForwardGradientModel(base, direction=direction, seed=42, layer_rules=layer_rules)
+    assert model.uses_layer_rules == layer_rules
     lr = 0.1
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=SCCE, **compile_kwargs(mode))
     w0 = _weights(base)
@@ -251,7 +249,9 @@ def test_evaluate_and_predict_match_base_model():
     model.compile(optimizer="sgd", loss=SCCE)
     base.compile(loss=SCCE)
     np.testing.assert_allclose(model.predict(x, verbose=0), base.predict(x, verbose=0), atol=1e-6)
-    np.testing.assert_allclose(model.evaluate(x, y, verbose=0), base.evaluate(x, y, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        model.evaluate(x, y, verbose=0), base.evaluate(x, y, verbose=0), atol=1e-6
+    )
 
 
 def test_same_seed_same_run_and_other_seed_differs():
@@ -317,7 +317,12 @@ def test_terminate_on_nan_still_stops_training():
     model = ForwardGradientModel(base, seed=0)
     model.compile(optimizer="sgd", loss=SCCE)
     history = model.fit(
-        x, y, batch_size=32, epochs=5, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=32,
+        epochs=5,
+        shuffle=False,
+        verbose=0,
         callbacks=[keras.callbacks.TerminateOnNaN()],
     )
     assert len(history.history["loss"]) == 1
@@ -352,7 +357,8 @@ def test_save_load_predict_and_resume(tmp_path):
         )
         model.compile(
             optimizer=keras.optimizers.SGD(0.02, momentum=0.9, nesterov=True),
-            loss=SCCE, metrics=["accuracy"],
+            loss=SCCE,
+            metrics=["accuracy"],
         )
         return model
 
@@ -369,7 +375,9 @@ def test_save_load_predict_and_resume(tmp_path):
     assert isinstance(loaded.direction, directions.Rademacher)
     assert (loaded.seed, loaded.jvp_clip) == (21, 5.0)
     assert int(loaded.direction_step) == int(first.direction_step) == 16
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), first.predict(x, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), first.predict(x, verbose=0), atol=1e-6
+    )
 
     loaded.fit(x, y, epochs=1, **fit)
     for a, b in zip(uninterrupted.model.variables, loaded.model.variables):

@@ -29,8 +29,16 @@ def _regression(n, seed):
 def _hypermodel(gradient, **kwargs):
     # Learning rates 1e-3, 1e-2, 1e-1, 1.
     return tuning.LearningRateHyperModel(
-        _linear, gradient=gradient, optimizer="sgd", loss="mse", metrics=(),
-        learning_rate_range=(1e-3, 1.0), decay_values=(0.0,), jit_compile=False, **kwargs)
+        _linear,
+        gradient=gradient,
+        optimizer="sgd",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-3, 1.0),
+        decay_values=(0.0,),
+        jit_compile=False,
+        **kwargs,
+    )
 
 
 def test_separate_searches_find_different_learning_rates(tmp_path):
@@ -73,18 +81,36 @@ def test_search_resumes_without_redoing_trials(tmp_path):
             calls.append(hp.values["learning_rate"])
             return model
 
-    first = tuning.make_tuner(Counting(_linear, gradient="backprop", loss="mse", metrics=(),
-                                       learning_rate_range=(1e-3, 1.0), decay_values=(0.0,),
-                                       jit_compile=False),
-                              directory=str(tmp_path), project_name="p")
+    first = tuning.make_tuner(
+        Counting(
+            _linear,
+            gradient="backprop",
+            loss="mse",
+            metrics=(),
+            learning_rate_range=(1e-3, 1.0),
+            decay_values=(0.0,),
+            jit_compile=False,
+        ),
+        directory=str(tmp_path),
+        project_name="p",
+    )
     calls.clear()  # The tuner builds once on construction to read the space.
     first.search(train, validation_data=val, epochs=1, verbose=0)
     assert len(calls) == 4
     best = first.get_best_hyperparameters(1)[0].values
-    again = tuning.make_tuner(Counting(_linear, gradient="backprop", loss="mse", metrics=(),
-                                       learning_rate_range=(1e-3, 1.0), decay_values=(0.0,),
-                                       jit_compile=False),
-                              directory=str(tmp_path), project_name="p")
+    again = tuning.make_tuner(
+        Counting(
+            _linear,
+            gradient="backprop",
+            loss="mse",
+            metrics=(),
+            learning_rate_range=(1e-3, 1.0),
+            decay_values=(0.0,),
+            jit_compile=False,
+        ),
+        directory=str(tmp_path),
+        project_name="p",
+    )
     calls.clear()
     again.search(train, validation_data=val, epochs=1, verbose=0)
     assert calls == []  # Nothing re-trained.
@@ -94,9 +120,11 @@ def test_search_resumes_without_redoing_trials(tmp_path):
 
 @pytest.mark.parametrize(
     "optimizer, names",
-    [("sgd", {"learning_rate", "decay"}),
-     ("nesterov", {"learning_rate", "decay", "momentum"}),
-     ("adam", {"learning_rate", "decay", "beta_1", "beta_2"})],
+    [
+        ("sgd", {"learning_rate", "decay"}),
+        ("nesterov", {"learning_rate", "decay", "momentum"}),
+        ("adam", {"learning_rate", "decay", "beta_1", "beta_2"}),
+    ],
 )
 def test_search_space_has_table_i_columns(optimizer, names):
     hm = tuning.LearningRateHyperModel(_linear, gradient="forward", optimizer=optimizer)
@@ -108,8 +136,11 @@ def test_search_space_has_table_i_columns(optimizer, names):
     assert lr.name == "learning_rate" and lr.sampling == "log"
     np.testing.assert_allclose([lr.min_value, lr.max_value, lr.step], [1e-5, 1e-1, 10])
     opt = model.optimizer
-    expected = {"sgd": keras.optimizers.SGD, "nesterov": keras.optimizers.SGD,
-                "adam": keras.optimizers.Adam}[optimizer]
+    expected = {
+        "sgd": keras.optimizers.SGD,
+        "nesterov": keras.optimizers.SGD,
+        "adam": keras.optimizers.Adam,
+    }[optimizer]
     assert type(opt) is expected
     assert isinstance(model, ForwardGradientModel)
 
@@ -117,9 +148,20 @@ def test_search_space_has_table_i_columns(optimizer, names):
 def test_compare_searches_and_table(tmp_path):
     train, val, test = _regression(128, 0), _regression(64, 1), _regression(64, 2)
     rows = tuning.compare_searches(
-        _linear, train, val, test, epochs=1, model_name="linear", dataset_name="synthetic",
-        directory=str(tmp_path), loss="mse", metrics=(), learning_rate_range=(1e-3, 1e-1),
-        decay_values=(0.0,), jit_compile=False)
+        _linear,
+        train,
+        val,
+        test,
+        epochs=1,
+        model_name="linear",
+        dataset_name="synthetic",
+        directory=str(tmp_path),
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-3, 1e-1),
+        decay_values=(0.0,),
+        jit_compile=False,
+    )
     assert [r["gradient"] for r in rows] == ["forward", "backprop"]
     for r in rows:
         assert set(tuning.TABLE_COLUMNS) <= set(r)

@@ -20,9 +20,7 @@ def _setup(direction, layer_rules=True):
     base = keras.Sequential(
         [keras.Input((3,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(2)]
     )
-    model = ForwardGradientModel(
-        base, direction=direction, seed=2024, layer_rules=layer_rules
-    )
+    model = ForwardGradientModel(base, direction=direction, seed=2024, layer_rules=layer_rules)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer="sgd", loss=loss)
     with tf.GradientTape() as tape:

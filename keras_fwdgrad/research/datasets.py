@@ -35,9 +35,7 @@ def _check(name, source):
     if name not in NAMES:
         raise ValueError(f"`name` must be one of {NAMES}. Received: name={name!r}")
     if source not in SOURCES:
-        raise ValueError(
-            f"`source` must be one of {SOURCES}. Received: source={source!r}"
-        )
+        raise ValueError(f"`source` must be one of {SOURCES}. Received: source={source!r}")
 
 
 def _load_local(name, data_dir):
@@ -113,8 +111,7 @@ def load(name, data_dir=None, source="auto"):
     if source == "bundled":
         if name != "mnist":
             raise ValueError(
-                "`source='bundled'` is only available for MNIST. "
-                f"Received: name={name!r}"
+                f"`source='bundled'` is only available for MNIST. Received: name={name!r}"
             )
         with np.load(_BUNDLED) as d:
             arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
@@ -217,7 +214,7 @@ def make_datasets(
     Example:
 
     ```python
-    train, val, test = keras_fwdgrad.datasets.make_datasets(
+    train, val, test = keras_fwdgrad.research.datasets.make_datasets(
         "mnist", data_dir="/data/shared")
     model.fit(train, validation_data=val, epochs=5)
     ```

@@ -10,8 +10,8 @@ A method is a dict, made with `method()`:
 
 ```python
 methods = [
-    keras_fwdgrad.experiments.method("forward", learning_rate=2e-4, decay=1e-4),
-    keras_fwdgrad.experiments.method("backprop", learning_rate=2e-4, decay=1e-4),
+    keras_fwdgrad.research.experiments.method("forward", learning_rate=2e-4, decay=1e-4),
+    keras_fwdgrad.research.experiments.method("backprop", learning_rate=2e-4, decay=1e-4),
 ]
 ```
 """
@@ -19,8 +19,8 @@ methods = [
 import keras
 import numpy as np
 
-from keras_fwdgrad import metrics as metrics_lib
-from keras_fwdgrad import optimizers
+from keras_fwdgrad.research import measures
+from keras_fwdgrad.research import optimizers
 from keras_fwdgrad.model import ForwardGradientModel
 
 GRADIENTS = ("forward", "backprop")
@@ -56,9 +56,7 @@ def method(
         `"forward (gaussian)"` or `"backprop"`.
     """
     if gradient not in GRADIENTS:
-        raise ValueError(
-            f"`gradient` must be one of {GRADIENTS}. Received: gradient={gradient!r}"
-        )
+        raise ValueError(f"`gradient` must be one of {GRADIENTS}. Received: gradient={gradient!r}")
     if optimizer not in optimizers.OPTIMIZERS:
         raise ValueError(
             f"`optimizer` must be one of {optimizers.OPTIMIZERS}. "
@@ -167,7 +165,7 @@ def compare_training(
                 metrics=list(metrics),
                 jit_compile=jit_compile,
             )
-            trace = metrics_lib.TrainingTrace(validation, loss=loss, eval_every=eval_every)
+            trace = measures.TrainingTrace(validation, loss=loss, eval_every=eval_every)
             model.fit(
                 train,
                 epochs=epochs,
@@ -260,7 +258,7 @@ def summarize(runs, labels=None):
         for label, s in summary.items():
             if label != "backprop":
                 s.update(
-                    metrics_lib.tf_over_tb(
+                    measures.tf_over_tb(
                         s["mean_eval_times"],
                         s["mean_val_loss"],
                         b["mean_eval_times"],

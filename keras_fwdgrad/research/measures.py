@@ -88,8 +88,7 @@ class TrainingTrace(keras.callbacks.Callback):
         super().__init__()
         if not isinstance(eval_every, int) or eval_every < 1:
             raise ValueError(
-                "`eval_every` must be a positive integer. "
-                f"Received: eval_every={eval_every!r}"
+                f"`eval_every` must be a positive integer. Received: eval_every={eval_every!r}"
             )
         self.validation_data = validation_data
         self.loss = loss
@@ -106,8 +105,7 @@ class TrainingTrace(keras.callbacks.Callback):
         loss = keras.losses.get(loss) if isinstance(loss, str) else loss
         if loss is None:
             raise ValueError(
-                "`TrainingTrace` needs a `loss`: pass one or compile the model "
-                "with one."
+                "`TrainingTrace` needs a `loss`: pass one or compile the model with one."
             )
         model = self.model
 

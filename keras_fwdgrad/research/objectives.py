@@ -27,11 +27,7 @@ def beale(theta):
         Tensor of shape `[...]`.
     """
     x, y = theta[..., 0], theta[..., 1]
-    return (
-        (1.5 - x + x * y) ** 2
-        + (2.25 - x + x * y**2) ** 2
-        + (2.625 - x + x * y**3) ** 2
-    )
+    return (1.5 - x + x * y) ** 2 + (2.25 - x + x * y**2) ** 2 + (2.625 - x + x * y**3) ** 2
 
 
 def rosenbrock(theta, a=1.0, b=100.0):
@@ -52,8 +48,9 @@ def rosenbrock(theta, a=1.0, b=100.0):
     return (a - x) ** 2 + b * (y - x**2) ** 2
 
 
-def optimize(f, start, learning_rate, steps, num_runs=10, seed=0,
-             direction="gaussian", jit_compile=True):
+def optimize(
+    f, start, learning_rate, steps, num_runs=10, seed=0, direction="gaussian", jit_compile=True
+):
     """Runs forward gradient descent and gradient descent on `f`.
 
     Plain descent with a constant learning rate (no decay), as in the

@@ -27,13 +27,10 @@ def decay_schedule(learning_rate, decay=0.0):
     """
     if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ValueError(
-            "`learning_rate` must be a positive number. "
-            f"Received: learning_rate={learning_rate!r}"
+            f"`learning_rate` must be a positive number. Received: learning_rate={learning_rate!r}"
         )
     if not isinstance(decay, (int, float)) or decay < 0:
-        raise ValueError(
-            f"`decay` must be a non-negative number. Received: decay={decay!r}"
-        )
+        raise ValueError(f"`decay` must be a non-negative number. Received: decay={decay!r}")
     if not decay:
         return float(learning_rate)
     return keras.optimizers.schedules.ExponentialDecay(
@@ -71,21 +68,15 @@ def make_optimizer(
     Example:
 
     ```python
-    optimizer = keras_fwdgrad.optimizers.make_optimizer(
+    optimizer = keras_fwdgrad.research.optimizers.make_optimizer(
         "sgd", learning_rate=2e-4, decay=1e-4)
     ```
     """
     if name not in OPTIMIZERS:
-        raise ValueError(
-            f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}"
-        )
+        raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}")
     lr = decay_schedule(learning_rate, decay)
     if name == "adam":
-        return keras.optimizers.Adam(
-            lr, beta_1=beta_1, beta_2=beta_2, clipnorm=clipnorm
-        )
+        return keras.optimizers.Adam(lr, beta_1=beta_1, beta_2=beta_2, clipnorm=clipnorm)
     if name == "nesterov":
-        return keras.optimizers.SGD(
-            lr, momentum=momentum, nesterov=True, clipnorm=clipnorm
-        )
+        return keras.optimizers.SGD(lr, momentum=momentum, nesterov=True, clipnorm=clipnorm)
     return keras.optimizers.SGD(lr, clipnorm=clipnorm)

@@ -57,7 +57,7 @@ def _state_bytes(model):
 _BALLAST_BYTES = tuple(1 << k for k in range(18, 27, 2))
 
 
-def _step_bytes(call, device):
+def step_bytes(call, device):
     """Memory one call of `call` allocates at its peak, beyond what was
     allocated before it; `None` without allocator statistics.
 
@@ -156,17 +156,15 @@ def profile_step_costs(
     Example:
 
     ```python
-    costs = keras_fwdgrad.profiling.profile_step_costs(
-        keras_fwdgrad.architectures.mlp, x[:64], y[:64],
+    costs = keras_fwdgrad.research.profiling.profile_step_costs(
+        keras_fwdgrad.research.architectures.mlp, x[:64], y[:64],
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     print(costs["ratios"]["forward-gaussian"]["Rf/Rb"])
     ```
     """
     for name, value in (("steps", steps), ("repeats", repeats), ("warmup", warmup)):
         if not isinstance(value, int) or value < (0 if name == "warmup" else 1):
-            raise ValueError(
-                f"`{name}` must be a positive integer. Received: {name}={value!r}"
-            )
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     if isinstance(build_model, keras.Model) or not callable(build_model):
         raise TypeError(
             "`build_model` must be a function that returns a fresh Keras "
@@ -218,13 +216,13 @@ def profile_step_costs(
         for _ in range(warmup):
             call()
         compile_s = time.perf_counter() - start
-        step_bytes = _step_bytes(call, device)
+        extra = step_bytes(call, device)
         state = _state_bytes(models[name])
         results[name] = {
             "compile_s": compile_s,
             "state_bytes": state,
-            "step_bytes": step_bytes,
-            "peak_bytes": None if step_bytes is None else state + step_bytes,
+            "step_bytes": extra,
+            "peak_bytes": None if extra is None else state + extra,
             "ms_rounds": [],
         }
     for _ in range(repeats):
@@ -232,9 +230,7 @@ def profile_step_costs(
             start = time.perf_counter()
             for _ in range(steps):
                 call()
-            results[name]["ms_rounds"].append(
-                1000.0 * (time.perf_counter() - start) / steps
-            )
+            results[name]["ms_rounds"].append(1000.0 * (time.perf_counter() - start) / steps)
     for r in results.values():
         r["ms"] = float(np.median(r["ms_rounds"]))
         r["R"] = r["ms"] / results["base"]["ms"]
@@ -254,9 +250,7 @@ def profile_step_costs(
         "methods": results,
         "ratios": ratios,
         "batch_size": int(x.shape[0]),
-        "parameters": int(
-            sum(int(np.prod(v.shape)) for v in base.trainable_variables)
-        ),
+        "parameters": int(sum(int(np.prod(v.shape)) for v in base.trainable_variables)),
         "jit_compile": bool(jit_compile),
         "steps": steps,
         "repeats": repeats,

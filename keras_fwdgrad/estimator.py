@@ -1,0 +1,372 @@
+"""One training step's forward-gradient estimate.
+
+`estimate(model, x, y, sample_weight)` draws the step's K directions, runs
+the forward-mode passes (through `keras_fwdgrad.layer_rules`, or
+`tf.autodiff.ForwardAccumulator` over the whole model), restores the
+non-trainable state between passes, all-reduces the directional
+derivatives under a strategy, clips them and forms the forward gradient.
+`model` is a `ForwardGradientModel`; this module reads its configuration
+and never changes its weights.
+"""
+
+import contextlib
+import numbers
+
+import keras
+import tensorflow as tf
+
+from keras_fwdgrad import _compat
+from keras_fwdgrad import connectivity
+from keras_fwdgrad import distribute
+from keras_fwdgrad import layer_rules
+from keras_fwdgrad import tangents
+from keras_fwdgrad.forward_gradient import clip_directional_derivative
+from keras_fwdgrad.forward_gradient import forward_gradient
+from keras_fwdgrad.forward_gradient import jvp
+
+
+def check_backend():
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise ValueError(
+            "`ForwardGradientModel` requires the TensorFlow backend, since "
+            "it uses `tf.autodiff.ForwardAccumulator`. Set the environment "
+            "variable `KERAS_BACKEND=tensorflow` before importing Keras. "
+            f"Received: backend={backend!r}"
+        )
+
+
+def check_variables(model):
+    """Raises unless `model` has trainable variables, all floating."""
+    variables = model.trainable_variables
+    if not variables:
+        raise ValueError(
+            "`model` has no trainable variables, so there is nothing to "
+            f"train. Received: model={model.name!r}"
+        )
+    for v in variables:
+        if not tf.as_dtype(v.dtype).is_floating:
+            raise TypeError(
+                "Every trainable variable of `model` must have a floating "
+                f"dtype to be trained with forward gradients. Received: "
+                f"variable {v.path!r} with dtype={v.dtype}"
+            )
+
+
+def symbolic_inputs(input_shape):
+    """`keras.KerasTensor`s for a nested structure of shapes."""
+    return _map_shapes(keras.KerasTensor, input_shape)
+
+
+def _map_shapes(fn, shapes):
+    """Maps `fn` over the shapes (tuples of ints or `None`) of a nested
+    structure of shapes."""
+    if isinstance(shapes, dict):
+        return {k: _map_shapes(fn, v) for k, v in shapes.items()}
+    if isinstance(shapes, (list, tuple)) and not all(
+        d is None or isinstance(d, int) for d in shapes
+    ):
+        return type(shapes)(_map_shapes(fn, v) for v in shapes)
+    return fn(tuple(shapes))
+
+
+def check_arguments(num_directions, jvp_clip, seed, layer_rules):
+    """Raises a `ValueError` or `TypeError` naming a bad argument."""
+    if (
+        isinstance(num_directions, bool)
+        or not isinstance(num_directions, numbers.Integral)
+        or num_directions < 1
+    ):
+        raise ValueError(
+            "`num_directions` must be a positive integer. "
+            f"Received: num_directions={num_directions!r}"
+        )
+    if jvp_clip is not None:
+        if isinstance(jvp_clip, bool) or not isinstance(jvp_clip, numbers.Real):
+            raise TypeError(
+                f"`jvp_clip` must be a positive number or `None`. Received: jvp_clip={jvp_clip!r}"
+            )
+        if not jvp_clip > 0 or jvp_clip == float("inf"):
+            raise ValueError(
+                "`jvp_clip` must be a positive finite number or `None`. "
+                f"Received: jvp_clip={jvp_clip!r}"
+            )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"`seed` must be an integer or `None`. Received: seed={seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise ValueError(f"`seed` must fit in a signed 64-bit integer. Received: seed={seed!r}")
+    if not isinstance(layer_rules, bool):
+        raise TypeError(f"`layer_rules` must be a bool. Received: layer_rules={layer_rules!r}")
+
+
+def sample_directions(model, k=0, structured=False):
+    """Direction `k` of `model`'s current step, one component per trainable
+    variable (compact `tangents` types where the family has them, if
+    `structured`)."""
+    variables = model.trainable_variables
+    seed = tf.stack(
+        [
+            tf.constant(model.seed, dtype="int64"),
+            tf.convert_to_tensor(model.direction_step),
+        ]
+    )
+    if model.num_directions > 1:
+        seed = tf.random.experimental.stateless_fold_in(seed, k)
+    shapes = [tuple(v.shape) for v in variables]
+    dtype = variables[0].dtype
+    sample = model.direction.sample_structured if structured else model.direction.sample
+    v = sample(shapes, seed, dtype=dtype)
+    return [tangents.cast(t, var.dtype) for t, var in zip(v, variables)]
+
+
+def uses_layer_rules(model):
+    return model.layer_rules and layer_rules.supports(model.model)
+
+
+def _check_accumulator_is_exact(model):
+    """Raises where TensorFlow's forward mode over the whole model would be
+    silently wrong (see `layer_rules.inexact_reason`)."""
+    graph = not tf.executing_eagerly()
+    for layer in _compat.all_layers(model.model):
+        reason = layer_rules.inexact_reason(layer, graph)
+        if reason is None:
+            continue
+        if layer_rules.supports(model.model):
+            fix = "Use `layer_rules=True` (the default), which computes it exactly"
+        else:
+            fix = "Compile with `run_eagerly=True` (or `jit_compile=False` for max-pooling)"
+        raise ValueError(
+            f"Cannot compute an exact forward-mode derivative of layer "
+            f"{layer.name!r} ({type(layer).__name__}): {reason}. {fix}."
+        )
+
+
+def _rules_pass(model, x, y, sample_weight, vs):
+    """One pass through `keras_fwdgrad.layer_rules` carrying the K
+    directions `vs` at once.
+
+    Returns:
+        `(y_pred, losses, ds)`: the predictions, and the loss and its
+        directional derivative (before any loss scaling) per direction.
+
+    Raises:
+        `layer_rules.NeedsSeparatePasses` if K > 1 and a layer has no rule
+        for several tangents.
+    """
+    variables = model.trainable_variables
+    k = len(vs)
+    tangent_of = {
+        id(var): ts[0] if k == 1 else tangents.several(ts) for var, *ts in zip(variables, *vs)
+    }
+    compute_dtype = model.model.compute_dtype
+
+    def standardize(t):
+        t = tf.convert_to_tensor(t)
+        if t.dtype.is_floating and t.dtype != compute_dtype:
+            # As `Layer.__call__` casts floating inputs.
+            t = tf.cast(t, compute_dtype)
+        return t
+
+    x = tf.nest.map_structure(standardize, x)
+    # Losses from `add_loss` of the previous call would be stale.
+    _compat.clear_losses(model)
+    y_pred, y_dot = layer_rules.dual_call(
+        model.model,
+        x,
+        None,
+        lambda var: tangent_of.get(id(var)),
+        training=True,
+        num_tangents=k,
+    )
+    if y_dot is None:
+        y_dot = tf.zeros(
+            tf.concat([[k * tf.shape(y_pred)[0]], tf.shape(y_pred)[1:]], 0), y_pred.dtype
+        )
+    batch = tf.shape(y_pred)[0]
+    # A softmax or sigmoid output whose logits Keras' cross-entropy reads.
+    logits = layer_rules.logits_tangent(y_pred)
+    losses, ds = [], []
+    for i, v in enumerate(vs):
+        block = slice(i * batch, (i + 1) * batch)
+        primals, duals = [y_pred], [y_dot[block]]
+        if logits is not None and logits[1] is not None:
+            primals.append(logits[0])
+            duals.append(logits[1][block])
+        for var, t in zip(variables, v):
+            # Weight regularizers read the variables in `compute_loss`.
+            if getattr(var, "regularizer", None) is not None:
+                primals.append(var.value)
+                duals.append(tangents.to_dense(t))
+        with tf.autodiff.ForwardAccumulator(primals, duals) as acc:
+            loss = model.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+        losses.append(loss)
+        ds.append(acc.jvp(loss, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+    return y_pred, losses, ds
+
+
+def _accumulator_pass(model, x, y, sample_weight, v):
+    """One pass of `tf.autodiff.ForwardAccumulator` over the whole model."""
+    out = {}
+
+    def loss_fn():
+        out["y_pred"] = model(x, training=True)
+        out["loss"] = model.compute_loss(
+            x=x, y=y, y_pred=out["y_pred"], sample_weight=sample_weight, training=True
+        )
+        return out["loss"]
+
+    _, d = jvp(loss_fn, model.trainable_variables, [tangents.to_dense(t) for t in v])
+    return out["y_pred"], out["loss"], d
+
+
+def _disconnected_variables(model, x, y, sample_weight):
+    """Once per model: raises if an op without a derivative cuts a trainable
+    variable from the loss (`keras_fwdgrad.connectivity`); returns the ids
+    of the variables the loss does not use. Skipped under a strategy with
+    several replicas."""
+    if model._connectivity_checked or distribute.num_replicas() > 1:
+        return model._disconnected
+
+    def loss_fn(x, y, sample_weight):
+        y_pred = model.model(x, training=True)
+        return model.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+
+    cut = connectivity.check_connected(
+        loss_fn,
+        model.trainable_variables,
+        (x, y, sample_weight),
+        layer_names=[layer.name for layer in _compat.all_layers(model.model)],
+    )
+    model._disconnected = tuple(id(v) for v, c in zip(model.trainable_variables, cut) if c)
+    model._connectivity_checked = True
+    return model._disconnected
+
+
+def estimate(model, x, y, sample_weight, xla=False):
+    """Runs the K forward-mode passes of one step.
+
+    Args:
+        model: A built `ForwardGradientModel`.
+        x, y, sample_weight: One batch.
+        xla: Whether the step is XLA-compiled. Packed sign directions are
+            kept packed only then: XLA fuses each unpacking into its
+            consumer, elsewhere every unpacking is a full-size op, so they
+            are unpacked once.
+
+    Returns:
+        `(loss, y_pred, d, grads)`: the loss (unscaled, averaged over the K
+        passes), the predictions, the `[K]` directional derivatives after
+        clipping, and the forward gradient, one tensor per trainable
+        variable (zero for variables the loss does not use).
+    """
+    disconnected = _disconnected_variables(model, x, y, sample_weight)
+    with _recurrences_unrolled(model.model):
+        try:
+            loss, y_pred, ds, vs = _passes(model, x, y, sample_weight, xla)
+        except ValueError as e:
+            if "Cannot unroll a RNN" not in str(e):
+                raise
+            raise ValueError(
+                "In a `tf.function` (graph or XLA), `ForwardGradientModel` "
+                "unrolls recurrent layers, since TensorFlow cannot "
+                "differentiate their loop in forward mode; that needs a "
+                "static sequence length. Give the model's `keras.Input` a "
+                "fixed time dimension, or compile with `run_eagerly=True`. "
+                f"Original error: {e}"
+            ) from e
+    d = tf.stack(ds)
+    if distribute.reduces_directional_derivatives(model):
+        d = distribute.all_reduce_directional_derivatives(d, loss)
+    d = clip_directional_derivative(d, model.jvp_clip)
+    grads = forward_gradient(tf.unstack(d), vs)
+    grads = [
+        tf.zeros_like(g) if id(var) in disconnected else g
+        for g, var in zip(grads, model.trainable_variables)
+    ]
+    return loss, y_pred, d, grads
+
+
+def _passes(model, x, y, sample_weight, xla):
+    state = model.model.non_trainable_variables
+    if model.num_directions > 1 and state:
+        # Every direction must differentiate the same function: the later
+        # passes start from the same BatchNormalization statistics and
+        # dropout seed state as the first.
+        saved_state = [tf.identity(v.value) for v in state]
+
+    def draw(k):
+        v = sample_directions(model, k, structured=True)
+        return v if xla else [tangents.unpack_signs(t) for t in v]
+
+    losses, ds, vs = [], [], []
+    rules = uses_layer_rules(model)
+    if not rules:
+        _check_accumulator_is_exact(model)
+    if rules and model.num_directions > 1 and layer_rules.supports_batched_tangents(model.model):
+        # All K directions in one pass: the primal runs once.
+        vs = [draw(k) for k in range(model.num_directions)]
+        try:
+            y_pred, losses, ds = _rules_pass(model, x, y, sample_weight, vs)
+        except layer_rules.NeedsSeparatePasses:
+            vs = []
+    for k in range(0 if ds else model.num_directions):
+        if k > 0 and state:
+            for var, value in zip(state, saved_state):
+                var.assign(value)
+        v = draw(k)
+        if rules:
+            y_pred, (loss,), (d,) = _rules_pass(model, x, y, sample_weight, [v])
+        else:
+            y_pred, loss, d = _accumulator_pass(model, x, y, sample_weight, v)
+        losses.append(loss)
+        ds.append(d)
+        vs.append(v)
+    loss = losses[0] if len(losses) == 1 else tf.add_n(losses) / len(losses)
+    return loss, y_pred, ds, vs
+
+
+def scaled_for_optimizer(optimizer, grads):
+    """Multiplies the gradient by the optimizer's loss scale.
+
+    The directional derivative is that of the loss itself, so that
+    `jvp_clip`, the NaN guard and `forward_gradient()` see true values. An
+    optimizer that scales the loss (`LossScaleOptimizer` under the
+    `mixed_float16` policy, or `loss_scale_factor`) divides what it
+    receives by that scale in `apply`, so it receives the gradient of the
+    scaled loss, as from Keras' own trainer.
+    """
+    one = tf.constant(1.0, "float32")
+    scale = optimizer.scale_loss(one)
+    if scale is one:
+        return grads
+    return [g * tf.cast(scale, g.dtype) for g in grads]
+
+
+@contextlib.contextmanager
+def _recurrences_unrolled(model):
+    """Unrolls `model`'s recurrent layers while a graph is traced.
+
+    TensorFlow (2.21) cannot differentiate the `while_loop` of a recurrent
+    layer in forward mode inside a `tf.function` (its loop state is a
+    `variant` tensor); an unrolled loop is a chain of ordinary ops. Eagerly
+    the loop runs step by step and needs no unrolling.
+    """
+    if tf.executing_eagerly():
+        yield
+        return
+    rolled = [
+        layer
+        for layer in _compat.all_layers(model)
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll
+    ]
+    for layer in rolled:
+        layer.unroll = True
+    try:
+        yield
+    finally:
+        for layer in rolled:
+            layer.unroll = False
