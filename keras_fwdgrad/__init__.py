@@ -10,8 +10,8 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fwdgrad import directions
-from keras_fwdgrad.forward_gradient import forward_gradient
-from keras_fwdgrad.forward_gradient import jvp
+from keras_fwdgrad.ops import forward_gradient
+from keras_fwdgrad.ops import jvp
 from keras_fwdgrad.model import ForwardGradientModel
 
 __version__ = "0.1.0"

@@ -20,9 +20,9 @@ from keras_fwdgrad import connectivity
 from keras_fwdgrad import distribute
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad import tangents
-from keras_fwdgrad.forward_gradient import clip_directional_derivative
-from keras_fwdgrad.forward_gradient import forward_gradient
-from keras_fwdgrad.forward_gradient import jvp
+from keras_fwdgrad.ops import clip_directional_derivative
+from keras_fwdgrad.ops import forward_gradient
+from keras_fwdgrad.ops import jvp
 
 
 def check_backend():
@@ -278,6 +278,7 @@ def estimate(model, x, y, sample_weight, xla=False):
                 "fixed time dimension, or compile with `run_eagerly=True`. "
                 f"Original error: {e}"
             ) from e
+    _check_traced_ops()
     d = tf.stack(ds)
     if distribute.reduces_directional_derivatives(model):
         d = distribute.all_reduce_directional_derivatives(d, loss)
@@ -288,6 +289,40 @@ def estimate(model, x, y, sample_weight, xla=False):
         for g, var in zip(grads, model.trainable_variables)
     ]
     return loss, y_pred, d, grads
+
+
+# The ops TensorFlow's forward mode builds for max-pooling (the gradient of
+# its gradient), which XLA computes wrongly for overlapping windows. The
+# layer rules never build them.
+_MAX_POOL_JVP_OPS = ("MaxPoolGradGrad", "MaxPoolGradGradV2", "MaxPool3DGradGrad")
+
+
+def _check_traced_ops():
+    """Raises if the XLA graph being traced holds TensorFlow's forward-mode
+    derivative of max-pooling with overlapping windows (for example from
+    `tf.nn.max_pool2d` in your own layer), which XLA gets wrong."""
+    if not _compat.in_xla_context():
+        return
+    graph_def = tf.compat.v1.get_default_graph().as_graph_def()
+    # TensorFlow builds forward-mode derivatives in nested functions.
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    for node in nodes:
+        if node.op not in _MAX_POOL_JVP_OPS:
+            continue
+        ksize = list(node.attr["ksize"].list.i)
+        strides = list(node.attr["strides"].list.i)
+        # `MaxPoolGradGradV2` takes them as inputs: assume they overlap.
+        if not ksize or any(s < k for k, s in zip(ksize, strides)):
+            raise ValueError(
+                f"Cannot compute an exact forward-mode derivative of op "
+                f"`{node.name}` ({node.op}): TensorFlow's forward-mode "
+                "derivative of max-pooling with overlapping windows is wrong "
+                "under XLA. Use a `keras.layers.MaxPooling1D`/`MaxPooling2D` "
+                "layer in a model the layer rules run, or compile with "
+                "`jit_compile=False`."
+            )
 
 
 def _passes(model, x, y, sample_weight, xla):

@@ -45,7 +45,7 @@ import tensorflow as tf
 from keras_fwdgrad import _compat
 from keras_fwdgrad import tangents as tangents_module
 from keras_fwdgrad.tangents import to_dense
-from keras_fwdgrad.forward_gradient import jvp
+from keras_fwdgrad.ops import jvp
 
 L = keras.layers
 

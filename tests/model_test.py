@@ -465,7 +465,7 @@ def test_rejects_non_floating_trainable_variable():
 
 
 def test_fit_reports_layer_without_forward_mode_rule():
-    from tests.forward_gradient_test import BicubicUpsample
+    from tests.ops_test import BicubicUpsample
 
     base = keras.Sequential([keras.Input((4, 4, 1)), BicubicUpsample(), L.Flatten(), L.Dense(2)])
     model = ForwardGradientModel(base)

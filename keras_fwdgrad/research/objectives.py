@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fwdgrad import directions as directions_module
-from keras_fwdgrad.forward_gradient import jvp
+from keras_fwdgrad.ops import jvp
 
 BEALE_MINIMUM = (3.0, 0.5)
 ROSENBROCK_MINIMUM = (1.0, 1.0)

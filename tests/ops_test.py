@@ -12,9 +12,9 @@ import keras
 
 from keras_fwdgrad import directions
 from keras_fwdgrad.research import objectives
-from keras_fwdgrad.forward_gradient import clip_directional_derivative
-from keras_fwdgrad.forward_gradient import forward_gradient
-from keras_fwdgrad.forward_gradient import jvp
+from keras_fwdgrad.ops import clip_directional_derivative
+from keras_fwdgrad.ops import forward_gradient
+from keras_fwdgrad.ops import jvp
 from tests.conftest import MODES
 
 L = keras.layers
