@@ -7,6 +7,9 @@ fails loudly instead of silently changing a gradient.
 Checked on TensorFlow 2.21.0 and Keras 3.15.1.
 """
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
 
@@ -161,21 +164,48 @@ def loss_tracker(model):
     return _attribute(model, "_loss_tracker", "Trainer._loss_tracker")
 
 
-def use_gradients_as_given(optimizer):
-    """Makes `optimizer.apply` use gradients without summing them over
-    replicas (they are identical on every replica already).
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = {}
 
-    Replaces `_all_reduce_sum_gradients` of the TensorFlow backend's
-    optimizer (Keras 3.15.1), also of a `LossScaleOptimizer`'s inner
-    optimizer. Idempotent, so safe from concurrent replica threads. The
-    optimizer keeps this setting: it is only ever used by this model's
-    strategy.
+
+@contextlib.contextmanager
+def gradients_used_as_given(optimizer):
+    """While the update is traced, makes `optimizer.apply` use gradients
+    without summing them over replicas (they are identical on every
+    replica already).
+
+    Shadows `_all_reduce_sum_gradients` of the TensorFlow backend's
+    optimizer (Keras 3.15.1), and of a `LossScaleOptimizer`'s inner
+    optimizer, with an instance attribute, and removes it afterwards, so
+    the optimizer is left as it was made. Replica threads trace the update
+    concurrently, so the attribute stays until the last of them is done.
     """
-    for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        if opt is None:
-            continue
+    optimizers = [
+        opt for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)) if opt is not None
+    ]
+    for opt in optimizers:
         _attribute(opt, "_all_reduce_sum_gradients", "optimizer._all_reduce_sum_gradients")
-        opt._all_reduce_sum_gradients = list
+    with _PATCH_LOCK:
+        for opt in optimizers:
+            depth = _PATCH_DEPTH.get(id(opt), 0)
+            if depth == 0:
+                if "_all_reduce_sum_gradients" in vars(opt):
+                    raise RuntimeError(
+                        "The optimizer's `_all_reduce_sum_gradients` is already "
+                        "overridden on the instance; keras-fwdgrad cannot "
+                        "bypass it safely."
+                    )
+                opt._all_reduce_sum_gradients = list
+            _PATCH_DEPTH[id(opt)] = depth + 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            for opt in optimizers:
+                _PATCH_DEPTH[id(opt)] -= 1
+                if _PATCH_DEPTH[id(opt)] == 0:
+                    del _PATCH_DEPTH[id(opt)]
+                    del opt._all_reduce_sum_gradients
 
 
 def strategy_supports_no_merge_call():

@@ -42,10 +42,15 @@ def all_reduce_directional_derivatives(d, loss):
 def guarded_apply(model, grads, variables, finite, weights, saved_weights):
     """Applies `grads` if `finite`, else restores `weights` (non-trainable
     state) and changes nothing. Returns 1 for a skipped step, else 0."""
-    optimizer = model.optimizer
     if model.all_reduce == "directional_derivatives" and num_replicas() > 1:
         # The gradients are identical on every replica already.
-        _compat.use_gradients_as_given(optimizer)
+        with _compat.gradients_used_as_given(model.optimizer):
+            return _guarded_apply(model, grads, variables, finite, weights, saved_weights)
+    return _guarded_apply(model, grads, variables, finite, weights, saved_weights)
+
+
+def _guarded_apply(model, grads, variables, finite, weights, saved_weights):
+    optimizer = model.optimizer
     if _compat.strategy_supports_no_merge_call():
 
         def apply():

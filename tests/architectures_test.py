@@ -236,3 +236,28 @@ def test_recurrent_layer_without_static_length_says_what_to_change():
     with pytest.raises(ValueError, match="static sequence length.*run_eagerly=True"):
         any_length(random_inputs(5, 3), random_labels())
     model.forward_gradient(random_inputs(5, 3), random_labels())
+
+
+class _RawOverlappingMaxPool(L.Layer):
+    def call(self, x):
+        return tf.nn.max_pool2d(x, ksize=3, strides=2, padding="VALID")
+
+
+def test_raw_overlapping_max_pool_under_xla_is_an_error():
+    """Your own layer with `tf.nn.max_pool2d` over overlapping windows:
+    exact in a graph, an error under XLA (where TensorFlow's forward mode
+    is wrong), never a silently wrong step."""
+    build = lambda: keras.Sequential(  # noqa: E731
+        [
+            keras.Input((7, 7, 2)),
+            L.Conv2D(3, 3),
+            _RawOverlappingMaxPool(),
+            L.Flatten(),
+            L.Dense(10),
+        ]
+    )
+    data = (random_inputs(7, 7, 2), random_labels())
+    _, _, err = check_directional_derivative(build, data, SCCE, "graph", True)
+    assert err < RTOL
+    with pytest.raises(ValueError, match="MaxPoolGradGrad.*overlapping"):
+        check_directional_derivative(build, data, SCCE, "xla", True)

@@ -106,6 +106,13 @@ def run(strategy):
             "params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         }
         if method == "forward":
+            # The optimizer is left as the user made it: no method of its
+            # class is shadowed on the instance after training.
+            results[key]["shadowed_optimizer_methods"] = sorted(
+                name
+                for name, value in vars(model.optimizer).items()
+                if callable(value) and hasattr(type(model.optimizer), name)
+            )
             results[key]["skipped"] = int(model.skipped_steps.numpy())
             results[key]["direction_step"] = int(model.direction_step.numpy())
     return results

@@ -152,3 +152,12 @@ def test_two_workers_stay_in_sync_and_match_single_process(worker_runs, runs, ke
     # gradient (the fallback: 195 parameters and the finiteness flag).
     expected = 196 if key.endswith("gradients") else 2
     assert w0["reduced_per_replica"] == expected
+
+
+def test_optimizer_is_left_as_made(runs):
+    """Bypassing the optimizer's gradient all-reduce lasts only while the
+    update is traced: no method of the optimizer stays overridden."""
+    mirrored, _ = runs
+    for key, result in mirrored["results"].items():
+        if key.startswith("forward/"):
+            assert result["shadowed_optimizer_methods"] == [], key
