@@ -258,3 +258,74 @@ class BuildsFromOneReplica:
         )
         with strategy.scope():
             self._symbolic_build(data_batch=data_batch)
+
+
+def _group_by_group_conv(original):
+    """Keras' TensorFlow `conv`, with grouped and channels-first 3-D
+    convolutions computed group by group in channels-last layout."""
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        data_format = data_format or keras.config.image_data_format()
+        channels_last = data_format == "channels_last"
+        channels = inputs.shape[-1] if channels_last else inputs.shape[1]
+        rank = len(inputs.shape)
+        if channels == kernel.shape[-2] and (channels_last or rank != 5):
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        x = inputs
+        if not channels_last:
+            x = tf.transpose(x, [0, *range(2, rank), 1])
+        groups = x.shape[-1] // kernel.shape[-2]
+        outputs = [
+            tf.nn.convolution(
+                a,
+                k,
+                strides=strides,
+                padding=padding.upper(),
+                data_format={3: "NWC", 4: "NHWC", 5: "NDHWC"}[rank],
+                dilations=dilation_rate,
+            )
+            for a, k in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
+        ]
+        y = outputs[0] if groups == 1 else tf.concat(outputs, axis=-1)
+        if not channels_last:
+            y = tf.transpose(y, [0, rank - 1, *range(1, rank - 1)])
+        return y
+
+    return conv
+
+
+_CONV_LOCK = threading.Lock()
+_CONV_DEPTH = [0, None]
+
+
+@contextlib.contextmanager
+def exact_convolutions():
+    """While a forward-mode pass is traced, runs `keras.ops.conv` (and so
+    every Keras `Conv` layer) without a nested XLA-compiled function.
+
+    Keras' TensorFlow backend runs grouped convolutions, and channels-first
+    3-D ones, through a `tf.function(jit_compile=True)` nested in the step;
+    TensorFlow 2.21's forward-mode derivative through it is wrong in a
+    `tf.function`, without any error. This swaps
+    `keras.src.backend.tensorflow.nn.conv` (Keras 3.15.1) for one that
+    computes them group by group with `tf.nn.convolution` (the same values)
+    and restores it afterwards; replica threads share one swap.
+    """
+    try:
+        from keras.src.backend.tensorflow import nn as tf_nn
+    except ImportError as e:  # pragma: no cover
+        raise _missing("keras.src.backend.tensorflow.nn", e) from e
+    _attribute(tf_nn, "conv", "keras.src.backend.tensorflow.nn.conv")
+    with _CONV_LOCK:
+        if _CONV_DEPTH[0] == 0:
+            _CONV_DEPTH[1] = tf_nn.conv
+            tf_nn.conv = _group_by_group_conv(tf_nn.conv)
+        _CONV_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        with _CONV_LOCK:
+            _CONV_DEPTH[0] -= 1
+            if _CONV_DEPTH[0] == 0:
+                tf_nn.conv = _CONV_DEPTH[1]
+                _CONV_DEPTH[1] = None

@@ -264,7 +264,7 @@ def estimate(model, x, y, sample_weight, xla=False):
         variable (zero for variables the loss does not use).
     """
     disconnected = _disconnected_variables(model, x, y, sample_weight)
-    with _recurrences_unrolled(model.model):
+    with _recurrences_unrolled(model.model), _compat.exact_convolutions():
         try:
             loss, y_pred, ds, vs = _passes(model, x, y, sample_weight, xla)
         except ValueError as e:

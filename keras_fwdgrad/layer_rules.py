@@ -394,12 +394,11 @@ def inexact_reason(layer, graph):
     """Why TensorFlow's own forward-mode derivative of `layer` is wrong, or
     `None` when it is exact.
 
-    TensorFlow 2.21 computes some forward-mode derivatives wrongly without
-    any error:
-    - convolutions that Keras runs through a nested XLA-compiled function
-      (grouped convolutions, and channels-first 3-D ones) in a
-      `tf.function` (graph or XLA): the tangent misses terms;
-    - max-pooling with overlapping windows under XLA.
+    TensorFlow 2.21 computes the forward-mode derivative of max-pooling
+    with overlapping windows wrongly under XLA, without any error. (Its
+    wrong derivative of the nested XLA function through which Keras runs
+    grouped convolutions is avoided for every path by
+    `_compat.exact_convolutions`.)
 
     Args:
         layer: A Keras layer.
@@ -410,12 +409,6 @@ def inexact_reason(layer, graph):
     """
     if not graph:
         return None
-    if isinstance(layer, _CONVS):
-        if layer.groups != 1 or (layer.rank == 3 and layer.data_format == "channels_first"):
-            return (
-                "TensorFlow's forward-mode derivative of a grouped or "
-                "channels-first 3-D convolution is wrong in a `tf.function`"
-            )
     if isinstance(layer, _MAX_POOLS) and _compat.in_xla_context():
         if any(s < p for s, p in zip(layer.strides, layer.pool_size)):
             return (

@@ -184,6 +184,19 @@ CASES = {
         (random_inputs(6, 6, 4), random_labels()),
         SCCE,
     ),
+    "conv3d_channels_first": (
+        _seq(
+            (2, 4, 4, 4),
+            lambda: [
+                L.Conv3D(3, 2, data_format="channels_first", activation="relu"),
+                L.Conv3D(2, 2, data_format="channels_first"),
+                L.Flatten(),
+                L.Dense(10),
+            ],
+        ),
+        (random_inputs(2, 4, 4, 4), random_labels()),
+        SCCE,
+    ),
     "separable_depthwise_transpose_upsampling": (
         _seq(
             (8, 8, 3),
