@@ -13,6 +13,8 @@ import threading
 import keras
 import tensorflow as tf
 
+from keras_fwdgrad.ops import grouped_convolution
+
 # Op types whose output Keras' TensorFlow cross-entropies replace by the
 # op's input (`keras/src/backend/tensorflow/nn.py::_get_logits`).
 _LOGITS_OP_TYPES = ("Softmax", "Sigmoid")
@@ -274,19 +276,7 @@ def _group_by_group_conv(original):
         x = inputs
         if not channels_last:
             x = tf.transpose(x, [0, *range(2, rank), 1])
-        groups = x.shape[-1] // kernel.shape[-2]
-        outputs = [
-            tf.nn.convolution(
-                a,
-                k,
-                strides=strides,
-                padding=padding.upper(),
-                data_format={3: "NWC", 4: "NHWC", 5: "NDHWC"}[rank],
-                dilations=dilation_rate,
-            )
-            for a, k in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
-        ]
-        y = outputs[0] if groups == 1 else tf.concat(outputs, axis=-1)
+        y = grouped_convolution(x, kernel, strides, padding, dilation_rate)
         if not channels_last:
             y = tf.transpose(y, [0, rank - 1, *range(1, rank - 1)])
         return y

@@ -45,6 +45,7 @@ import tensorflow as tf
 from keras_fwdgrad import _compat
 from keras_fwdgrad import tangents as tangents_module
 from keras_fwdgrad.tangents import to_dense
+from keras_fwdgrad.ops import grouped_convolution
 from keras_fwdgrad.ops import jvp
 
 L = keras.layers
@@ -617,22 +618,15 @@ def _convolution(layer):
         return None
     else:
         return layer.convolution_op
-    padding = "VALID" if causal else layer.padding.upper()
+    padding = "valid" if causal else layer.padding
     strides = list(layer.strides)
     dilations = list(layer.dilation_rate)
-    groups = layer.groups
 
     def convolution(x, kernel):
         if causal:
             left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
             x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
-        xs = tf.split(x, groups, axis=-1)
-        ks = tf.split(kernel, groups, axis=-1)
-        out = [
-            tf.nn.convolution(a, k, strides=strides, padding=padding, dilations=dilations)
-            for a, k in zip(xs, ks)
-        ]
-        return out[0] if groups == 1 else tf.concat(out, axis=-1)
+        return grouped_convolution(x, kernel, strides, padding, dilations)
 
     return convolution
 
