@@ -126,19 +126,12 @@ def uses_layer_rules(model):
 def _check_accumulator_is_exact(model):
     """Raises where TensorFlow's forward mode over the whole model would be
     silently wrong (see `layer_rules.inexact_reason`)."""
-    graph = not tf.executing_eagerly()
+    if layer_rules.supports(model.model):
+        fix = ". Use `layer_rules=True` (the default), which computes it exactly"
+    else:
+        fix = ". Compile with `run_eagerly=True` (or `jit_compile=False` for max-pooling)"
     for layer in _compat.all_layers(model.model):
-        reason = layer_rules.inexact_reason(layer, graph)
-        if reason is None:
-            continue
-        if layer_rules.supports(model.model):
-            fix = "Use `layer_rules=True` (the default), which computes it exactly"
-        else:
-            fix = "Compile with `run_eagerly=True` (or `jit_compile=False` for max-pooling)"
-        raise ValueError(
-            f"Cannot compute an exact forward-mode derivative of layer "
-            f"{layer.name!r} ({type(layer).__name__}): {reason}. {fix}."
-        )
+        layer_rules.check_exact(layer, fix)
 
 
 def _rules_pass(model, x, y, sample_weight, vs):

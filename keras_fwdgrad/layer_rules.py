@@ -419,16 +419,25 @@ def inexact_reason(layer, graph):
     return None
 
 
-def _check_exact(layer):
+def check_exact(layer, fix):
+    """Raises a `ValueError` naming `layer` if TensorFlow's own forward-mode
+    derivative of it is wrong here (see `inexact_reason`); `fix` says what
+    to change."""
     reason = inexact_reason(layer, graph=not tf.executing_eagerly())
     if reason is not None:
         raise ValueError(
             f"Cannot compute an exact forward-mode derivative of layer "
-            f"{layer.name!r} ({type(layer).__name__}): {reason}, and the "
-            "layer rules do not cover this configuration. Train with "
-            "`run_eagerly=True` (or `jit_compile=False` for max-pooling), or "
-            "change the layer's configuration."
+            f"{layer.name!r} ({type(layer).__name__}): {reason}{fix}."
         )
+
+
+def _check_exact(layer):
+    check_exact(
+        layer,
+        ", and the layer rules do not cover this configuration. Train with "
+        "`run_eagerly=True` (or `jit_compile=False` for max-pooling), or "
+        "change the layer's configuration",
+    )
 
 
 def _linear(layer, x, x_dot):
