@@ -319,3 +319,10 @@ def exact_convolutions():
             if _CONV_DEPTH[0] == 0:
                 tf_nn.conv = _CONV_DEPTH[1]
                 _CONV_DEPTH[1] = None
+
+
+def watch(accumulator, tensor, tangent):
+    """Starts carrying `tangent` for `tensor`, a tensor made inside the
+    `tf.autodiff.ForwardAccumulator` context: `ForwardAccumulator._watch`
+    (TensorFlow 2.21.0)."""
+    _attribute(accumulator, "_watch", "tf.autodiff.ForwardAccumulator._watch")(tensor, tangent)

@@ -19,9 +19,16 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def shares_directions(model):
+    """Whether replicas draw the same directions and all-reduce only the
+    directional derivatives. Activity perturbation always all-reduces
+    gradients: its per-example tangents live on each replica's examples."""
+    return model.all_reduce == "directional_derivatives" and model.perturbation == "weights"
+
+
 def reduces_directional_derivatives(model):
     return (
-        model.all_reduce == "directional_derivatives"
+        shares_directions(model)
         and num_replicas() > 1
         and tf.distribute.get_replica_context() is not None
     )
@@ -42,7 +49,7 @@ def all_reduce_directional_derivatives(d, loss):
 def guarded_apply(model, grads, variables, finite, weights, saved_weights):
     """Applies `grads` if `finite`, else restores `weights` (non-trainable
     state) and changes nothing. Returns 1 for a skipped step, else 0."""
-    if model.all_reduce == "directional_derivatives" and num_replicas() > 1:
+    if shares_directions(model) and num_replicas() > 1:
         # The gradients are identical on every replica already.
         with _compat.gradients_used_as_given(model.optimizer):
             return _guarded_apply(model, grads, variables, finite, weights, saved_weights)
@@ -72,7 +79,7 @@ def _apply_across_replicas(model, grads, variables, finite):
     synchronizes replicas must run in cross-replica context, as Keras'
     `LossScaleOptimizer` does it."""
     context = tf.distribute.get_replica_context()
-    if model.all_reduce == "gradients":
+    if not shares_directions(model):
         # Replicas must agree on skipping: one flag per replica.
         bad = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, "float32"))
         finite = tf.equal(bad, 0.0)
@@ -115,7 +122,7 @@ def all_reduce_bytes(model, num_replicas):
     if num_replicas <= 1:
         return 0
     itemsize = tf.as_dtype(model.trainable_variables[0].dtype).size
-    if model.all_reduce == "directional_derivatives":
+    if shares_directions(model):
         return model.num_directions * itemsize
     params = sum(int(tf.size(v)) for v in model.trainable_variables)
     return params * itemsize + 4

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
+from keras_fwdgrad import activity
 from keras_fwdgrad import connectivity
 from keras_fwdgrad import distribute
 from keras_fwdgrad import layer_rules
@@ -251,11 +252,16 @@ def estimate(model, x, y, sample_weight, xla=False):
             are unpacked once.
 
     Returns:
-        `(loss, y_pred, d, grads)`: the loss (unscaled, averaged over the K
-        passes), the predictions, the `[K]` directional derivatives after
-        clipping, and the forward gradient, one tensor per trainable
-        variable (zero for variables the loss does not use).
+        `(loss, y_pred, d, grads, local_losses)`: the loss (unscaled,
+        averaged over the K passes), the predictions, the directional
+        derivatives after clipping (`[K]`; with
+        `perturbation="activations"`, `[K, blocks, batch]`), the forward
+        gradient, one tensor per trainable variable (zero for variables the
+        loss does not use), and the mean local loss of each block with a
+        head (`keras_fwdgrad.activity`).
     """
+    if model.perturbation == "activations":
+        return _activity_passes(model, x, y, sample_weight)
     disconnected = _disconnected_variables(model, x, y, sample_weight)
     with _recurrences_unrolled(model.model), _compat.exact_convolutions():
         try:
@@ -281,7 +287,31 @@ def estimate(model, x, y, sample_weight, xla=False):
         tf.zeros_like(g) if id(var) in disconnected else g
         for g, var in zip(grads, model.trainable_variables)
     ]
-    return loss, y_pred, d, grads
+    return loss, y_pred, d, grads, []
+
+
+def _activity_passes(model, x, y, sample_weight):
+    """The K passes of `keras_fwdgrad.activity`, averaged."""
+    state = model.model.non_trainable_variables
+    if model.num_directions > 1 and state:
+        saved_state = [tf.identity(v.value) for v in state]
+    results = []
+    with _recurrences_unrolled(model.model), _compat.exact_convolutions():
+        for k in range(model.num_directions):
+            if k > 0 and state:
+                for var, value in zip(state, saved_state):
+                    var.assign(value)
+            results.append(activity.estimate(model, x, y, sample_weight, k))
+    _check_traced_ops()
+    losses, y_preds, ds, grads, local = zip(*results)
+    num = len(results)
+
+    def mean(values):
+        return values[0] if num == 1 else tf.add_n(list(values)) / num
+
+    grads = [mean(gs) for gs in zip(*grads)]
+    local = [mean(ls) for ls in zip(*local)]
+    return mean(losses), y_preds[0], tf.stack(ds), grads, local
 
 
 # The ops TensorFlow's forward mode builds for max-pooling (the gradient of

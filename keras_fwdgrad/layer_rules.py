@@ -607,7 +607,7 @@ _CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
 _MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
 
 
-def _convolution(layer):
+def convolution(layer):
     """The linear map `(x, kernel) -> conv` that `layer.call` applies before
     the bias, or `None` for a configuration this rule does not implement.
 
@@ -642,18 +642,18 @@ def _convolution(layer):
 
 @_rule(*_CONVS)
 def _conv(layer, x, x_dot, tangent_of, training, num_tangents=1):
-    convolution = _convolution(layer)
-    if not _plain(layer, x) or convolution is None:
+    conv = convolution(layer)
+    if not _plain(layer, x) or conv is None:
         return None
     kernel = layer.kernel
-    y, y_dot = _stacked(lambda t: convolution(t, kernel.value), x, x_dot)
+    y, y_dot = _stacked(lambda t: conv(t, kernel.value), x, x_dot)
     y_dot = _add(
         y_dot,
         _kernel_tangent(
             layer,
             x,
             tangent_of(kernel),
-            convolution,
+            conv,
             after=y if y_dot is None else y_dot,
         ),
     )

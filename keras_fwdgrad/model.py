@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
+from keras_fwdgrad import activity
 from keras_fwdgrad import directions as directions_module
 from keras_fwdgrad import distribute
 from keras_fwdgrad import estimator
@@ -115,6 +116,10 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         seed=None,
         all_reduce="directional_derivatives",
         layer_rules=True,
+        perturbation="weights",
+        local_losses=None,
+        orthogonal_directions=False,
+        active_units_only=True,
         **kwargs,
     ):
         estimator.check_backend()
@@ -129,6 +134,9 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 f"Received: model={model!r} of type {type(model)}"
             )
         estimator.check_arguments(num_directions, jvp_clip, seed, layer_rules)
+        activity.check_arguments(
+            perturbation, local_losses, orthogonal_directions, active_units_only
+        )
         direction = directions_module.get(direction)
         super().__init__(**kwargs)
         self.model = model
@@ -138,6 +146,15 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
         self.all_reduce = all_reduce
         self.layer_rules = layer_rules
+        self.perturbation = perturbation
+        self.local_losses = (
+            list(local_losses) if isinstance(local_losses, (list, tuple)) else local_losses
+        )
+        self.orthogonal_directions = orthogonal_directions
+        self.active_units_only = active_units_only
+        self.local_heads = []
+        self._local_loss_ends = []
+        self._local_loss_trackers = []
         # The step counter keys the direction stream; it is saved with the
         # model so a reloaded model continues the same stream.
         self.direction_step = self._counter("direction_step")
@@ -147,7 +164,19 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self._disconnected = ()
         if model.built:
             estimator.check_variables(self.model)
+            self._build_local_heads()
             self.built = True
+
+    def _build_local_heads(self):
+        if self.perturbation != "activations" or self.local_heads:
+            return
+        activity.check_model(self.model)
+        self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
+        self.local_heads = activity.make_heads(self.model, self._local_loss_ends)
+        self._local_loss_trackers = [
+            keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
+        ]
+        activity.check_num_directions(self)
 
     def _counter(self, name):
         return self.add_weight(
@@ -167,6 +196,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             # first called, as `keras.Model.fit` does: a symbolic call.
             self.model(estimator.symbolic_inputs(input_shape))
         estimator.check_variables(self.model)
+        self._build_local_heads()
         self.built = True
 
     def call(self, inputs, training=None):
@@ -239,7 +269,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 "calling `forward_gradient()`."
             )
         self._ensure_built(x)
-        loss, _, _, grads = estimator.estimate(self, x, y, sample_weight)
+        loss, _, _, grads, _ = estimator.estimate(self, x, y, sample_weight)
         return loss, grads
 
     def train_step(self, data):
@@ -251,7 +281,9 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         # statistics) so a non-finite step can be undone completely.
         saved_weights = [tf.identity(w.value) for w in weights]
         xla = bool(self.jit_compile) and not self.run_eagerly
-        loss, y_pred, d, grads = estimator.estimate(self, x, y, sample_weight, xla=xla)
+        loss, y_pred, d, grads, local_losses = estimator.estimate(
+            self, x, y, sample_weight, xla=xla
+        )
         finite = tf.reduce_all(tf.math.is_finite(d))
         if not distribute.reduces_directional_derivatives(self):
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(loss)))
@@ -267,11 +299,18 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
         )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        for tracker, value in zip(self._local_loss_trackers, local_losses):
+            tracker.update_state(distribute.unscale_loss(value))
+            logs[tracker.name] = tracker.result()
         logs["skipped_steps"] = tf.convert_to_tensor(self.skipped_steps)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
 
     def test_step(self, data):
-        return distribute.multi_worker_logs(self.distribute_strategy, super().test_step(data))
+        logs = super().test_step(data)
+        # Local losses are training-only.
+        for tracker in self._local_loss_trackers:
+            logs.pop(tracker.name, None)
+        return distribute.multi_worker_logs(self.distribute_strategy, logs)
 
     def get_config(self):
         config = super().get_config()
@@ -284,6 +323,10 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 "seed": self.seed,
                 "all_reduce": self.all_reduce,
                 "layer_rules": self.layer_rules,
+                "perturbation": self.perturbation,
+                "local_losses": self.local_losses,
+                "orthogonal_directions": self.orthogonal_directions,
+                "active_units_only": self.active_units_only,
             }
         )
         return config

@@ -1,0 +1,593 @@
+"""Activity perturbation with local losses (Ren et al., 2023).
+
+With `perturbation="activations"`, a `ForwardGradientModel` perturbs the
+pre-activations `z = x W + b` of every `Dense` and convolution layer
+instead of the weights. Each example `n` gets its own tangent `u_n` (one
+standard Gaussian number per unit), and one forward-mode pass gives each
+example's directional derivative `d_n = ∂L_n/∂z_n · u_n`. Then
+`d_n u_n` is an unbiased estimate of `∂L/∂z_n`, and the kernel's gradient
+estimate is the layer-local product `Σ_n x_nᵀ (d_n u_n)` (computed for a
+convolution by TensorFlow's filter-gradient of that one op). Its variance
+grows with the layer's width, not with its number of weights.
+
+`local_losses` splits the model into blocks. Each block but the last gets
+a small head (`LocalHead`: global average pooling for feature maps, then
+`Dense` to the model's output size, with the activation of the model's
+output layer); the block is trained only from its head's loss with the
+compiled loss function, the last block from the model's own loss, and no
+derivative crosses a block boundary (`tf.stop_gradient`). The heads' own
+kernels are perturbed in the same way.
+
+Variables of other layers (`BatchNormalization`, `Embedding`, your own
+layers) are perturbed as weights, in the same pass, with the block's
+whole-batch directional derivative. Layers that mix examples (for now:
+`BatchNormalization`) make every derivative in their block a whole-batch
+one, which stays unbiased.
+
+`model` in this module is a `ForwardGradientModel`; nothing here changes
+its weights.
+"""
+
+import dataclasses
+import numbers
+
+import keras
+import tensorflow as tf
+
+from keras_fwdgrad import _compat
+from keras_fwdgrad import distribute
+from keras_fwdgrad import layer_rules
+from keras_fwdgrad.ops import clip_directional_derivative
+
+PERTURBATIONS = ("weights", "activations")
+_PERTURBED = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+_POOLING = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+)
+# Layers whose training-mode output for one example depends on the others.
+_MIXES_EXAMPLES = (keras.layers.BatchNormalization,)
+_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", None, "none")
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class LocalHead(keras.layers.Layer):
+    """The small head that turns a block's output into a local loss.
+
+    Feature maps (rank above 2) are averaged over their spatial axes
+    (channels last), then a `Dense` layer maps them to the model's output
+    size.
+
+    Args:
+        units: Integer, the model's output size.
+        activation: The activation of the model's output layer, so that the
+            compiled loss applies to the head as it is.
+        **kwargs: Passed to `keras.layers.Layer` (for example `name`).
+    """
+
+    def __init__(self, units, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.dense = keras.layers.Dense(self.units, activation=self.activation, name="dense")
+
+    def build(self, input_shape):
+        self.dense.build((input_shape[0], input_shape[-1]))
+
+    def pool(self, x):
+        if len(x.shape) > 2:
+            x = keras.ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
+        return x
+
+    def call(self, inputs):
+        return self.dense(self.pool(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "activation": keras.activations.serialize(self.activation),
+            }
+        )
+        return config
+
+
+def check_arguments(perturbation, local_losses, orthogonal_directions, active_units_only):
+    """Raises a `ValueError` or `TypeError` naming a bad argument."""
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(
+            f"`perturbation` must be one of {PERTURBATIONS}. "
+            f"Received: perturbation={perturbation!r}"
+        )
+    if local_losses is not None:
+        names_ok = isinstance(local_losses, (list, tuple)) and all(
+            isinstance(n, str) for n in local_losses
+        )
+        if local_losses != "auto" and not names_ok:
+            raise TypeError(
+                '`local_losses` must be `None`, `"auto"` or a list of layer names. '
+                f"Received: local_losses={local_losses!r}"
+            )
+        if perturbation != "activations":
+            raise ValueError(
+                '`local_losses` requires `perturbation="activations"`. '
+                f"Received: local_losses={local_losses!r} with "
+                f"perturbation={perturbation!r}"
+            )
+    for name, value in (
+        ("orthogonal_directions", orthogonal_directions),
+        ("active_units_only", active_units_only),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    if orthogonal_directions and perturbation != "activations":
+        raise ValueError(
+            '`orthogonal_directions=True` requires `perturbation="activations"`. '
+            f"Received: perturbation={perturbation!r}"
+        )
+
+
+def _is_sequential(model):
+    return isinstance(model, keras.Sequential)
+
+
+def _flat_layers(model):
+    """The layers of `model` in call order, nested `Sequential` and
+    functional models expanded."""
+    if _is_sequential(model):
+        layers = model.layers
+    elif _compat.is_functional(model):
+        layers = [op for op in model.operations if isinstance(op, keras.layers.Layer)]
+    else:
+        return [model]
+    out = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if _is_sequential(layer) or _compat.is_functional(layer):
+            out.extend(_flat_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def check_model(base):
+    """Raises unless activity perturbation can run `base`: a `Sequential`
+    or functional model with one output tensor."""
+    if not (_is_sequential(base) or _compat.is_functional(base)):
+        raise ValueError(
+            '`perturbation="activations"` needs a `keras.Sequential` or '
+            "functional `keras.Model(inputs, outputs)`, so that it can reach "
+            "the pre-activations of its layers. "
+            f"Received: model={base.name!r} of type {type(base).__name__}"
+        )
+    if len(tf.nest.flatten(base.outputs)) != 1:
+        raise ValueError(
+            '`perturbation="activations"` supports models with one output. '
+            f"Received: model={base.name!r} with {len(tf.nest.flatten(base.outputs))} outputs"
+        )
+    for layer in _flat_layers(base):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                '`perturbation="activations"` does not support activity '
+                f"regularizers. Received: layer {layer.name!r} with "
+                f"activity_regularizer={layer.activity_regularizer!r}"
+            )
+
+
+def perturbed(layer):
+    """Whether the pre-activations of `layer` are perturbed: a stock
+    `Dense` or `Conv1D/2D/3D` layer (grouped and causal ones included)
+    running in one dtype."""
+    if type(layer) not in _PERTURBED and type(layer) is not LocalHead:
+        return False
+    if type(layer) is LocalHead:
+        return True
+    plain = (
+        not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and layer.compute_dtype == layer.variable_dtype
+    )
+    if isinstance(layer, keras.layers.Dense):
+        return plain
+    return plain and layer_rules.convolution(layer) is not None
+
+
+def block_ends(base, local_losses):
+    """The names of the layers after which a block ends (the last block
+    ends at the model's output)."""
+    if local_losses is None:
+        return []
+    layers = _flat_layers(base)
+    names = [layer.name for layer in layers]
+    if local_losses == "auto":
+        last_dense = max(
+            (i for i, layer in enumerate(layers) if perturbed(layer)),
+            default=len(layers),
+        )
+        ends = [
+            layer.name
+            for i, layer in enumerate(layers)
+            if i < last_dense
+            and (isinstance(layer, _POOLING) or isinstance(layer, keras.layers.Dense))
+        ]
+    else:
+        ends = list(local_losses)
+        unknown = [n for n in ends if n not in names]
+        if unknown:
+            raise ValueError(
+                "`local_losses` names layers the model does not have: "
+                f"{unknown}. Its layers: {names}"
+            )
+        if names[-1] in ends:
+            raise ValueError(
+                "`local_losses` lists the model's last layer "
+                f"{names[-1]!r}; the last block always ends there and uses "
+                "the model's own loss."
+            )
+    # In call order, once each.
+    return [n for n in names if n in set(ends)]
+
+
+def make_heads(base, ends):
+    """One `LocalHead` per block end, built for the block's output."""
+    layers = {layer.name: layer for layer in _flat_layers(base)}
+    output = tf.nest.flatten(base.outputs)[0]
+    units = output.shape[-1]
+    last = _flat_layers(base)[-1]
+    activation = getattr(last, "activation", None)
+    if activation not in (keras.activations.softmax, keras.activations.sigmoid):
+        activation = None
+    heads = []
+    for i, name in enumerate(ends):
+        shape = tuple(layers[name].output.shape)
+        if len(shape) > 2 and keras.config.image_data_format() != "channels_last":
+            raise ValueError(
+                "`local_losses` heads pool channels-last feature maps. "
+                f"Received: block output {name!r} of shape {shape} with "
+                f"image_data_format={keras.config.image_data_format()!r}"
+            )
+        head = LocalHead(units, activation=activation, name=f"local_head_{i}")
+        head.build(shape)
+        heads.append(head)
+    return heads
+
+
+def _pre_activation(layer, x):
+    """`z` such that `layer(x) == layer.activation(z)`."""
+    if isinstance(layer, LocalHead):
+        layer = layer.dense
+    kernel = layer.kernel.value
+    if isinstance(layer, keras.layers.Dense):
+        z = keras.ops.matmul(x, kernel)
+    else:
+        z = layer_rules.convolution(layer)(x, kernel)
+    if getattr(layer, "use_bias", True) and layer.bias is not None:
+        bias = layer.bias.value
+        if getattr(layer, "data_format", "channels_last") == "channels_first":
+            bias = tf.reshape(bias, (1, -1) + (1,) * (len(z.shape) - 2))
+        z = z + bias
+    return z
+
+
+@dataclasses.dataclass
+class _Record:
+    layer: object
+    x: object
+    z: object
+    u: object
+    block: int
+
+
+class _Pass:
+    """One forward-mode pass with per-example tangents on pre-activations."""
+
+    def __init__(self, model, seed, k, ends, heads):
+        self.model = model
+        self.seed = seed
+        self.k = k
+        self.ends = ends
+        self.heads = heads
+        self.block = 0
+        self.records = []
+        self.block_outputs = []
+        self.owner_block = {}
+        self.mixing_blocks = set()
+        self.acc = None
+
+    def tangent(self, z, index):
+        seed = tf.random.experimental.stateless_fold_in(self.seed, index)
+        num = self.model.num_directions
+        if not self.model.orthogonal_directions or num == 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, self.k)
+            return tf.random.stateless_normal(tf.shape(z), seed, dtype=z.dtype)
+        # All K tangents of this layer, made orthogonal per example and
+        # scaled so that each has the expected norm of a Gaussian one.
+        batch = tf.shape(z)[0]
+        size = tf.reduce_prod(tf.shape(z)[1:])
+        g = tf.random.stateless_normal(tf.stack([batch, size, num]), seed, dtype="float32")
+        q, _ = tf.linalg.qr(g)
+        u = q[:, :, self.k] * tf.sqrt(tf.cast(size, "float32"))
+        return tf.cast(tf.reshape(u, tf.shape(z)), z.dtype)
+
+    def call_layer(self, layer, args, kwargs):
+        if isinstance(layer, _MIXES_EXAMPLES):
+            self.mixing_blocks.add(self.block)
+        for v in layer.trainable_variables:
+            self.owner_block.setdefault(id(v), self.block)
+        if (
+            perturbed(layer)
+            and len(args) == 1
+            and not set(kwargs) - {"training"}
+            and tf.is_tensor(args[0])
+            and args[0].dtype == layer.compute_dtype
+        ):
+            x = args[0]
+            z = _pre_activation(layer, x)
+            u = self.tangent(z, len(self.records))
+            zero = tf.zeros_like(z)
+            _compat.watch(self.acc, zero, u)
+            z = z + zero
+            self.records.append(_Record(layer, x, z, u, self.block))
+            activation = (
+                layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
+            )
+            y = activation(z)
+        else:
+            if "training" in _compat.call_context_args(layer):
+                kwargs = {**kwargs, "training": True}
+            y = layer(*args, **kwargs)
+        if layer.name in self.ends and self.block < len(self.ends):
+            self.block_outputs.append(y)
+            self.block += 1
+            y = tf.stop_gradient(y)
+        return y
+
+    def run(self, base, x):
+        if _is_sequential(base):
+            for layer in base.layers:
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                if _is_sequential(layer) or _compat.is_functional(layer):
+                    x = self.run(layer, x)
+                else:
+                    x = self.call_layer(layer, (x,), {})
+            return x
+        inputs = _compat.standardize_inputs(base, x)
+
+        def operation_fn(op):
+            def call(*args, **kwargs):
+                if _is_sequential(op) or _compat.is_functional(op):
+                    return self.run(op, args[0])
+                return self.call_layer(op, args, kwargs)
+
+            return call
+
+        outputs = _compat.run_through_graph(base, inputs, operation_fn)
+        return tf.nest.flatten(outputs)[0]
+
+    def head_outputs(self):
+        outputs = []
+        for block, (head, h) in enumerate(zip(self.heads, self.block_outputs)):
+            self.block = block
+            for v in head.trainable_variables:
+                self.owner_block.setdefault(id(v), block)
+            outputs.append(self.call_layer(head, (head.pool(h),), {}))
+        self.block = len(self.heads)
+        return outputs
+
+
+def _loss_object(model):
+    loss = model.loss
+    if isinstance(loss, (list, tuple, dict)):
+        flat = tf.nest.flatten(loss)
+        if len(flat) != 1:
+            raise ValueError(
+                f'`perturbation="activations"` needs one compiled loss. Received: loss={loss!r}'
+            )
+        loss = flat[0]
+    if loss is None:
+        raise ValueError("You must call `compile(loss=...)` before training.")
+    return keras.losses.get(loss) if isinstance(loss, str) else loss
+
+
+def per_example_losses(model, y, y_pred, sample_weight):
+    """The compiled loss of each example, weighted and scaled so that they
+    sum to the compiled (reduced) loss.
+
+    Args:
+        model: A compiled `ForwardGradientModel`.
+        y, y_pred: Targets and predictions.
+        sample_weight: Optional per-example weights.
+
+    Returns:
+        A float32 tensor `[batch]`.
+    """
+    loss = _loss_object(model)
+    y = tf.nest.flatten(y)[0]
+    if isinstance(loss, keras.losses.Loss):
+        values = loss.call(y, y_pred)
+        reduction = loss.reduction
+    elif callable(loss):
+        values = loss(y, y_pred)
+        reduction = "sum_over_batch_size"
+    else:
+        raise TypeError(
+            '`perturbation="activations"` needs a loss that is a name, a '
+            f"function or a `keras.losses.Loss`. Received: loss={loss!r}"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            '`perturbation="activations"` supports the loss reductions '
+            f"{_REDUCTIONS}. Received: reduction={reduction!r}"
+        )
+    values = tf.cast(values, "float32")
+    count = tf.cast(tf.size(values), "float32")
+    if len(values.shape) > 1:
+        values = tf.reduce_sum(tf.reshape(values, (tf.shape(values)[0], -1)), axis=1)
+    if sample_weight is not None:
+        weight = tf.cast(tf.convert_to_tensor(sample_weight), "float32")
+        weight = tf.reshape(weight, (tf.shape(weight)[0], -1))
+        values = values * tf.reduce_mean(weight, axis=1)
+        if reduction == "mean_with_sample_weight":
+            return values / tf.reduce_sum(weight) * tf.cast(tf.shape(weight)[1], "float32")
+    if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+        values = values / count
+    # As Keras divides the loss of each replica by the number of replicas.
+    return values / tf.cast(distribute.num_replicas(), "float32")
+
+
+def _clip(d, model):
+    return clip_directional_derivative(d, model.jvp_clip)
+
+
+def estimate(model, x, y, sample_weight, k):
+    """One pass of activity perturbation, for direction `k` of the step.
+
+    Returns:
+        `(loss, y_pred, d, grads, local_losses)`: the model's compiled loss,
+        the predictions, the per-example directional derivatives
+        `[blocks, batch]` (after `jvp_clip`), one gradient estimate per
+        trainable variable of `model` (the base model's, then the heads'),
+        and the mean local loss of each block with a head.
+    """
+    variables = model.trainable_variables
+    step_seed = tf.stack(
+        [
+            tf.constant(model.seed, dtype="int64"),
+            tf.convert_to_tensor(model.direction_step),
+        ]
+    )
+    seed = tf.random.experimental.stateless_fold_in(step_seed, 1_000_003)
+    ends = model._local_loss_ends
+    heads = model.local_heads
+    p = _Pass(model, seed, k, ends, heads)
+    perturbed_ids = set()
+    for layer in _flat_layers(model.model) + list(heads):
+        if perturbed(layer):
+            inner = layer.dense if isinstance(layer, LocalHead) else layer
+            perturbed_ids.update(id(v) for v in inner.trainable_variables)
+    # Variables of other layers are perturbed as weights.
+    weight_vars = [v for v in variables if id(v) not in perturbed_ids]
+    weight_seed = tf.random.experimental.stateless_fold_in(step_seed, 2_000_003)
+    weight_seed = tf.random.experimental.stateless_fold_in(weight_seed, k)
+    weight_tangents = [
+        tf.random.stateless_normal(
+            tf.shape(v.value),
+            tf.random.experimental.stateless_fold_in(weight_seed, i),
+            dtype=v.value.dtype,
+        )
+        for i, v in enumerate(weight_vars)
+    ]
+    _compat.clear_losses(model.model)
+    compute_dtype = model.model.compute_dtype
+    x = tf.nest.map_structure(
+        lambda t: (
+            tf.cast(t, compute_dtype)
+            if tf.convert_to_tensor(t).dtype.is_floating
+            else tf.convert_to_tensor(t)
+        ),
+        x,
+    )
+    with tf.autodiff.ForwardAccumulator([v.value for v in weight_vars], weight_tangents) as acc:
+        p.acc = acc
+        y_pred = p.run(model.model, x)
+        head_preds = p.head_outputs()
+        block_losses = [per_example_losses(model, y, h, sample_weight) for h in head_preds]
+        block_losses.append(per_example_losses(model, y, y_pred, sample_weight))
+    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    d = tf.stack(
+        [
+            acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for values in block_losses
+        ]
+    )
+    d = _clip(d, model)
+    batch_d = tf.reduce_sum(d, axis=1)
+    grads = {}
+    for r in p.records:
+        if r.block in p.mixing_blocks:
+            dn = tf.fill([tf.shape(d)[1]], batch_d[r.block])
+        else:
+            dn = d[r.block]
+        u = r.u
+        activation = (
+            r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
+        )
+        if model.active_units_only and activation is keras.activations.relu:
+            # Units with zero derivative have zero gradient: their share
+            # of the estimate is pure noise.
+            u = u * tf.cast(r.z > 0, u.dtype)
+        dn = tf.reshape(tf.cast(dn, u.dtype), (-1,) + (1,) * (len(u.shape) - 1))
+        g_z = dn * u
+        layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
+        params = layer.trainable_variables
+        x_in = tf.stop_gradient(r.x)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([v.value for v in params])
+            z = _pre_activation(r.layer, x_in)
+        for v, g in zip(params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)):
+            grads[id(v)] = g
+    for v, t in zip(weight_vars, weight_tangents):
+        block = p.owner_block.get(id(v), len(heads))
+        grads[id(v)] = tf.cast(batch_d[block], t.dtype) * t
+    grads = [grads.get(id(v), tf.zeros_like(v.value)) for v in variables]
+    grads = _with_regularizers(variables, grads)
+    local = [tf.reduce_sum(values) for values in block_losses[:-1]]
+    return loss, y_pred, d, grads, local
+
+
+def _with_regularizers(variables, grads):
+    """Adds the exact gradient of each weight regularizer (a function of
+    that variable alone) to its estimate."""
+    out = []
+    for v, g in zip(variables, grads):
+        regularizer = getattr(v, "regularizer", None)
+        if regularizer is not None:
+            with tf.GradientTape() as tape:
+                tape.watch(v.value)
+                penalty = regularizer(v.value)
+            g = g + tf.cast(tape.gradient(penalty, v.value), g.dtype)
+        out.append(g)
+    return out
+
+
+def check_num_directions(model):
+    if model.orthogonal_directions:
+        for layer in _flat_layers(model.model):
+            if perturbed(layer) and model.num_directions > _units(layer):
+                raise ValueError(
+                    "`orthogonal_directions=True` needs `num_directions` at most "
+                    "the number of pre-activations of each perturbed layer. "
+                    f"Received: num_directions={model.num_directions} and layer "
+                    f"{layer.name!r} with {_units(layer)}"
+                )
+
+
+def _units(layer):
+    shape = layer.output.shape[1:]
+    n = 1
+    for s in shape:
+        if not isinstance(s, numbers.Integral):
+            return float("inf")
+        n *= s
+    return n

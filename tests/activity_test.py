@@ -1,0 +1,357 @@
+"""`perturbation="activations"` and `local_losses`: exactness against the
+tape, unbiasedness, training, saving and errors."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import ForwardGradientModel
+
+MODES = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(jit_compile=False),
+    "xla": dict(jit_compile=True),
+}
+LOSS = "sparse_categorical_crossentropy"
+
+
+def _tape_gradient(base, x, y, loss=LOSS):
+    with tf.GradientTape() as tape:
+        value = keras.losses.get(loss)(y, base(x, training=True))
+        value = tf.reduce_mean(value)
+    return [g.numpy() for g in tape.gradient(value, base.trainable_variables)]
+
+
+def _single_layer_models():
+    """Models with one perturbed layer of few pre-activations, so that
+    `num_directions` orthogonal tangents span them all."""
+    softmax = keras.layers.Activation("softmax")
+    return {
+        "dense": (
+            [keras.Input((5,)), keras.layers.Dense(3, activation="tanh"), softmax],
+            (5,),
+            3,
+        ),
+        "conv1d_causal": (
+            [
+                keras.Input((4, 2)),
+                keras.layers.Conv1D(3, 2, padding="causal", activation="tanh"),
+                keras.layers.GlobalAveragePooling1D(),
+                softmax,
+            ],
+            (4, 2),
+            12,
+        ),
+        "conv2d_grouped": (
+            [
+                keras.Input((3, 3, 4)),
+                keras.layers.Conv2D(2, 2, groups=2),
+                keras.layers.GlobalAveragePooling2D(),
+                softmax,
+            ],
+            (3, 3, 4),
+            8,
+        ),
+        "conv2d_strided": (
+            [
+                keras.Input((4, 4, 2)),
+                keras.layers.Conv2D(3, 2, strides=2, padding="same", activation="sigmoid"),
+                keras.layers.GlobalAveragePooling2D(),
+                softmax,
+            ],
+            (4, 4, 2),
+            12,
+        ),
+        "conv3d": (
+            [
+                keras.Input((2, 3, 3, 1)),
+                keras.layers.Conv3D(2, 2),
+                keras.layers.GlobalAveragePooling3D(),
+                softmax,
+            ],
+            (2, 3, 3, 1),
+            8,
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(_single_layer_models()))
+def test_full_basis_gives_the_tape_gradient(case, mode):
+    """With as many orthogonal tangents as a layer has pre-activations per
+    example, `(n/K) Σ_k (∇·q_k) q_k = ∇` exactly: every per-example
+    directional derivative and the layer-local kernel product must then
+    reproduce the tape's gradient (rtol=atol=1e-4, float32)."""
+    layers, shape, units = _single_layer_models()[case]
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(layers)
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        num_directions=units,
+        orthogonal_directions=True,
+        active_units_only=False,
+        seed=3,
+    )
+    model.compile(optimizer="sgd", loss=LOSS, **MODES[mode])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6,) + shape).astype("float32")
+    y = rng.integers(0, 2, size=(6,))
+    expected = _tape_gradient(base, x, y)
+    if mode == "eager":
+        _, grads = model.forward_gradient(x, y)
+    else:
+        fn = tf.function(model.forward_gradient, jit_compile=mode == "xla")
+        _, grads = fn(x, y)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+
+
+def _block_reference(model, x, y):
+    """The tape gradient of each block's own loss for its own variables:
+    the local heads' losses for the hidden blocks, the model's loss for
+    the last block (whose input is a constant)."""
+    base = model.model
+    hidden, out = base.layers[0], base.layers[1]
+    head = model.local_heads[0]
+    loss = keras.losses.get(LOSS)
+    with tf.GradientTape(persistent=True) as tape:
+        h = hidden(x)
+        local = tf.reduce_mean(loss(y, head(h)))
+        final = tf.reduce_mean(loss(y, out(tf.stop_gradient(h))))
+    first = tape.gradient(local, hidden.trainable_variables + head.trainable_variables)
+    last = tape.gradient(final, out.trainable_variables)
+    by_id = {}
+    for v, g in zip(hidden.trainable_variables + head.trainable_variables, first):
+        by_id[id(v)] = g.numpy()
+    for v, g in zip(out.trainable_variables, last):
+        by_id[id(v)] = g.numpy()
+    return [by_id[id(v)] for v in model.trainable_variables]
+
+
+NUM_SAMPLES = 3000
+Z = 5.0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_local_losses_are_unbiased_per_block(mode):
+    """Probabilistic, fixed seed: the mean of 3,000 (eagerly 1,000)
+    activity-perturbed estimates is within 5 standard errors (estimated from the same
+    samples) of each block's tape gradient, in every one of the 50
+    components, for a hidden block with a head and the output block. A
+    false alarm has probability below 3e-5 (50 two-sided 5-sigma tails)."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=7)
+    model.compile(optimizer="sgd", loss=LOSS, **MODES[mode])
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    true = np.concatenate([t.ravel() for t in _block_reference(model, x, y)])
+
+    def draw(i):
+        model.direction_step.assign(tf.cast(i, tf.int64))
+        _, grads = model.forward_gradient(x, y)
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    # Eager draws are slow; 1,000 still give a standard error 1/31.6 of
+    # the estimate's spread, which the bound is derived from.
+    n = 1000 if mode == "eager" else NUM_SAMPLES
+    if mode != "eager":
+        draw = tf.function(draw, jit_compile=mode == "xla")
+    samples = np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
+    mean = samples.mean(0)
+    se = samples.std(0) / np.sqrt(n)
+    assert true.size == 50
+    z = np.abs(mean - true) / np.maximum(se, 1e-12)
+    assert np.max(z) < Z, (z, mean, true)
+
+
+def test_batch_normalization_block_stays_unbiased():
+    """Probabilistic, fixed seed: with `BatchNormalization` (examples are
+    coupled) the block uses the whole batch's directional derivative; the
+    mean of 3,000 estimates is within 5 standard errors of the tape."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(momentum=0.0),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(base, perturbation="activations", seed=1)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    y = rng.integers(0, 2, size=(8,))
+    true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
+
+    @tf.function
+    def draw(i):
+        model.direction_step.assign(tf.cast(i, tf.int64))
+        _, grads = model.forward_gradient(x, y)
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    samples = np.stack([draw(tf.constant(i)).numpy() for i in range(NUM_SAMPLES)])
+    se = samples.std(0) / np.sqrt(NUM_SAMPLES)
+    z = np.abs(samples.mean(0) - true) / np.maximum(se, 1e-12)
+    assert np.max(z) < Z, z
+
+
+def test_the_unbiasedness_check_can_fail():
+    """The check above rejects a block compared with the wrong loss: the
+    hidden block against the model's loss instead of its head's."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=7)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    wrong = _tape_gradient(base, x, y)[0].ravel()
+
+    @tf.function
+    def draw(i):
+        model.direction_step.assign(tf.cast(i, tf.int64))
+        return model.forward_gradient(x, y)[1][0]
+
+    samples = np.stack([draw(tf.constant(i)).numpy().ravel() for i in range(NUM_SAMPLES)])
+    se = samples.std(0) / np.sqrt(NUM_SAMPLES)
+    assert np.max(np.abs(samples.mean(0) - wrong) / se) > Z
+
+
+def _cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(4, 3, activation="relu", padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(3, activation="softmax", kernel_regularizer="l2"),
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fit_with_local_losses_logs_and_skips_nothing(mode):
+    keras.utils.set_random_seed(0)
+    model = ForwardGradientModel(
+        _cnn(), perturbation="activations", local_losses="auto", num_directions=2, seed=0
+    )
+    assert model._local_loss_ends == ["max_pooling2d", "dense"]
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=1.0),
+        loss=LOSS,
+        metrics=["accuracy"],
+        **MODES[mode],
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=(32,))
+    before = [v.numpy() for v in model.trainable_variables]
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, validation_data=(x, y))
+    logs = {k: v[-1] for k, v in history.history.items()}
+    assert set(logs) == {
+        "loss",
+        "accuracy",
+        "local_loss_0",
+        "local_loss_1",
+        "skipped_steps",
+        "val_loss",
+        "val_accuracy",
+    }
+    assert logs["skipped_steps"] == 0
+    assert all(np.isfinite(v) for v in logs.values())
+    changed = [not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+    assert all(changed)
+
+
+def test_local_heads_are_saved_and_not_exported(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = ForwardGradientModel(_cnn(), perturbation="activations", local_losses="auto", seed=0)
+    model.compile(optimizer="adam", loss=LOSS)
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+    y = np.arange(16) % 3
+    model.fit(x, y, epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.perturbation == "activations"
+    assert len(loaded.local_heads) == 2
+    for a, b in zip(model.local_heads, loaded.local_heads):
+        for va, vb in zip(a.weights, b.weights):
+            np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), loaded.predict(x, verbose=0), atol=1e-6
+    )
+    # The heads are not part of the wrapped model.
+    assert len(model.model.weights) == len(_cnn().weights)
+    config = model.get_config()
+    assert config["local_losses"] == "auto"
+    assert ForwardGradientModel.from_config(config).local_losses == "auto"
+
+
+def test_nan_step_changes_nothing():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model = ForwardGradientModel(base, perturbation="activations")
+    model.compile(optimizer="adam", loss=LOSS, jit_compile=True)
+    x = np.array([[np.nan, 0, 0]] * 4, "float32")
+    before = [v.numpy() for v in base.weights]
+    history = model.fit(x, np.zeros(4), epochs=1, verbose=0)
+    assert history.history["skipped_steps"] == [1]
+    for b, v in zip(before, base.weights):
+        np.testing.assert_array_equal(b, v.numpy())
+
+
+def test_errors():
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="`perturbation` must be one of"):
+        ForwardGradientModel(base, perturbation="inputs")
+    with pytest.raises(ValueError, match="`local_losses` requires"):
+        ForwardGradientModel(base, local_losses="auto")
+    with pytest.raises(TypeError, match="`local_losses` must be"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=3)
+    with pytest.raises(TypeError, match="`active_units_only` must be a bool"):
+        ForwardGradientModel(base, perturbation="activations", active_units_only=1)
+    with pytest.raises(ValueError, match="does not have"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["nope"])
+    with pytest.raises(ValueError, match="the last block always ends there"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["dense"])
+    with pytest.raises(ValueError, match="num_directions"):
+        ForwardGradientModel(
+            base, perturbation="activations", orthogonal_directions=True, num_directions=3
+        )
+
+    class Own(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    own = Own()
+    own.build((None, 3))
+    with pytest.raises(ValueError, match="Sequential` or functional"):
+        ForwardGradientModel(own, perturbation="activations")
