@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -33,8 +32,9 @@ import tensorflow as tf  # noqa: E402
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
+from keras_fwdgrad.research import learning  # noqa: E402
 
-TARGETS = (0.90, 0.95, 0.97)
+TARGETS = learning.TARGETS
 
 # name: (wrapper arguments or None for backprop, Adam settings, epochs).
 METHODS = {
@@ -75,36 +75,6 @@ METHODS = {
 }
 
 
-class Curve(keras.callbacks.Callback):
-    """Test accuracy and loss after each epoch, against training seconds."""
-
-    def __init__(self, x_test, y_test, evaluate_with):
-        super().__init__()
-        self.x_test, self.y_test = x_test, y_test
-        self.evaluate_with = evaluate_with
-        self.seconds = 0.0
-        self.points = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds += time.perf_counter() - self._start
-        loss, accuracy = self.evaluate_with.evaluate(
-            self.x_test, self.y_test, batch_size=1000, verbose=0
-        )
-        self.points.append(
-            {
-                "epoch": epoch + 1,
-                "seconds": round(self.seconds, 2),
-                "test_accuracy": float(accuracy),
-                "test_loss": float(loss),
-                "skipped_steps": float((logs or {}).get("skipped_steps", 0)),
-            }
-        )
-        print(f"    epoch {epoch + 1}: {self.points[-1]}", flush=True)
-
-
 def run(name, data, seed, epochs_scale):
     wrapper_args, adam, epochs = METHODS[name]
     epochs = max(1, int(round(epochs * epochs_scale)))
@@ -119,7 +89,7 @@ def run(name, data, seed, epochs_scale):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
     base.compile(loss=loss, metrics=["accuracy"], jit_compile=True)
-    curve = Curve(data["x_test"], data["y_test"], base)
+    curve = learning.TestCurve(data["x_test"], data["y_test"], base)
     model.fit(
         data["x_train"],
         data["y_train"],
@@ -129,19 +99,7 @@ def run(name, data, seed, epochs_scale):
         verbose=0,
         callbacks=[curve],
     )
-    return curve.points
-
-
-def summarize(points):
-    best = max(p["test_accuracy"] for p in points)
-    out = {"best_test_accuracy": best, "final_test_accuracy": points[-1]["test_accuracy"]}
-    for target in TARGETS:
-        reached = [p for p in points if p["test_accuracy"] >= target]
-        key = f"seconds_to_{round(target * 100)}"
-        out[key] = reached[0]["seconds"] if reached else None
-        if not reached:
-            out[f"missed_{round(target * 100)}_by"] = round(target - best, 4)
-    return out
+    return curve.points, curve.median_step_seconds()
 
 
 def main():
@@ -167,7 +125,7 @@ def main():
     for name in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"{name} seed {seed}", flush=True)
-            points = run(name, data, seed, args.epochs_scale)
+            points, step = run(name, data, seed, args.epochs_scale)
             results[f"{name}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
@@ -178,7 +136,8 @@ def main():
                     "clipping": "none",
                 },
                 "curve": points,
-                "summary": summarize(points),
+                "median_step_seconds": step,
+                "summary": learning.summarize(points),
             }
             os.makedirs(os.path.dirname(args.out), exist_ok=True)
             with open(args.out, "w") as f:

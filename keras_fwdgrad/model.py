@@ -80,6 +80,35 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             directions). Otherwise `tf.autodiff.ForwardAccumulator`
             differentiates the whole model. Both give the same derivative
             to float rounding (`uses_layer_rules` says which runs).
+        perturbation: `"weights"` (default): the papers' estimator above.
+            `"activations"`: perturb the pre-activations of every `Dense`
+            and `Conv1D/2D/3D` layer with one Gaussian tangent per example
+            and unit, and form each kernel's estimate as the layer-local
+            product of its input with `d_n u_n` (Ren et al., 2023; see
+            `keras_fwdgrad.activity`). Its variance grows with a layer's
+            width, not its number of weights. Needs a `keras.Sequential` or
+            functional model with one output; other layers' variables are
+            perturbed as weights in the same pass. Replicas then
+            all-reduce gradients, as for backprop.
+        local_losses: With `perturbation="activations"`: `None` (default,
+            one loss), `"auto"` (a block ends after each hidden `Dense`
+            layer and each pooling layer) or a list of the names of the
+            layers that end a block. Each block but the last is trained
+            only from the compiled loss of its own small head
+            (`local_heads`: global average pooling for feature maps, then
+            `Dense` to the output size); no derivative crosses a block
+            boundary. The heads are saved with this model but are not part
+            of `predict`, `evaluate` or `model`; each block's loss is
+            logged as `local_loss_<i>`.
+        orthogonal_directions: Bool. With `perturbation="activations"` and
+            `num_directions=K > 1`, make each example's K tangents of a
+            layer orthogonal (scaled to the norm of a Gaussian one): a
+            projected forward gradient, exact when K equals the layer's
+            number of pre-activations. Defaults to `False`.
+        active_units_only: Bool. With `perturbation="activations"`, keep
+            only the tangents of ReLU units that are active (inactive ones
+            have zero gradient, so this removes noise, not signal).
+            Defaults to `True`.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -103,6 +132,8 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
     Reference:
     - [Baydin et al., 2022. Gradients without Backpropagation](
         https://arxiv.org/abs/2202.08587)
+    - [Ren et al., 2023. Scaling Forward Gradient With Local Losses](
+        https://arxiv.org/abs/2210.03310)
     - Rike and Førland. A comparison of backpropagation and forward
         gradients for deep learning (EPFL).
     """

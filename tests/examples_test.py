@@ -182,3 +182,30 @@ def test_quickstart_trains_and_compares_with_backprop():
     assert set(rows) == {"forward gradient", "backprop"}
     for accuracy, seconds in rows.values():
         assert 0.0 < float(accuracy) <= 1.0 and float(seconds) > 0
+
+
+def test_mnist_learning_example_runs(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = tmp_path / "learning.json"
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "mnist_learning.py"),
+            "--epochs",
+            "2",
+            "--train-size",
+            "256",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+        env=env,
+    )
+    report = json.loads(out.read_text())
+    assert set(report) == {"backprop", "papers' forward gradient", "activations + local losses"}
+    for r in report.values():
+        assert len(r["curve"]) == 2
+        assert r["curve"][0]["seconds"] < r["curve"][1]["seconds"]
+        assert r["median_step_seconds"] > 0
+        assert 0.0 <= r["summary"]["best_test_accuracy"] <= 1.0

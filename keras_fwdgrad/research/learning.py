@@ -1,0 +1,87 @@
+"""Learning curves against epochs and wall-clock seconds, and the time to
+fixed test accuracies.
+
+Used by `benchmarks/learning.py` (full MNIST) and `examples/mnist_learning.py`
+(the bundled subset).
+"""
+
+import time
+
+import keras
+
+TARGETS = (0.90, 0.95, 0.97)
+
+
+class TestCurve(keras.callbacks.Callback):
+    """Records test accuracy and loss after every epoch, against the
+    training seconds so far (evaluation time excluded) and the median
+    seconds per training step.
+
+    Args:
+        x_test, y_test: Test data.
+        evaluate_with: The compiled Keras model to evaluate (for a
+            `ForwardGradientModel`, its wrapped model compiled with the
+            same loss and an `"accuracy"` metric).
+        verbose: Whether to print each point.
+    """
+
+    def __init__(self, x_test, y_test, evaluate_with, verbose=True):
+        super().__init__()
+        self.x_test, self.y_test = x_test, y_test
+        self.evaluate_with = evaluate_with
+        self.verbose = verbose
+        self.seconds = 0.0
+        self.points = []
+        self.step_seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step_seconds.append(time.perf_counter() - self._step_start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._start
+        loss, accuracy = self.evaluate_with.evaluate(
+            self.x_test, self.y_test, batch_size=1000, verbose=0
+        )
+        self.points.append(
+            {
+                "epoch": epoch + 1,
+                "seconds": round(self.seconds, 2),
+                "test_accuracy": float(accuracy),
+                "test_loss": float(loss),
+                "skipped_steps": float((logs or {}).get("skipped_steps", 0)),
+            }
+        )
+        if self.verbose:
+            print(f"    {self.points[-1]}", flush=True)
+
+    def median_step_seconds(self):
+        """Median seconds of a training step, the first epoch's (tracing
+        and compilation) left out when there are later ones."""
+        steps = sorted(self.step_seconds[len(self.step_seconds) // max(1, len(self.points)) :])
+        steps = steps or sorted(self.step_seconds)
+        return steps[len(steps) // 2]
+
+
+def summarize(points, targets=TARGETS):
+    """Best and final test accuracy, and the training seconds to each
+    target accuracy (`None`, with the shortfall, where it was not reached).
+
+    Args:
+        points: `TestCurve.points`.
+        targets: Accuracies in `[0, 1]`. Defaults to 90 %, 95 % and 97 %.
+    """
+    best = max(p["test_accuracy"] for p in points)
+    out = {"best_test_accuracy": best, "final_test_accuracy": points[-1]["test_accuracy"]}
+    for target in targets:
+        reached = [p for p in points if p["test_accuracy"] >= target]
+        key = f"seconds_to_{round(target * 100)}"
+        out[key] = reached[0]["seconds"] if reached else None
+        if not reached:
+            out[f"missed_{round(target * 100)}_by"] = round(target - best, 4)
+    return out
