@@ -75,11 +75,12 @@ METHODS = {
 }
 
 
-def run(name, data, seed, epochs_scale):
-    wrapper_args, adam, epochs = METHODS[name]
-    epochs = max(1, int(round(epochs * epochs_scale)))
+def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None):
+    wrapper_args, adam, default_epochs = METHODS[name]
+    adam = dict(adam)
+    epochs = epochs or max(1, int(round(default_epochs * epochs_scale)))
     keras.utils.set_random_seed(seed)
-    base = architectures.mlp()
+    base = architectures.mlp() if model_name == "mlp" else architectures.mnist_cnn()
     steps = len(data["x_train"]) // 64
     schedule = keras.optimizers.schedules.CosineDecay(
         adam.pop("learning_rate"), decay_steps=epochs * steps
@@ -108,16 +109,14 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs-scale", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=None, help="the same for every method")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
     args = p.parse_args()
 
-    arrays = datasets.load("mnist", data_dir=args.data_dir)
-    data = {
-        "x_train": datasets.normalize("mnist", arrays["x_train"]).numpy(),
-        "y_train": arrays["y_train"],
-        "x_test": datasets.normalize("mnist", arrays["x_test"]).numpy(),
-        "y_test": arrays["y_test"],
-    }
+    data = learning.mnist_arrays(args.data_dir, train_size=args.train_size)
+    n = len(data["x_train"])
     results = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -125,11 +124,13 @@ def main():
     for name in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"{name} seed {seed}", flush=True)
-            points, step = run(name, data, seed, args.epochs_scale)
+            points, step = run(name, data, seed, args.epochs_scale, args.model, args.epochs)
             results[f"{name}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
                 "settings": {
+                    "model": args.model,
+                    "train_size": n,
                     "wrapper": METHODS[name][0],
                     "adam": METHODS[name][1],
                     "epochs": len(points),

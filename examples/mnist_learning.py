@@ -31,7 +31,6 @@ import keras  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
-from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad.research import learning  # noqa: E402
 
 METHODS = {
@@ -82,14 +81,8 @@ def main(argv=None):
     parser.add_argument("--out", default="out/mnist_learning.json")
     args = parser.parse_args(argv)
     source = "local" if args.data_dir else "bundled"
-    arrays = datasets.load("mnist", data_dir=args.data_dir, source=source)
-    n = args.train_size or len(arrays["x_train"])
-    data = {
-        "x_train": datasets.normalize("mnist", arrays["x_train"][:n]).numpy(),
-        "y_train": arrays["y_train"][:n],
-        "x_test": datasets.normalize("mnist", arrays["x_test"]).numpy(),
-        "y_test": arrays["y_test"],
-    }
+    data = learning.mnist_arrays(args.data_dir, source, args.train_size)
+    n = len(data["x_train"])
     print(f"MNIST ({source}): {n} training, {len(data['x_test'])} test images")
     report = {}
     for name, (wrapper_args, adam) in METHODS.items():

@@ -478,6 +478,11 @@ def estimate(model, x, y, sample_weight, k):
         ]
     )
     seed = tf.random.experimental.stateless_fold_in(step_seed, 1_000_003)
+    context = tf.distribute.get_replica_context()
+    if context is not None and distribute.num_replicas() > 1:
+        # Each replica's examples get tangents of their own.
+        replica = tf.cast(context.replica_id_in_sync_group, "int64")
+        seed = tf.random.experimental.stateless_fold_in(seed, replica)
     ends = model._local_loss_ends
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads)

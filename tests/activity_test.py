@@ -132,6 +132,24 @@ def _block_reference(model, x, y):
     return [by_id[id(v)] for v in model.trainable_variables]
 
 
+def _two_blocks(activation, compile_args):
+    """A hidden block with a head and the output block, and one batch."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, activation=activation),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=7)
+    model.compile(optimizer="sgd", loss=LOSS, **compile_args)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    return model, x, y
+
+
 NUM_SAMPLES = 3000
 Z = 5.0
 
@@ -143,19 +161,7 @@ def test_local_losses_are_unbiased_per_block(mode):
     samples) of each block's tape gradient, in every one of the 50
     components, for a hidden block with a head and the output block. A
     false alarm has probability below 3e-5 (50 two-sided 5-sigma tails)."""
-    keras.utils.set_random_seed(0)
-    base = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(4, activation="relu"),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
-    )
-    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=7)
-    model.compile(optimizer="sgd", loss=LOSS, **MODES[mode])
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(8, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(8,))
+    model, x, y = _two_blocks("relu", MODES[mode])
     true = np.concatenate([t.ravel() for t in _block_reference(model, x, y)])
 
     def draw(i):
@@ -211,19 +217,8 @@ def test_batch_normalization_block_stays_unbiased():
 def test_the_unbiasedness_check_can_fail():
     """The check above rejects a block compared with the wrong loss: the
     hidden block against the model's loss instead of its head's."""
-    keras.utils.set_random_seed(0)
-    base = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(4, activation="tanh"),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
-    )
-    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=7)
-    model.compile(optimizer="sgd", loss=LOSS)
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(8, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(8,))
+    model, x, y = _two_blocks("tanh", {})
+    base = model.model
     wrong = _tape_gradient(base, x, y)[0].ravel()
 
     @tf.function

@@ -57,13 +57,16 @@ def build(method, optimizer, all_reduce):
         if optimizer == "sgd"
         else keras.optimizers.Adam(1e-2)
     )
-    model = (
-        base
-        if method == "backprop"
-        else ForwardGradientModel(
+    if method == "backprop":
+        model = base
+    elif method == "activations":
+        model = ForwardGradientModel(
+            base, perturbation="activations", local_losses="auto", num_directions=2, seed=7
+        )
+    else:
+        model = ForwardGradientModel(
             base, direction="gaussian", num_directions=2, seed=7, all_reduce=all_reduce
         )
-    )
     model.compile(
         optimizer=opt,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -87,6 +90,7 @@ def run(strategy):
         ("forward", "adam", "directional_derivatives"),
         ("forward", "sgd", "gradients"),
         ("backprop", "sgd", None),
+        ("activations", "sgd", "gradients"),
     ]:
         key = f"{method}/{optimizer}/{all_reduce}"
         if len(sys.argv) > 3 and not key.startswith(sys.argv[3]):
@@ -102,7 +106,10 @@ def run(strategy):
             # (`worker_devices` are this process's replicas.)
             "reduced_per_replica": sum(reduced_sizes) // local_replicas(strategy),
             "reduce_calls": len(reduced_sizes),
-            "bytes_per_step": model.all_reduce_bytes_per_step() if method == "forward" else None,
+            "bytes_per_step": (
+                None if method == "backprop" else model.all_reduce_bytes_per_step()
+            ),
+            "loss": float(model.evaluate(dataset, verbose=0)),
             "params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         }
         if method == "forward":

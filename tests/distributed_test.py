@@ -154,6 +154,21 @@ def test_two_workers_stay_in_sync_and_match_single_process(worker_runs, runs, ke
     assert w0["reduced_per_replica"] == expected
 
 
+def test_activity_perturbation_all_reduces_the_gradient(runs):
+    """With `perturbation="activations"` each replica's tangents belong to
+    its own examples, so replicas all-reduce the gradient (and the
+    finiteness flag), heads included, and the model trains."""
+    mirrored, single = runs
+    r = mirrored["results"]["activations/sgd/gradients"]
+    params = r["params"]
+    assert params == single["results"]["activations/sgd/gradients"]["params"]
+    # The base model's 195 parameters and one head (16 * 3 + 3).
+    assert params == 195 + 51
+    assert r["reduced_per_replica"] == params + 1
+    assert r["bytes_per_step"] == 4 * params + 4
+    assert np.isfinite(r["loss"])
+
+
 def test_optimizer_is_left_as_made(runs):
     """Bypassing the optimizer's gradient all-reduce lasts only while the
     update is traced: no method of the optimizer stays overridden."""

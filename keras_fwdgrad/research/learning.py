@@ -9,7 +9,22 @@ import time
 
 import keras
 
+from keras_fwdgrad.research import datasets
+
 TARGETS = (0.90, 0.95, 0.97)
+
+
+def mnist_arrays(data_dir=None, source="auto", train_size=None):
+    """Normalized MNIST as NumPy arrays, the first `train_size` training
+    images (all by default) and the whole test set."""
+    arrays = datasets.load("mnist", data_dir=data_dir, source=source)
+    n = train_size or len(arrays["x_train"])
+    return {
+        "x_train": datasets.normalize("mnist", arrays["x_train"][:n]).numpy(),
+        "y_train": arrays["y_train"][:n],
+        "x_test": datasets.normalize("mnist", arrays["x_test"]).numpy(),
+        "y_test": arrays["y_test"],
+    }
 
 
 class TestCurve(keras.callbacks.Callback):
