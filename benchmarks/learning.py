@@ -13,9 +13,14 @@ target in place of a loss). Every optimizer is Adam with a cosine decay over
 the method's epochs and no clipping unless the table says so
 (`global_clipnorm`, the norm over all variables).
 
+`--model cnn` (the papers' MNIST CNN) and `--model vgg` (the second
+paper's CIFAR-10 VGG) run the same measurement; `--epochs`, `--train-size`
+and `--test-size` set a reduced budget for them on a CPU.
+
 Usage:
     python benchmarks/learning.py --data-dir ../shared/data \
-        [--methods backprop,weights,activations_k1,...] [--epochs-scale 1.0]
+        [--methods backprop,weights,activations_k1,...] [--seeds 0,1] \
+        [--model mlp|cnn|vgg] [--epochs N] [--train-size N] [--test-size N]
 """
 
 import argparse
@@ -44,12 +49,12 @@ METHODS = {
     "weights": (dict(jvp_clip=1.0), dict(learning_rate=5e-4, beta_1=0.99), 10),
     "activations_k1": (
         dict(perturbation="activations", local_losses="auto"),
-        dict(learning_rate=3e-4),
+        dict(learning_rate=1e-4),
         10,
     ),
     "activations_k4": (
         dict(perturbation="activations", local_losses="auto", num_directions=4),
-        dict(learning_rate=1e-3),
+        dict(learning_rate=3e-4),
         5,
     ),
     "activations_k4_orthogonal": (
@@ -59,7 +64,7 @@ METHODS = {
             num_directions=4,
             orthogonal_directions=True,
         ),
-        dict(learning_rate=1e-3),
+        dict(learning_rate=3e-4),
         5,
     ),
     "activations_k4_all_units": (
@@ -69,18 +74,24 @@ METHODS = {
             num_directions=4,
             active_units_only=False,
         ),
-        dict(learning_rate=1e-3),
+        dict(learning_rate=3e-4),
         5,
     ),
 }
 
 
-def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None):
+def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None, learning_rate=None):
     wrapper_args, adam, default_epochs = METHODS[name]
     adam = dict(adam)
+    if learning_rate:
+        adam["learning_rate"] = learning_rate
     epochs = epochs or max(1, int(round(default_epochs * epochs_scale)))
     keras.utils.set_random_seed(seed)
-    base = architectures.mlp() if model_name == "mlp" else architectures.mnist_cnn()
+    base = {
+        "mlp": architectures.mlp,
+        "cnn": architectures.mnist_cnn,
+        "vgg": architectures.cifar10_vgg,
+    }[model_name]()
     steps = len(data["x_train"]) // 64
     schedule = keras.optimizers.schedules.CosineDecay(
         adam.pop("learning_rate"), decay_steps=epochs * steps
@@ -110,12 +121,17 @@ def main():
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs-scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=None, help="the same for every method")
-    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn", "vgg"), default="mlp")
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None, help="overrides every method's")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
     args = p.parse_args()
 
-    data = learning.mnist_arrays(args.data_dir, train_size=args.train_size)
+    dataset = "cifar10" if args.model == "vgg" else "mnist"
+    data = learning.normalized_arrays(
+        dataset, args.data_dir, train_size=args.train_size, test_size=args.test_size
+    )
     n = len(data["x_train"])
     results = {}
     if os.path.exists(args.out):
@@ -124,15 +140,18 @@ def main():
     for name in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"{name} seed {seed}", flush=True)
-            points, step = run(name, data, seed, args.epochs_scale, args.model, args.epochs)
-            results[f"{name}/seed{seed}"] = {
+            points, step = run(
+                name, data, seed, args.epochs_scale, args.model, args.epochs, args.learning_rate
+            )
+            lr = args.learning_rate or METHODS[name][1]["learning_rate"]
+            results[f"{name}/lr{lr:g}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
                 "settings": {
                     "model": args.model,
                     "train_size": n,
                     "wrapper": METHODS[name][0],
-                    "adam": METHODS[name][1],
+                    "adam": {**METHODS[name][1], "learning_rate": lr},
                     "epochs": len(points),
                     "clipping": "none",
                 },

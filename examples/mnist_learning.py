@@ -10,7 +10,7 @@ accuracy, and each method's step cost relative to backprop:
 - `papers' forward gradient`: weight perturbation, one Gaussian direction,
   directional derivative capped at 1, Adam 5e-4 with beta_1 0.99.
 - `activations + local losses`: `perturbation="activations"`,
-  `local_losses="auto"`, 4 directions per step, Adam 1e-3
+  `local_losses="auto"`, 4 directions per step, Adam 3e-4
   (Ren et al., ICLR 2023).
 
 Offline on the MNIST subset shipped with the package (10,000 training and
@@ -38,7 +38,7 @@ METHODS = {
     "papers' forward gradient": (dict(jvp_clip=1.0), dict(learning_rate=5e-4, beta_1=0.99)),
     "activations + local losses": (
         dict(perturbation="activations", local_losses="auto", num_directions=4),
-        dict(learning_rate=1e-3),
+        dict(learning_rate=3e-4),
     ),
 }
 
@@ -81,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--out", default="out/mnist_learning.json")
     args = parser.parse_args(argv)
     source = "local" if args.data_dir else "bundled"
-    data = learning.mnist_arrays(args.data_dir, source, args.train_size)
+    data = learning.normalized_arrays("mnist", args.data_dir, source, args.train_size)
     n = len(data["x_train"])
     print(f"MNIST ({source}): {n} training, {len(data['x_test'])} test images")
     report = {}

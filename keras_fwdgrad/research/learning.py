@@ -8,22 +8,28 @@ Used by `benchmarks/learning.py` (full MNIST) and `examples/mnist_learning.py`
 import time
 
 import keras
+import numpy as np
 
 from keras_fwdgrad.research import datasets
 
 TARGETS = (0.90, 0.95, 0.97)
 
 
-def mnist_arrays(data_dir=None, source="auto", train_size=None):
-    """Normalized MNIST as NumPy arrays, the first `train_size` training
-    images (all by default) and the whole test set."""
-    arrays = datasets.load("mnist", data_dir=data_dir, source=source)
+def normalized_arrays(name="mnist", data_dir=None, source="auto", train_size=None, test_size=None):
+    """A normalized dataset as NumPy arrays: the first `train_size`
+    training images (all by default) and `test_size` test images drawn at
+    random with a fixed seed (all by default; CIFAR-10's test set is
+    sorted by class)."""
+    arrays = datasets.load(name, data_dir=data_dir, source=source)
     n = train_size or len(arrays["x_train"])
+    test = np.arange(len(arrays["x_test"]))
+    if test_size:
+        test = np.sort(np.random.default_rng(0).permutation(test)[:test_size])
     return {
-        "x_train": datasets.normalize("mnist", arrays["x_train"][:n]).numpy(),
+        "x_train": datasets.normalize(name, arrays["x_train"][:n]).numpy(),
         "y_train": arrays["y_train"][:n],
-        "x_test": datasets.normalize("mnist", arrays["x_test"]).numpy(),
-        "y_test": arrays["y_test"],
+        "x_test": datasets.normalize(name, arrays["x_test"][test]).numpy(),
+        "y_test": arrays["y_test"][test],
     }
 
 
