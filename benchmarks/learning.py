@@ -80,7 +80,16 @@ METHODS = {
 }
 
 
-def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None, learning_rate=None):
+def run(
+    name,
+    data,
+    seed,
+    epochs_scale,
+    model_name="mlp",
+    epochs=None,
+    learning_rate=None,
+    batch_size=64,
+):
     wrapper_args, adam, default_epochs = METHODS[name]
     adam = dict(adam)
     if learning_rate:
@@ -92,7 +101,7 @@ def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None, learning_
         "cnn": architectures.mnist_cnn,
         "vgg": architectures.cifar10_vgg,
     }[model_name]()
-    steps = len(data["x_train"]) // 64
+    steps = len(data["x_train"]) // batch_size
     schedule = keras.optimizers.schedules.CosineDecay(
         adam.pop("learning_rate"), decay_steps=epochs * steps
     )
@@ -105,7 +114,7 @@ def run(name, data, seed, epochs_scale, model_name="mlp", epochs=None, learning_
     model.fit(
         data["x_train"],
         data["y_train"],
-        batch_size=64,
+        batch_size=batch_size,
         epochs=epochs,
         shuffle=True,
         verbose=0,
@@ -123,6 +132,7 @@ def main():
     p.add_argument("--epochs", type=int, default=None, help="the same for every method")
     p.add_argument("--model", choices=("mlp", "cnn", "vgg"), default="mlp")
     p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=None, help="overrides every method's")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
@@ -141,15 +151,25 @@ def main():
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"{name} seed {seed}", flush=True)
             points, step = run(
-                name, data, seed, args.epochs_scale, args.model, args.epochs, args.learning_rate
+                name,
+                data,
+                seed,
+                args.epochs_scale,
+                args.model,
+                args.epochs,
+                args.learning_rate,
+                args.batch_size,
             )
             lr = args.learning_rate or METHODS[name][1]["learning_rate"]
-            results[f"{name}/lr{lr:g}/seed{seed}"] = {
+            batch = "" if args.batch_size == 64 else f"/batch{args.batch_size}"
+            batch += f"/epochs{args.epochs}" if args.epochs else ""
+            results[f"{name}/lr{lr:g}{batch}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
                 "settings": {
                     "model": args.model,
                     "train_size": n,
+                    "batch_size": args.batch_size,
                     "wrapper": METHODS[name][0],
                     "adam": {**METHODS[name][1], "learning_rate": lr},
                     "epochs": len(points),

@@ -198,10 +198,10 @@ def perturbed(layer):
     """Whether the pre-activations of `layer` are perturbed: a stock
     `Dense` or `Conv1D/2D/3D` layer (grouped and causal ones included)
     running in one dtype."""
-    if type(layer) not in _PERTURBED and type(layer) is not LocalHead:
-        return False
     if type(layer) is LocalHead:
         return True
+    if type(layer) not in _PERTURBED:
+        return False
     plain = (
         not getattr(layer, "lora_enabled", False)
         and getattr(layer, "quantization_mode", None) is None
@@ -441,23 +441,21 @@ def per_example_losses(model, y, y_pred, sample_weight):
             f"{_REDUCTIONS}. Received: reduction={reduction!r}"
         )
     values = tf.cast(values, "float32")
-    count = tf.cast(tf.size(values), "float32")
-    if len(values.shape) > 1:
-        values = tf.reduce_sum(tf.reshape(values, (tf.shape(values)[0], -1)), axis=1)
+    denominator = tf.cast(tf.size(values), "float32")
     if sample_weight is not None:
         weight = tf.cast(tf.convert_to_tensor(sample_weight), "float32")
-        weight = tf.reshape(weight, (tf.shape(weight)[0], -1))
-        values = values * tf.reduce_mean(weight, axis=1)
+        while len(weight.shape) < len(values.shape):
+            weight = weight[..., None]
+        weight = tf.broadcast_to(weight, tf.shape(values))
+        values = values * weight
         if reduction == "mean_with_sample_weight":
-            return values / tf.reduce_sum(weight) * tf.cast(tf.shape(weight)[1], "float32")
+            denominator = tf.reduce_sum(weight)
+    if len(values.shape) > 1:
+        values = tf.reduce_sum(tf.reshape(values, (tf.shape(values)[0], -1)), axis=1)
     if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-        values = values / count
+        values = values / denominator
     # As Keras divides the loss of each replica by the number of replicas.
     return values / tf.cast(distribute.num_replicas(), "float32")
-
-
-def _clip(d, model):
-    return clip_directional_derivative(d, model.jvp_clip)
 
 
 def estimate(model, x, y, sample_weight, k):
@@ -526,7 +524,7 @@ def estimate(model, x, y, sample_weight, k):
             for values in block_losses
         ]
     )
-    d = _clip(d, model)
+    d = clip_directional_derivative(d, model.jvp_clip)
     batch_d = tf.reduce_sum(d, axis=1)
     grads = {}
     for r in p.records:
@@ -551,7 +549,8 @@ def estimate(model, x, y, sample_weight, k):
             tape.watch([v.value for v in params])
             z = _pre_activation(r.layer, x_in)
         for v, g in zip(params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)):
-            grads[id(v)] = g
+            # A layer called several times adds up its calls' estimates.
+            grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
     for v, t in zip(weight_vars, weight_tangents):
         block = p.owner_block.get(id(v), len(heads))
         grads[id(v)] = tf.cast(batch_d[block], t.dtype) * t

@@ -154,32 +154,46 @@ NUM_SAMPLES = 3000
 Z = 5.0
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_local_losses_are_unbiased_per_block(mode):
-    """Probabilistic, fixed seed: the mean of 3,000 (eagerly 1,000)
-    activity-perturbed estimates is within 5 standard errors (estimated from the same
-    samples) of each block's tape gradient, in every one of the 50
-    components, for a hidden block with a head and the output block. A
-    false alarm has probability below 3e-5 (50 two-sided 5-sigma tails)."""
-    model, x, y = _two_blocks("relu", MODES[mode])
-    true = np.concatenate([t.ravel() for t in _block_reference(model, x, y)])
+def _z_scores(model, x, y, true, mode="graph"):
+    """|mean − true| / standard error, per component, of the estimates of
+    `NUM_SAMPLES` steps (eagerly 1,000: eager draws are slow, and 1,000
+    still give a standard error 1/31.6 of the estimate's spread, which the
+    bound is derived from)."""
 
     def draw(i):
         model.direction_step.assign(tf.cast(i, tf.int64))
         _, grads = model.forward_gradient(x, y)
         return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
-    # Eager draws are slow; 1,000 still give a standard error 1/31.6 of
-    # the estimate's spread, which the bound is derived from.
     n = 1000 if mode == "eager" else NUM_SAMPLES
     if mode != "eager":
         draw = tf.function(draw, jit_compile=mode == "xla")
     samples = np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
-    mean = samples.mean(0)
     se = samples.std(0) / np.sqrt(n)
+    return np.abs(samples.mean(0) - true) / np.maximum(se, 1e-12)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_local_losses_are_unbiased_per_block(mode):
+    """Probabilistic, fixed seed: the mean of 3,000 (eagerly 1,000)
+    activity-perturbed estimates is within 5 standard errors (estimated
+    from the same samples) of each block's tape gradient, in every one of
+    the 50 components, for a hidden block with a head and the output
+    block. A false alarm has probability below 3e-5 (50 two-sided 5-sigma
+    tails)."""
+    model, x, y = _two_blocks("relu", MODES[mode])
+    true = np.concatenate([t.ravel() for t in _block_reference(model, x, y)])
     assert true.size == 50
-    z = np.abs(mean - true) / np.maximum(se, 1e-12)
-    assert np.max(z) < Z, (z, mean, true)
+    z = _z_scores(model, x, y, true, mode)
+    assert np.max(z) < Z, z
+
+
+def _unbiased_against_tape(base, x, y):
+    model = ForwardGradientModel(base, perturbation="activations", seed=1)
+    model.compile(optimizer="sgd", loss=LOSS)
+    true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
+    z = _z_scores(model, x, y, true)
+    assert np.max(z) < Z, z
 
 
 def test_batch_normalization_block_stays_unbiased():
@@ -195,40 +209,33 @@ def test_batch_normalization_block_stays_unbiased():
             keras.layers.Dense(2, activation="softmax"),
         ]
     )
-    model = ForwardGradientModel(base, perturbation="activations", seed=1)
-    model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, 3)).astype("float32")
-    y = rng.integers(0, 2, size=(8,))
-    true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
+    _unbiased_against_tape(base, x, rng.integers(0, 2, size=(8,)))
 
-    @tf.function
-    def draw(i):
-        model.direction_step.assign(tf.cast(i, tf.int64))
-        _, grads = model.forward_gradient(x, y)
-        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
-    samples = np.stack([draw(tf.constant(i)).numpy() for i in range(NUM_SAMPLES)])
-    se = samples.std(0) / np.sqrt(NUM_SAMPLES)
-    z = np.abs(samples.mean(0) - true) / np.maximum(se, 1e-12)
-    assert np.max(z) < Z, z
+def test_shared_layer_adds_up_its_calls():
+    """Probabilistic, fixed seed: a `Dense` layer called twice in a
+    functional model gets the sum of both calls' layer-local estimates;
+    the mean of 3,000 is within 5 standard errors of the tape."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    shared = keras.layers.Dense(3, activation="tanh")
+    outputs = keras.layers.Dense(2, activation="softmax")(shared(shared(inputs)))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 3)).astype("float32")
+    _unbiased_against_tape(keras.Model(inputs, outputs), x, rng.integers(0, 2, size=(8,)))
 
 
 def test_the_unbiasedness_check_can_fail():
     """The check above rejects a block compared with the wrong loss: the
     hidden block against the model's loss instead of its head's."""
     model, x, y = _two_blocks("tanh", {})
-    base = model.model
-    wrong = _tape_gradient(base, x, y)[0].ravel()
-
-    @tf.function
-    def draw(i):
-        model.direction_step.assign(tf.cast(i, tf.int64))
-        return model.forward_gradient(x, y)[1][0]
-
-    samples = np.stack([draw(tf.constant(i)).numpy().ravel() for i in range(NUM_SAMPLES)])
-    se = samples.std(0) / np.sqrt(NUM_SAMPLES)
-    assert np.max(np.abs(samples.mean(0) - wrong) / se) > Z
+    reference = _block_reference(model, x, y)
+    # The hidden Dense layer's kernel and bias come first.
+    reference[:2] = _tape_gradient(model.model, x, y)[:2]
+    z = _z_scores(model, x, y, np.concatenate([r.ravel() for r in reference]))
+    assert np.max(z[:20]) > Z
 
 
 def _cnn():
@@ -350,3 +357,39 @@ def test_errors():
     own.build((None, 3))
     with pytest.raises(ValueError, match="Sequential` or functional"):
         ForwardGradientModel(own, perturbation="activations")
+
+
+@pytest.mark.parametrize("loss", ["mse_sequence", LOSS])
+def test_full_basis_with_sample_weights(loss):
+    """Sample weights (per example, or per time step of a sequence
+    output) weight each example's directional derivative as the compiled
+    loss weights it: with a full orthogonal basis the estimate equals the
+    tape gradient of the weighted loss (rtol=atol=1e-4)."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(4)
+    if loss == LOSS:
+        base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+        x = rng.normal(size=(6, 5)).astype("float32")
+        y = rng.integers(0, 3, size=(6,))
+        weight = rng.uniform(size=(6,)).astype("float32")
+        loss_fn, units = keras.losses.SparseCategoricalCrossentropy(), 3
+    else:
+        base = keras.Sequential([keras.Input((4, 2)), keras.layers.Dense(2)])
+        x = rng.normal(size=(6, 4, 2)).astype("float32")
+        y = rng.normal(size=(6, 4, 2)).astype("float32")
+        weight = rng.uniform(size=(6, 4)).astype("float32")
+        loss_fn, units = keras.losses.MeanSquaredError(), 8
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        num_directions=units,
+        orthogonal_directions=True,
+        seed=5,
+    )
+    model.compile(optimizer="sgd", loss=loss_fn)
+    with tf.GradientTape() as tape:
+        value = loss_fn(y, base(x), sample_weight=weight)
+    expected = tape.gradient(value, base.trainable_variables)
+    _, grads = tf.function(model.forward_gradient)(x, y, weight)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-4)
