@@ -354,7 +354,7 @@ def test_errors():
             return self.dense(x)
 
     own = Own()
-    own.build((None, 3))
+    own(np.zeros((1, 3), "float32"))
     with pytest.raises(ValueError, match="Sequential` or functional"):
         ForwardGradientModel(own, perturbation="activations")
 
