@@ -202,14 +202,9 @@ def perturbed(layer):
         return True
     if type(layer) not in _PERTURBED:
         return False
-    plain = (
-        not getattr(layer, "lora_enabled", False)
-        and getattr(layer, "quantization_mode", None) is None
-        and layer.compute_dtype == layer.variable_dtype
-    )
     if isinstance(layer, keras.layers.Dense):
-        return plain
-    return plain and layer_rules.convolution(layer) is not None
+        return layer_rules.runs_plain(layer)
+    return layer_rules.runs_plain(layer) and layer_rules.convolution(layer) is not None
 
 
 def block_ends(base, local_losses):

@@ -292,26 +292,38 @@ def estimate(model, x, y, sample_weight, xla=False):
 
 def _activity_passes(model, x, y, sample_weight):
     """The K passes of `keras_fwdgrad.activity`, averaged."""
-    state = model.model.non_trainable_variables
-    if model.num_directions > 1 and state:
-        saved_state = [tf.identity(v.value) for v in state]
+    restore = _state_restorer(model)
     results = []
     with _recurrences_unrolled(model.model), _compat.exact_convolutions():
         for k in range(model.num_directions):
-            if k > 0 and state:
-                for var, value in zip(state, saved_state):
-                    var.assign(value)
+            restore(k)
             results.append(activity.estimate(model, x, y, sample_weight, k))
     _check_traced_ops()
     losses, y_preds, ds, grads, local = zip(*results)
-    num = len(results)
+    grads = [_mean(gs) for gs in zip(*grads)]
+    local = [_mean(ls) for ls in zip(*local)]
+    return _mean(losses), y_preds[0], tf.stack(ds), grads, local
 
-    def mean(values):
-        return values[0] if num == 1 else tf.add_n(list(values)) / num
 
-    grads = [mean(gs) for gs in zip(*grads)]
-    local = [mean(ls) for ls in zip(*local)]
-    return mean(losses), y_preds[0], tf.stack(ds), grads, local
+def _mean(values):
+    values = list(values)
+    return values[0] if len(values) == 1 else tf.add_n(values) / len(values)
+
+
+def _state_restorer(model):
+    """`restore(k)`: before every pass but the first, puts back the
+    non-trainable state (BatchNormalization statistics, dropout seed
+    state) as it was before the first, so that every direction
+    differentiates the same function."""
+    state = model.model.non_trainable_variables
+    saved = [tf.identity(v.value) for v in state] if model.num_directions > 1 else []
+
+    def restore(k):
+        if k > 0:
+            for var, value in zip(state, saved):
+                var.assign(value)
+
+    return restore
 
 
 # The ops TensorFlow's forward mode builds for max-pooling (the gradient of
@@ -349,12 +361,7 @@ def _check_traced_ops():
 
 
 def _passes(model, x, y, sample_weight, xla):
-    state = model.model.non_trainable_variables
-    if model.num_directions > 1 and state:
-        # Every direction must differentiate the same function: the later
-        # passes start from the same BatchNormalization statistics and
-        # dropout seed state as the first.
-        saved_state = [tf.identity(v.value) for v in state]
+    restore = _state_restorer(model)
 
     def draw(k):
         v = sample_directions(model, k, structured=True)
@@ -372,9 +379,7 @@ def _passes(model, x, y, sample_weight, xla):
         except layer_rules.NeedsSeparatePasses:
             vs = []
     for k in range(0 if ds else model.num_directions):
-        if k > 0 and state:
-            for var, value in zip(state, saved_state):
-                var.assign(value)
+        restore(k)
         v = draw(k)
         if rules:
             y_pred, (loss,), (d,) = _rules_pass(model, x, y, sample_weight, [v])
@@ -383,8 +388,7 @@ def _passes(model, x, y, sample_weight, xla):
         losses.append(loss)
         ds.append(d)
         vs.append(v)
-    loss = losses[0] if len(losses) == 1 else tf.add_n(losses) / len(losses)
-    return loss, y_pred, ds, vs
+    return _mean(losses), y_pred, ds, vs
 
 
 def scaled_for_optimizer(optimizer, grads):

@@ -453,14 +453,19 @@ def _add(a, b):
     return a + b
 
 
-def _plain(layer, x):
-    """Whether the layer's `call` is the stock one and runs in one dtype."""
+def runs_plain(layer):
+    """Whether the layer's `call` is the stock one (no LoRA, no
+    quantization) and computes in its variables' dtype."""
     return (
         not getattr(layer, "lora_enabled", False)
         and getattr(layer, "quantization_mode", None) is None
         and layer.compute_dtype == layer.variable_dtype
-        and x.dtype == layer.compute_dtype
     )
+
+
+def _plain(layer, x):
+    """`runs_plain(layer)`, on an input already in its compute dtype."""
+    return runs_plain(layer) and x.dtype == layer.compute_dtype
 
 
 def _stacked(fn, x, x_dot):
