@@ -18,6 +18,19 @@ compiled loss function, the last block from the model's own loss, and no
 derivative crosses a block boundary (`tf.stop_gradient`). The heads' own
 kernels are perturbed in the same way.
 
+`local_loss_groups=G` splits the channels (last axis) of each block's
+output into G groups (`"channels"`: one per channel), each with its own loss: the head's loss with the
+other groups' channels held constant. A perturbed layer whose channels
+reach the block's end through per-channel layers only (activations,
+dropout, pooling, `BatchNormalization`) then takes, for the units of
+group `g`, the derivative `d_g = ∂L/∂h_g · ṫh_g` of the block output's
+tangent restricted to that group. It is computed after the pass from the
+block output's tangent and the head's kernel, for every group at once.
+Its estimate keeps the block loss's expectation and loses the noise of
+the other groups' tangents (and of the head's own). A convolution's
+input tangent is convolved explicitly (`layer_rules.convolution`), since
+TensorFlow's forward mode through a convolution is slow under XLA.
+
 Variables of other layers (`BatchNormalization`, `Embedding`, your own
 layers) are perturbed as weights, in the same pass, with the block's
 whole-batch directional derivative. Layers that mix examples (for now:
@@ -62,6 +75,23 @@ _POOLING = (
 )
 # Layers whose training-mode output for one example depends on the others.
 _MIXES_EXAMPLES = (keras.layers.BatchNormalization,)
+# Layers whose output channel `c` depends only on their input channel `c`
+# (channels last): a perturbed layer followed only by these up to the end
+# of its block keeps `local_loss_groups` apart.
+_PER_CHANNEL = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.BatchNormalization,
+) + _POOLING
 _REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight", None, "none")
 
 
@@ -111,7 +141,9 @@ class LocalHead(keras.layers.Layer):
         return config
 
 
-def check_arguments(perturbation, local_losses, orthogonal_directions, active_units_only):
+def check_arguments(
+    perturbation, local_losses, orthogonal_directions, active_units_only, local_loss_groups=1
+):
     """Raises a `ValueError` or `TypeError` naming a bad argument."""
     if perturbation not in PERTURBATIONS:
         raise ValueError(
@@ -122,10 +154,10 @@ def check_arguments(perturbation, local_losses, orthogonal_directions, active_un
         names_ok = isinstance(local_losses, (list, tuple)) and all(
             isinstance(n, str) for n in local_losses
         )
-        if local_losses != "auto" and not names_ok:
+        if local_losses not in ("auto", "layers") and not names_ok:
             raise TypeError(
-                '`local_losses` must be `None`, `"auto"` or a list of layer names. '
-                f"Received: local_losses={local_losses!r}"
+                '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
+                f"layer names. Received: local_losses={local_losses!r}"
             )
         if perturbation != "activations":
             raise ValueError(
@@ -143,6 +175,20 @@ def check_arguments(perturbation, local_losses, orthogonal_directions, active_un
         raise ValueError(
             '`orthogonal_directions=True` requires `perturbation="activations"`. '
             f"Received: perturbation={perturbation!r}"
+        )
+    if local_loss_groups != "channels" and (
+        not isinstance(local_loss_groups, numbers.Integral)
+        or isinstance(local_loss_groups, bool)
+        or local_loss_groups < 1
+    ):
+        raise ValueError(
+            '`local_loss_groups` must be an integer of at least 1 or "channels". '
+            f"Received: local_loss_groups={local_loss_groups!r}"
+        )
+    if local_loss_groups != 1 and local_losses is None:
+        raise ValueError(
+            "`local_loss_groups` other than 1 requires `local_losses`. "
+            f"Received: local_loss_groups={local_loss_groups!r} with local_losses=None"
         )
 
 
@@ -214,16 +260,19 @@ def block_ends(base, local_losses):
         return []
     layers = _flat_layers(base)
     names = [layer.name for layer in layers]
-    if local_losses == "auto":
+    if local_losses in ("auto", "layers"):
         last_dense = max(
             (i for i, layer in enumerate(layers) if perturbed(layer)),
             default=len(layers),
         )
+
+        def ends_here(layer):
+            if local_losses == "layers":
+                return perturbed(layer)
+            return isinstance(layer, (keras.layers.Dense,) + _POOLING)
+
         ends = [
-            layer.name
-            for i, layer in enumerate(layers)
-            if i < last_dense
-            and (isinstance(layer, _POOLING) or isinstance(layer, keras.layers.Dense))
+            layer.name for i, layer in enumerate(layers) if i < last_dense and ends_here(layer)
         ]
     else:
         ends = list(local_losses)
@@ -308,6 +357,11 @@ class _Pass:
         self.owner_block = {}
         self.mixing_blocks = set()
         self.acc = None
+        # id(tensor) -> (tensor, record): outputs that still have the
+        # channels of a perturbed layer's pre-activations; and per block,
+        # the record whose channels reach the block's end that way.
+        self.aligned = {}
+        self.grouped = {}
 
     def tangent(self, z, index):
         seed = tf.random.experimental.stateless_fold_in(self.seed, index)
@@ -337,21 +391,44 @@ class _Pass:
             and args[0].dtype == layer.compute_dtype
         ):
             x = args[0]
+            tx = None
+            if not isinstance(layer, (keras.layers.Dense, LocalHead)):
+                # The convolution of the input's tangent, computed here:
+                # TensorFlow's own forward mode through a convolution (the
+                # transpose of its input gradient) is many times slower
+                # under XLA.
+                tx = self.acc.jvp(x)
+                x = tf.stop_gradient(x)
             z = _pre_activation(layer, x)
             u = self.tangent(z, len(self.records))
+            tz = u if tx is None else u + layer_rules.convolution(layer)(tx, layer.kernel.value)
             zero = tf.zeros_like(z)
-            _compat.watch(self.acc, zero, u)
+            _compat.watch(self.acc, zero, tz)
             z = z + zero
             self.records.append(_Record(layer, x, z, u, self.block))
             activation = (
                 layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
             )
             y = activation(z)
+            if _channels_last(layer):
+                self.aligned[id(y)] = (y, self.records[-1])
         else:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
+            source = self.aligned.get(id(args[0])) if args else None
+            if (
+                source is not None
+                and source[0] is args[0]
+                and len(args) == 1
+                and isinstance(layer, _PER_CHANNEL)
+                and _channels_last(layer)
+            ):
+                self.aligned[id(y)] = (y, source[1])
         if layer.name in self.ends and self.block < len(self.ends):
+            source = self.aligned.get(id(y))
+            if source is not None and source[0] is y and source[1].block == self.block:
+                self.grouped[self.block] = source[1]
             self.block_outputs.append(y)
             self.block += 1
             y = tf.stop_gradient(y)
@@ -391,6 +468,12 @@ class _Pass:
         return outputs
 
 
+def _channels_last(layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return layer.axis in (-1, len(layer.input.shape) - 1)
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
 def _loss_object(model):
     loss = model.loss
     if isinstance(loss, (list, tuple, dict)):
@@ -405,7 +488,7 @@ def _loss_object(model):
     return keras.losses.get(loss) if isinstance(loss, str) else loss
 
 
-def per_example_losses(model, y, y_pred, sample_weight):
+def per_example_losses(model, y, y_pred, sample_weight, copies=1):
     """The compiled loss of each example, weighted and scaled so that they
     sum to the compiled (reduced) loss.
 
@@ -413,6 +496,8 @@ def per_example_losses(model, y, y_pred, sample_weight):
         model: A compiled `ForwardGradientModel`.
         y, y_pred: Targets and predictions.
         sample_weight: Optional per-example weights.
+        copies: The batch is this many copies of one batch, each scaled
+            as that one batch alone.
 
     Returns:
         A float32 tensor `[batch]`.
@@ -448,7 +533,7 @@ def per_example_losses(model, y, y_pred, sample_weight):
     if len(values.shape) > 1:
         values = tf.reduce_sum(tf.reshape(values, (tf.shape(values)[0], -1)), axis=1)
     if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-        values = values / denominator
+        values = values / (denominator / copies)
     # As Keras divides the loss of each replica by the number of replicas.
     return values / tf.cast(distribute.num_replicas(), "float32")
 
@@ -521,9 +606,18 @@ def estimate(model, x, y, sample_weight, k):
     )
     d = clip_directional_derivative(d, model.jvp_clip)
     batch_d = tf.reduce_sum(d, axis=1)
+    group_d = {}
+    if model.local_loss_groups != 1:
+        for block, record in p.grouped.items():
+            h = p.block_outputs[block]
+            th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            dg = _group_derivatives(model, heads[block], h, th, y, sample_weight)
+            group_d[id(record)] = clip_directional_derivative(dg, model.jvp_clip)
     grads = {}
     for r in p.records:
-        if r.block in p.mixing_blocks:
+        if id(r) in group_d:
+            dn = _per_channel(group_d[id(r)], r.u, r.block in p.mixing_blocks)
+        elif r.block in p.mixing_blocks:
             dn = tf.fill([tf.shape(d)[1]], batch_d[r.block])
         else:
             dn = d[r.block]
@@ -535,7 +629,9 @@ def estimate(model, x, y, sample_weight, k):
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
             u = u * tf.cast(r.z > 0, u.dtype)
-        dn = tf.reshape(tf.cast(dn, u.dtype), (-1,) + (1,) * (len(u.shape) - 1))
+        if len(dn.shape) == 1:
+            dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
+        dn = tf.cast(dn, u.dtype)
         g_z = dn * u
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
         params = layer.trainable_variables
@@ -553,6 +649,63 @@ def estimate(model, x, y, sample_weight, k):
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
     return loss, y_pred, d, grads, local
+
+
+def _group_derivatives(model, head, h, th, y, sample_weight):
+    """Each channel group's directional derivative of a block's local loss.
+
+    The loss of group `g` is the head's loss with every other group's
+    channels held constant (Ren et al., 2023), so its derivative takes only
+    the tangents of group `g`: `d_g = ∂L/∂h_g · ṫh_g`. Channel `c` of `C`
+    is in group `c·G // C`.
+
+    Args:
+        model: The `ForwardGradientModel`.
+        head: The block's `LocalHead`.
+        h, th: The block's output and its tangent.
+        y, sample_weight: The batch's targets and weights.
+
+    Returns:
+        A `[G, batch]` tensor.
+    """
+    pooled = tf.stop_gradient(head.pool(h))
+    tangent = head.pool(th)
+    channels = pooled.shape[-1]
+    groups = channels if model.local_loss_groups == "channels" else model.local_loss_groups
+    kernel = tf.cast(head.dense.kernel.value, pooled.dtype)
+    # The head's pre-activation and, per group, its tangent
+    # `Σ_{c in g} ṫh_c W_c`: [groups, batch, units].
+    z = _pre_activation(head, pooled)
+    group = tf.range(channels) * groups // channels
+    products = tf.transpose(tangent)[:, :, None] * kernel[:, None, :]
+    tz = tf.math.unsorted_segment_sum(products, group, groups)
+
+    def tiled(t):
+        t = tf.convert_to_tensor(t)
+        return tf.tile(t, [groups] + [1] * (len(t.shape) - 1))
+
+    y = tiled(tf.nest.flatten(y)[0])
+    sample_weight = None if sample_weight is None else tiled(sample_weight)
+    z = tiled(z)
+    tz = tf.reshape(tz, tf.shape(z))
+    with tf.autodiff.ForwardAccumulator(z, tz) as acc:
+        values = per_example_losses(
+            model, y, head.dense.activation(z), sample_weight, copies=groups
+        )
+    dg = acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.reshape(dg, [groups, -1])
+
+
+def _per_channel(dg, u, mixing):
+    """`[G, batch]` group derivatives spread over the channels of `u`
+    (`[batch, ..., C]`); summed over the batch when its block mixes
+    examples."""
+    groups = dg.shape[0]
+    if mixing:
+        dg = tf.broadcast_to(tf.reduce_sum(dg, axis=1, keepdims=True), tf.shape(dg))
+    channels = u.shape[-1]
+    dn = tf.gather(tf.transpose(dg), tf.range(channels) * groups // channels, axis=1)
+    return tf.reshape(dn, [-1] + [1] * (len(u.shape) - 2) + [channels])
 
 
 def _with_regularizers(variables, grads):
@@ -580,6 +733,21 @@ def check_num_directions(model):
                     f"Received: num_directions={model.num_directions} and layer "
                     f"{layer.name!r} with {_units(layer)}"
                 )
+
+
+def check_local_loss_groups(model):
+    groups = model.local_loss_groups
+    if groups == "channels":
+        return
+    layers = {layer.name: layer for layer in _flat_layers(model.model)}
+    for name in model._local_loss_ends:
+        channels = layers[name].output.shape[-1]
+        if channels is not None and groups > channels:
+            raise ValueError(
+                "`local_loss_groups` must be at most the number of channels "
+                f"of every block's output. Received: local_loss_groups={groups} "
+                f"and block output {name!r} with {channels} channels"
+            )
 
 
 def _units(layer):
