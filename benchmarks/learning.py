@@ -67,6 +67,21 @@ METHODS = {
         dict(learning_rate=3e-4),
         5,
     ),
+    "activations_k1_groups32": (
+        dict(perturbation="activations", local_losses="auto", local_loss_groups=32),
+        dict(learning_rate=1e-3),
+        10,
+    ),
+    "activations_channel_groups": (
+        dict(perturbation="activations", local_losses="auto", local_loss_groups="channels"),
+        dict(learning_rate=1e-3),
+        10,
+    ),
+    "activations_layer_groups": (
+        dict(perturbation="activations", local_losses="layers", local_loss_groups="channels"),
+        dict(learning_rate=3e-4),
+        10,
+    ),
     "activations_k4_all_units": (
         dict(
             perturbation="activations",
@@ -89,6 +104,7 @@ def run(
     epochs=None,
     learning_rate=None,
     batch_size=64,
+    jit_compile=True,
 ):
     wrapper_args, adam, default_epochs = METHODS[name]
     adam = dict(adam)
@@ -108,8 +124,8 @@ def run(
     optimizer = keras.optimizers.Adam(schedule, **adam)
     model = base if wrapper_args is None else ForwardGradientModel(base, seed=seed, **wrapper_args)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
-    base.compile(loss=loss, metrics=["accuracy"], jit_compile=True)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
+    base.compile(loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
     curve = learning.TestCurve(data["x_test"], data["y_test"], base)
     model.fit(
         data["x_train"],
@@ -135,6 +151,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=None, help="overrides every method's")
     p.add_argument("--train-size", type=int, default=None)
+    p.add_argument(
+        "--jit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="XLA (default); --no-jit-compile for convolutional models with "
+        "activity perturbation on CPU",
+    )
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
     args = p.parse_args()
 
@@ -159,10 +182,12 @@ def main():
                 args.epochs,
                 args.learning_rate,
                 args.batch_size,
+                args.jit_compile,
             )
             lr = args.learning_rate or METHODS[name][1]["learning_rate"]
             batch = "" if args.batch_size == 64 else f"/batch{args.batch_size}"
             batch += f"/epochs{args.epochs}" if args.epochs else ""
+            batch += "" if args.jit_compile else "/nojit"
             results[f"{name}/lr{lr:g}{batch}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
@@ -174,6 +199,7 @@ def main():
                     "adam": {**METHODS[name][1], "learning_rate": lr},
                     "epochs": len(points),
                     "clipping": "none",
+                    "jit_compile": args.jit_compile,
                 },
                 "curve": points,
                 "median_step_seconds": step,

@@ -1,0 +1,130 @@
+"""Step time under `fit()` of activity perturbation against backprop and
+the papers' forward gradient, with and without XLA.
+
+For each model (`--models`: the papers' MNIST MLP and CNN, the second
+paper's CIFAR-10 VGG) and each `jit_compile` setting, builds one model per
+method, compiles it (its first steps reported apart), then times
+`--rounds` interleaved rounds of `--steps` training steps each (method 1,
+method 2, ..., then again) and reports the median step time and its ratio
+to backprop's, all in one process. Batch 64, Adam, random data of the
+right shape (a step's cost does not depend on the values).
+
+Methods:
+- `backprop`: the base model's own `fit`.
+- `weights`: the papers' estimator (one Gaussian direction, layer rules).
+- `activations`: `perturbation="activations"`, `local_losses="auto"`.
+- `activations_groups32`: the same with `local_loss_groups=32`.
+
+Usage:
+    python benchmarks/activity_step_time.py [--models mlp cnn vgg]
+        [--jit on off] [--rounds 5] [--steps 10]
+"""
+
+import argparse
+import json
+import os
+import platform
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from keras_fwdgrad import ForwardGradientModel  # noqa: E402
+from keras_fwdgrad.research import architectures  # noqa: E402
+from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
+
+MODELS = {
+    "mlp": (architectures.mlp, (28, 28, 1)),
+    "cnn": (architectures.mnist_cnn, (28, 28, 1)),
+    "vgg": (architectures.cifar10_vgg, (32, 32, 3)),
+}
+METHODS = {
+    "backprop": None,
+    "weights": dict(),
+    "activations": dict(perturbation="activations", local_losses="auto"),
+    "activations_groups32": dict(
+        perturbation="activations", local_losses="auto", local_loss_groups=32
+    ),
+}
+
+
+def measure(model_name, jit, rounds, steps):
+    build, shape = MODELS[model_name]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64 * steps,) + shape).astype("float32")
+    y = rng.integers(0, 10, size=(64 * steps,))
+    models, first = {}, {}
+    for name, wrapper_args in METHODS.items():
+        keras.utils.set_random_seed(0)
+        base = build()
+        model = (
+            base if wrapper_args is None else ForwardGradientModel(base, seed=0, **wrapper_args)
+        )
+        model.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
+        timer = StepTimer(warmup_steps=2)
+        model.fit(x[:128], y[:128], batch_size=64, epochs=1, verbose=0, callbacks=[timer])
+        first[name] = float(sum(timer.warmup_times))
+        models[name] = model
+    medians = {name: [] for name in METHODS}
+    for _ in range(rounds):
+        for name, model in models.items():
+            timer = StepTimer(warmup_steps=0)
+            model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+            medians[name].append(timer.median_ms())
+    backprop = float(np.median(medians["backprop"]))
+    return [
+        {
+            "model": model_name,
+            "jit_compile": jit,
+            "method": name,
+            "ms_per_step": float(np.median(medians[name])),
+            "vs_backprop": float(np.median(medians[name])) / backprop,
+            "first_two_steps_s": first[name],
+            "round_medians_ms": medians[name],
+        }
+        for name in METHODS
+    ]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
+    p.add_argument("--jit", nargs="+", choices=["on", "off"], default=["on", "off"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results/activity_step_time.json")
+    args = p.parse_args()
+    rows = []
+    for model_name in args.models:
+        for jit in args.jit:
+            rows += measure(model_name, jit == "on", args.rounds, args.steps)
+            print(f"{'model':<5} {'jit':<5} {'method':<22} {'ms/step':>9} {'vs backprop':>11}")
+            for r in rows[-len(METHODS) :]:
+                print(
+                    f"{r['model']:<5} {str(r['jit_compile']):<5} {r['method']:<22} "
+                    f"{r['ms_per_step']:>9.1f} {r['vs_backprop']:>11.2f}",
+                    flush=True,
+                )
+    report = {
+        "batch_size": 64,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
