@@ -321,6 +321,11 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 "You must call `compile(optimizer=..., loss=...)` before "
                 "calling `forward_gradient()`."
             )
+        if y is None and self.loss is not None:
+            raise ValueError(
+                "`forward_gradient()` needs the targets `y` for the compiled loss "
+                f"{self.loss!r}. Received: y=None"
+            )
         self._ensure_built(x)
         loss, _, _, grads, _ = estimator.estimate(self, x, y, sample_weight)
         return loss, grads

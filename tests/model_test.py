@@ -193,6 +193,14 @@ def test_forward_gradient_requires_compile():
         model.forward_gradient(*_data(n=4))
 
 
+def test_forward_gradient_without_targets_is_a_clear_error():
+    model = ForwardGradientModel(_mlp())
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x, _ = _data(n=4)
+    with pytest.raises(ValueError, match="needs the targets `y`"):
+        model.forward_gradient(x)
+
+
 def test_learning_rate_schedule_paper_decay():
     x, y = _data(n=64)
     eta0, k = 0.01, 1e-4
