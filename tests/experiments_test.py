@@ -64,6 +64,23 @@ def test_make_optimizer_builds_stock_optimizers(name, cls, nesterov):
         assert (opt.beta_1, opt.beta_2) == (0.8, 0.99)
 
 
+@pytest.mark.parametrize(
+    "clip, expected",
+    [
+        # Per variable: each gradient to norm 1.
+        (dict(clipnorm=1.0), ([-1.0, 0.0], [0.0, -1.0])),
+        # Global (the second paper's): the joint norm 5 to 1.
+        (dict(global_clipnorm=1.0), ([-0.6, 0.0], [0.0, -0.8])),
+    ],
+)
+def test_make_optimizer_clips_per_variable_or_globally(clip, expected):
+    opt = optimizers.make_optimizer("sgd", 1.0, **clip)
+    a, b = keras.Variable([0.0, 0.0]), keras.Variable([0.0, 0.0])
+    opt.apply([np.array([3.0, 0.0], "float32"), np.array([0.0, 4.0], "float32")], [a, b])
+    np.testing.assert_allclose(a.numpy(), expected[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b.numpy(), expected[1], rtol=1e-6, atol=1e-7)
+
+
 def test_make_optimizer_errors():
     with pytest.raises(ValueError, match="`name` must be one of"):
         optimizers.make_optimizer("rmsprop", 1e-3)
@@ -71,6 +88,8 @@ def test_make_optimizer_errors():
         optimizers.make_optimizer("sgd", 0.0)
     with pytest.raises(ValueError, match="`decay` must be a non-negative"):
         optimizers.make_optimizer("sgd", 1e-3, decay=-1.0)
+    with pytest.raises(ValueError, match="at most one of `clipnorm` and `global_clipnorm`"):
+        optimizers.make_optimizer("sgd", 1e-3, clipnorm=1.0, global_clipnorm=1.0)
 
 
 # --- Tf/Tb and TrainingTrace ------------------------------------------

@@ -46,6 +46,7 @@ def make_optimizer(
     beta_1=0.9,
     beta_2=0.999,
     clipnorm=None,
+    global_clipnorm=None,
 ):
     """Builds a stock Keras optimizer as the papers configure it.
 
@@ -59,8 +60,12 @@ def make_optimizer(
             `0`.
         beta_1: Adam's β1; ignored otherwise. Defaults to `0.9`.
         beta_2: Adam's β2; ignored otherwise. Defaults to `0.999`.
-        clipnorm: Optional float, clip each gradient (or forward gradient)
-            to this norm, as the second paper does.
+        clipnorm: Optional float, clip **each variable's** gradient (or
+            forward gradient) to this norm (Keras' `clipnorm`).
+        global_clipnorm: Optional float, clip the norm of all gradients
+            together (Keras' `global_clipnorm`; PyTorch's
+            `clip_grad_norm_`, which the second paper's code uses).
+            At most one of `clipnorm` and `global_clipnorm`.
 
     Returns:
         A `keras.optimizers.SGD` or `keras.optimizers.Adam`.
@@ -74,9 +79,15 @@ def make_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}")
+    if clipnorm is not None and global_clipnorm is not None:
+        raise ValueError(
+            "Pass at most one of `clipnorm` and `global_clipnorm`. Received: "
+            f"clipnorm={clipnorm!r}, global_clipnorm={global_clipnorm!r}"
+        )
     lr = decay_schedule(learning_rate, decay)
+    clip = dict(clipnorm=clipnorm, global_clipnorm=global_clipnorm)
     if name == "adam":
-        return keras.optimizers.Adam(lr, beta_1=beta_1, beta_2=beta_2, clipnorm=clipnorm)
+        return keras.optimizers.Adam(lr, beta_1=beta_1, beta_2=beta_2, **clip)
     if name == "nesterov":
-        return keras.optimizers.SGD(lr, momentum=momentum, nesterov=True, clipnorm=clipnorm)
-    return keras.optimizers.SGD(lr, clipnorm=clipnorm)
+        return keras.optimizers.SGD(lr, momentum=momentum, nesterov=True, **clip)
+    return keras.optimizers.SGD(lr, **clip)
