@@ -34,9 +34,12 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
     A step whose loss or directional derivative is NaN or infinite changes
     no weight and no optimizer state (non-trainable weights such as
     BatchNormalization statistics are restored too). Such steps are counted
-    in the `skipped_steps` entry of the training logs. The `loss` log still
-    shows the NaN, so `keras.callbacks.TerminateOnNaN` stops training if
-    you ask it to.
+    in the `skipped_steps` entry of the training logs (per epoch; the
+    lifetime count is `model.skipped_steps`). The epoch's `loss` and
+    metrics average over the steps whose loss and predictions are finite,
+    so one bad batch does not turn the epoch's logs (history, `CSVLogger`,
+    TensorBoard, `EarlyStopping`) into NaN; an epoch in which no step was
+    finite logs NaN.
 
     Directions come from a stateless random stream keyed by `seed` and a
     step counter saved with the model: the same seed replays the same run,
@@ -211,6 +214,11 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         # model so a reloaded model continues the same stream.
         self.direction_step = self._counter("direction_step")
         self.skipped_steps = self._counter("skipped_steps")
+        # Per epoch (reset with the metrics): steps skipped, and steps
+        # whose loss and predictions were finite (the logs average over
+        # those).
+        self._skipped_tracker = keras.metrics.Sum(name="skipped_steps", dtype="float32")
+        self._measured_tracker = keras.metrics.Sum(name="_measured_steps", dtype="float32")
         # Filled in by the first step (see `keras_fwdgrad.connectivity`).
         self._connectivity_checked = False
         self._disconnected = ()
@@ -351,22 +359,53 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         skipped = distribute.guarded_apply(self, grads, variables, finite, weights, saved_weights)
         self.skipped_steps.assign_add(skipped)
         self.direction_step.assign_add(1)
+        logs = self._step_logs(x, y, y_pred, sample_weight, loss, local_losses, skipped)
+        return distribute.multi_worker_logs(self.distribute_strategy, logs)
 
-        _compat.loss_tracker(self).update_state(
-            distribute.unscale_loss(loss),
-            sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+    def _step_logs(self, x, y, y_pred, sample_weight, loss, local_losses, skipped):
+        """Updates the epoch's loss and metrics with this step, unless its
+        loss or predictions are not finite (then the epoch's averages leave
+        it out), and returns the logs. An epoch with no such step logs NaN;
+        `skipped_steps` counts the epoch's skipped steps."""
+        loss = distribute.unscale_loss(loss)
+        measured = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten([loss, y_pred])]
         )
+        weight = tf.cast(measured, "float32")
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        _compat.loss_tracker(self).update_state(
+            tf.where(measured, loss, tf.zeros_like(loss)),
+            sample_weight=tf.cast(batch, "float32") * weight,
+        )
+        y_pred = tf.nest.map_structure(lambda t: tf.where(measured, t, tf.zeros_like(t)), y_pred)
+        if sample_weight is None:
+            sample_weight = tf.ones([batch]) * weight
+        else:
+            sample_weight = tf.nest.map_structure(
+                lambda w: tf.cast(w, "float32") * weight, sample_weight
+            )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         for tracker, value in zip(self._local_loss_trackers, local_losses):
-            tracker.update_state(distribute.unscale_loss(value))
+            value = distribute.unscale_loss(value)
+            tracker.update_state(tf.where(measured, value, tf.zeros_like(value)), weight)
             logs[tracker.name] = tracker.result()
-        logs["skipped_steps"] = tf.convert_to_tensor(self.skipped_steps)
-        return distribute.multi_worker_logs(self.distribute_strategy, logs)
+        self._skipped_tracker.update_state(tf.cast(skipped, "float32"))
+        self._measured_tracker.update_state(weight)
+        any_measured = self._measured_tracker.result() > 0
+        logs.pop(self._measured_tracker.name, None)
+        logs = {
+            k: tf.where(any_measured, v, tf.constant(float("nan"), v.dtype))
+            if tf.as_dtype(v.dtype).is_floating
+            else v
+            for k, v in logs.items()
+        }
+        logs["skipped_steps"] = self._skipped_tracker.result()
+        return logs
 
     def test_step(self, data):
         logs = super().test_step(data)
-        # Local losses are training-only.
-        for tracker in self._local_loss_trackers:
+        # Local losses and skipped steps are training-only.
+        for tracker in self._local_loss_trackers + [self._skipped_tracker, self._measured_tracker]:
             logs.pop(tracker.name, None)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
 

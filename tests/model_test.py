@@ -295,11 +295,60 @@ def test_non_finite_step_changes_nothing(mode):
     after = [np.array(v) for v in base.variables + model.optimizer.variables]
     for a, b in zip(state, after):
         np.testing.assert_array_equal(a, b)
-    # The stream moves on and the next finite step trains as usual.
+    # The stream moves on and the next finite step trains as usual; the
+    # logs count this call's skipped steps, the model its lifetime's.
     logs = model.train_on_batch(x, y, return_dict=True)
-    assert logs["skipped_steps"] == 1
+    assert logs["skipped_steps"] == 0
+    assert int(model.skipped_steps) == 1
     assert int(model.optimizer.iterations) == 2
     assert int(model.direction_step) == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_epoch_logs_stay_finite_and_count_skipped_steps_per_epoch(mode, tmp_path):
+    """One NaN batch out of four, two epochs: the epoch logs (history and
+    CSVLogger) average the three finite steps, `skipped_steps` is 1 per
+    epoch, and the model's lifetime counter is 2."""
+    x, y = _data(n=32)
+    x[8, 0] = np.nan  # in the second of four batches of 8
+    model = ForwardGradientModel(_mlp(), seed=0)
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-3),
+        loss=SCCE,
+        metrics=["accuracy"],
+        **compile_kwargs(mode),
+    )
+    path = str(tmp_path / "log.csv")
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras.callbacks.CSVLogger(path)],
+    )
+    assert history.history["skipped_steps"] == [1, 1]
+    assert int(model.skipped_steps) == 2
+    for key in ("loss", "accuracy"):
+        assert all(math.isfinite(v) for v in history.history[key]), history.history
+    with open(path) as f:
+        rows = f.read().strip().splitlines()
+    assert "nan" not in rows[1].lower() and "nan" not in rows[2].lower()
+    # Loss of the three finite batches, as the step measures it (before
+    # its update), is close to the epoch's logged loss.
+    assert 0.5 < history.history["loss"][0] < 5.0
+
+
+def test_epoch_with_no_finite_step_logs_nan():
+    x, y = _data(n=16)
+    x[:, 0] = np.nan
+    model = ForwardGradientModel(_mlp(), seed=0)
+    model.compile(optimizer="sgd", loss=SCCE, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert math.isnan(history.history["loss"][0])
+    assert math.isnan(history.history["accuracy"][0])
+    assert history.history["skipped_steps"] == [2]
 
 
 def test_infinite_directional_derivative_is_skipped():
@@ -318,22 +367,26 @@ def test_infinite_directional_derivative_is_skipped():
         np.testing.assert_array_equal(a, b)
 
 
-def test_terminate_on_nan_still_stops_training():
+def test_terminate_on_nan_stops_only_when_no_step_is_finite():
+    """A skipped batch leaves the weights and the logs finite, so
+    `TerminateOnNaN` lets training go on; when every step so far is
+    non-finite the logs are NaN and it stops training."""
     x, y = _data(n=128)
     x[70, 0] = np.nan
     base = _mlp()
     model = ForwardGradientModel(base, seed=0)
     model.compile(optimizer="sgd", loss=SCCE)
-    history = model.fit(
-        x,
-        y,
-        batch_size=32,
-        epochs=5,
-        shuffle=False,
-        verbose=0,
-        callbacks=[keras.callbacks.TerminateOnNaN()],
+    fit = dict(
+        batch_size=32, shuffle=False, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
     )
+    history = model.fit(x, y, epochs=5, **fit)
+    assert len(history.history["loss"]) == 5
+    assert history.history["skipped_steps"] == [1] * 5
+    assert all(np.all(np.isfinite(w)) for w in _weights(base))
+    x[:, 0] = np.nan
+    history = model.fit(x, y, epochs=5, **fit)
     assert len(history.history["loss"]) == 1
+    assert math.isnan(history.history["loss"][0])
     assert all(np.all(np.isfinite(w)) for w in _weights(base))
 
 
