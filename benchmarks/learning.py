@@ -24,15 +24,12 @@ Usage:
 """
 
 import argparse
-import json
 import os
-import platform
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
@@ -166,10 +163,7 @@ def main():
         dataset, args.data_dir, train_size=args.train_size, test_size=args.test_size
     )
     n = len(data["x_train"])
-    results = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f).get("runs", {})
+    results = learning.load_runs(args.out)
     for name in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             print(f"{name} seed {seed}", flush=True)
@@ -205,18 +199,7 @@ def main():
                 "median_step_seconds": step,
                 "summary": learning.summarize(points),
             }
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(
-                    {
-                        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                        "tensorflow": tf.__version__,
-                        "keras": keras.__version__,
-                        "runs": results,
-                    },
-                    f,
-                    indent=1,
-                )
+            learning.save_runs(args.out, results)
     backprop = [r for r in results.values() if r["method"] == "backprop"]
     print(f"\n{'run':40s} {'best':>6s} {'final':>6s}  t90 / t95 / t97 (s)  Tf/Tb at 90/95/97")
     for key, r in results.items():

@@ -25,20 +25,18 @@ Usage:
 """
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
+from keras_fwdgrad.research import learning  # noqa: E402
 from keras_fwdgrad.research import optimizers  # noqa: E402
 
 # Table I, MLP rows: learning rate, decay k, momentum, beta_1, beta_2,
@@ -121,10 +119,7 @@ def main():
         seed=args.seed,
         drop_remainder=True,
     )
-    results = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f).get("runs", {})
+    results = learning.load_runs(args.out)
     for row in args.rows.split(","):
         clippings = args.clipping.split(",") if row.startswith("forward") else ["none"]
         for clipping in clippings:
@@ -138,18 +133,7 @@ def main():
                 f"test accuracy {r['test_accuracy']:.4f}, {r['seconds_with_validation']:.0f} s",
                 flush=True,
             )
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(
-                    {
-                        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                        "tensorflow": tf.__version__,
-                        "keras": keras.__version__,
-                        "runs": results,
-                    },
-                    f,
-                    indent=1,
-                )
+            learning.save_runs(args.out, results)
 
 
 if __name__ == "__main__":

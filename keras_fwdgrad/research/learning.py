@@ -5,10 +5,14 @@ Used by `benchmarks/learning.py` (full MNIST) and `examples/mnist_learning.py`
 (the bundled subset).
 """
 
+import json
+import os
+import platform
 import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_fwdgrad.research import datasets
 
@@ -106,3 +110,29 @@ def summarize(points, targets=TARGETS):
         if not reached:
             out[f"missed_{round(target * 100)}_by"] = round(target - best, 4)
     return out
+
+
+def load_runs(path):
+    """The runs already recorded in a results file (`{}` if there is none),
+    so that a benchmark adds to them."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("runs", {})
+
+
+def save_runs(path, runs):
+    """Writes `runs` (a dict of run name to record) with the machine and
+    the TensorFlow and Keras versions."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "runs": runs,
+            },
+            f,
+            indent=1,
+        )
