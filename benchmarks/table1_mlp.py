@@ -119,13 +119,14 @@ def main():
         seed=args.seed,
         drop_remainder=True,
     )
+    started_at = commit()  # the code this process runs
     results = learning.load_runs(args.out)
     for row in args.rows.split(","):
         clippings = args.clipping.split(",") if row.startswith("forward") else ["none"]
         for clipping in clippings:
             print(f"{row} clipping={clipping}", flush=True)
             r = run(row, clipping, data, args.epochs, args.seed)
-            r["commit"] = commit()
+            r["commit"] = started_at
             r["train_size"] = args.train_size or "full less 10 % validation"
             results[f"{row}/{r['clipping']}/epochs{args.epochs}/seed{args.seed}"] = r
             print(
