@@ -55,6 +55,36 @@ def test_clear_error_when_no_source(tmp_path, monkeypatch):
     assert "no internet" in str(info.value)
 
 
+def test_npz_file_and_keras_cache(tmp_path, monkeypatch):
+    """`data_dir` may name the `.npz` file itself, and with no folder the
+    file `keras.datasets.mnist.load_data()` downloads is used."""
+    _write_mnist(tmp_path)
+    arrays = datasets.load("mnist", data_dir=str(tmp_path / "mnist.npz"))
+    assert arrays["x_train"].shape == (50, 28, 28, 1)
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    (tmp_path / "home" / "datasets").mkdir(parents=True)
+    _write_mnist(tmp_path / "home" / "datasets", n_train=7)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    assert datasets.load("mnist")["x_train"].shape == (7, 28, 28, 1)
+    np.savez(tmp_path / "wrong.npz", images=np.zeros((2, 28, 28)))
+    with pytest.raises(ValueError, match=r"lacks the arrays \['x_train'"):
+        datasets.load("mnist", data_dir=str(tmp_path / "wrong.npz"))
+
+
+def test_error_names_a_missing_module_not_the_network(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(datasets, "_load_tfds", broken)
+    with pytest.raises(FileNotFoundError) as info:
+        datasets.load("mnist")
+    message = str(info.value)
+    assert "importlib_resources" in message and "a module it needs is missing" in message
+    assert "internet" not in message
+
+
 def test_make_datasets_splits_normalizes_and_batches(tmp_path):
     _write_mnist(tmp_path, n_train=100, n_test=30)
     train, val, test = datasets.make_datasets(

@@ -4,11 +4,14 @@ Data comes, in order of preference, from:
 
 1. a local folder given as `data_dir=` or in the environment variable
    `KERAS_FWDGRAD_DATA_DIR`, holding `mnist.npz` (keys `x_train`,
-   `y_train`, `x_test`, `y_test`) or `cifar10_jpeg.npz` (JPEG bytes with
-   offsets, see `docs/data.md`) or `cifar10.npz` (uint8 arrays with the
-   same keys as MNIST);
-2. tensorflow-datasets (`tfds.load`), which downloads on first use;
-3. for MNIST only, and only when asked with `source="bundled"`, the real
+   `y_train`, `x_test`, `y_test`, the layout `keras.datasets.mnist`
+   downloads) or `cifar10_jpeg.npz` (JPEG bytes with offsets, see
+   `docs/data.md`) or `cifar10.npz` (uint8 arrays with the same keys as
+   MNIST); `data_dir` may also name such an `.npz` file itself;
+2. Keras' own download of MNIST (`~/.keras/datasets/mnist.npz`, or under
+   `KERAS_HOME`), left by `keras.datasets.mnist.load_data()`;
+3. tensorflow-datasets (`tfds.load`), which downloads on first use;
+4. for MNIST only, and only when asked with `source="bundled"`, the real
    10,000/2,000-digit subset shipped inside this package.
 
 When none is available the error says how to provide the data.
@@ -38,17 +41,41 @@ def _check(name, source):
         raise ValueError(f"`source` must be one of {SOURCES}. Received: source={source!r}")
 
 
+_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npz_file(path):
+    with np.load(path) as d:
+        missing = [k for k in _KEYS if k not in d]
+        if missing:
+            raise ValueError(
+                f"{path!r} lacks the arrays {missing}; expected {list(_KEYS)} "
+                "(the layout of `keras.datasets.mnist`'s mnist.npz)."
+            )
+        return {k: d[k] for k in _KEYS}
+
+
+def _keras_cache(name):
+    """Where `keras.datasets.<name>.load_data()` keeps its download (MNIST
+    only: Keras stores CIFAR-10 as pickled batches)."""
+    if name != "mnist":
+        return None
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = os.path.join(home, "datasets", "mnist.npz")
+    return path if os.path.exists(path) else None
+
+
 def _load_local(name, data_dir):
+    if os.path.isfile(data_dir):
+        return _load_npz_file(data_dir)
     if name == "mnist":
         path = os.path.join(data_dir, "mnist.npz")
         if not os.path.exists(path):
             return None
-        with np.load(path) as d:
-            return {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        return _load_npz_file(path)
     plain = os.path.join(data_dir, "cifar10.npz")
     if os.path.exists(plain):
-        with np.load(plain) as d:
-            return {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        return _load_npz_file(plain)
     jpeg = os.path.join(data_dir, "cifar10_jpeg.npz")
     if not os.path.exists(jpeg):
         return None
@@ -124,6 +151,8 @@ def load(name, data_dir=None, source="auto"):
             raise FileNotFoundError(_missing_message(name, data_dir, None))
     if source == "local":
         raise FileNotFoundError(_missing_message(name, None, None))
+    if source == "auto" and _keras_cache(name):
+        return _standardize(_load_npz_file(_keras_cache(name)))
     try:
         return _standardize(_load_tfds(name, None))
     except Exception as e:  # Any failure to fetch or prepare the dataset.
@@ -147,10 +176,17 @@ def _missing_message(name, data_dir, error):
     lines = [f"Could not load {name!r}."]
     if data_dir:
         lines.append(f"No {files} in data_dir={data_dir!r}.")
-    if error is not None:
+    if isinstance(error, ImportError):
+        lines.append(
+            "tensorflow-datasets could not run: a module it needs is missing "
+            f"({type(error).__name__}: {str(error)[:200]}); reinstall keras-fwdgrad "
+            "with pip so that its dependencies are installed."
+        )
+    elif error is not None:
         lines.append(
             f"tensorflow-datasets failed too ({type(error).__name__}: "
-            f"{str(error)[:200]}); it needs internet access on first use."
+            f"{str(error)[:200]}); it downloads the data on first use, which "
+            "needs internet access."
         )
     lines.append(
         f"Provide a local copy: put {files} in a folder and pass "
