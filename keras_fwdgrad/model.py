@@ -409,6 +409,30 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             logs.pop(tracker.name, None)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
 
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """Exports the wrapped model for inference (see `keras.Model.export`).
+
+        Training-only state (the direction stream's counters, the optimizer,
+        local heads) is left out: what is served is `model.model`.
+        """
+        return self.model.export(filepath, format=format, **kwargs)
+
+    def summary(self, *args, **kwargs):
+        """Prints the wrapped model's summary (see `keras.Model.summary`):
+        its layers and parameters. The wrapper's two step counters and any
+        `local_heads` are training-only and not counted."""
+        return self.model.summary(*args, **kwargs)
+
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).endswith((".h5", ".hdf5")):
+            raise ValueError(
+                "A `ForwardGradientModel` cannot be saved in the legacy HDF5 "
+                "format: it would not load back. Save it as a `.keras` file, or "
+                "save the wrapped model alone with `model.model.save(...)`. "
+                f"Received: filepath={str(filepath)!r}"
+            )
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -557,3 +557,35 @@ def test_all_reduce_argument_and_config():
     assert default.all_reduce_bytes_per_step(num_replicas=8) == 3 * 4
     with pytest.raises(ValueError, match="`all_reduce` must be one of"):
         ForwardGradientModel(_mlp(), all_reduce="allgather")
+
+
+def test_deployment_goes_through_the_wrapped_model(tmp_path):
+    """`export()` serves the wrapped model after `fit`, `summary()` counts
+    only its parameters, its weights move into a fresh copy through
+    `model.model`, and a legacy `.h5` file is refused with a message."""
+    x, y = _data(n=32)
+    base = _mlp()
+    model = ForwardGradientModel(base, seed=0)
+    model.compile(optimizer="sgd", loss=SCCE)
+    model.fit(x, y, epochs=1, verbose=0)
+    expected = base.predict(x, verbose=0)
+
+    path = str(tmp_path / "served")
+    model.export(path)
+    served = tf.saved_model.load(path)
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    lines = []
+    model.summary(print_fn=lambda line, **kwargs: lines.append(line))
+    text = "\n".join(lines)
+    assert f"Total params: {base.count_params():,}" in text
+    assert "Non-trainable params: 0" in text
+
+    weights = str(tmp_path / "base.weights.h5")
+    model.model.save_weights(weights)
+    fresh = _mlp()
+    fresh.load_weights(weights)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-6)
+
+    with pytest.raises(ValueError, match="legacy HDF5"):
+        model.save(str(tmp_path / "model.h5"))
