@@ -219,6 +219,12 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         # those).
         self._skipped_tracker = keras.metrics.Sum(name="skipped_steps", dtype="float32")
         self._measured_tracker = keras.metrics.Sum(name="_measured_steps", dtype="float32")
+        # Diagnostics of the estimate, per epoch: the mean |d| and, with
+        # `jvp_clip`, the fraction of directional derivatives it capped.
+        self._abs_d_tracker = keras.metrics.Mean(name="mean_abs_d")
+        self._clipped_tracker = (
+            keras.metrics.Mean(name="clipped_fraction") if self.jvp_clip is not None else None
+        )
         # Filled in by the first step (see `keras_fwdgrad.connectivity`).
         self._connectivity_checked = False
         self._disconnected = ()
@@ -359,8 +365,26 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         skipped = distribute.guarded_apply(self, grads, variables, finite, weights, saved_weights)
         self.skipped_steps.assign_add(skipped)
         self.direction_step.assign_add(1)
+        self._update_diagnostics(d)
         logs = self._step_logs(x, y, y_pred, sample_weight, loss, local_losses, skipped)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
+
+    def _diagnostic_trackers(self):
+        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
+
+    def _update_diagnostics(self, d):
+        """`mean_abs_d` and `clipped_fraction` over this step's directional
+        derivatives (after `jvp_clip`: a capped one equals the cap), unless
+        they are not finite."""
+        d = tf.abs(tf.cast(d, "float32"))
+        finite = tf.reduce_all(tf.math.is_finite(d))
+        weight = tf.cast(finite, "float32")
+        self._abs_d_tracker.update_state(
+            tf.where(finite, tf.reduce_mean(d), 0.0), sample_weight=weight
+        )
+        if self._clipped_tracker is not None:
+            capped = tf.reduce_mean(tf.cast(d >= self.jvp_clip, "float32"))
+            self._clipped_tracker.update_state(tf.where(finite, capped, 0.0), sample_weight=weight)
 
     def _step_logs(self, x, y, y_pred, sample_weight, loss, local_losses, skipped):
         """Updates the epoch's loss and metrics with this step, unless its
@@ -393,6 +417,8 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self._measured_tracker.update_state(weight)
         any_measured = self._measured_tracker.result() > 0
         logs.pop(self._measured_tracker.name, None)
+        for tracker in self._diagnostic_trackers():
+            logs[tracker.name] = tracker.result()
         logs = {
             k: tf.where(any_measured, v, tf.constant(float("nan"), v.dtype))
             if tf.as_dtype(v.dtype).is_floating
@@ -405,7 +431,8 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
     def test_step(self, data):
         logs = super().test_step(data)
         # Local losses and skipped steps are training-only.
-        for tracker in self._local_loss_trackers + [self._skipped_tracker, self._measured_tracker]:
+        training_only = self._local_loss_trackers + self._diagnostic_trackers()
+        for tracker in training_only + [self._skipped_tracker, self._measured_tracker]:
             logs.pop(tracker.name, None)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
 

@@ -370,6 +370,7 @@ def test_fit_with_local_losses_logs_and_skips_nothing(mode):
         "local_loss_0",
         "local_loss_1",
         "skipped_steps",
+        "mean_abs_d",
         "val_loss",
         "val_accuracy",
     }

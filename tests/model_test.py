@@ -1,6 +1,7 @@
 """Tests of `ForwardGradientModel`: training, the update rule worked by
 hand, clipping, the NaN guard, saving and resuming, and argument errors."""
 
+import glob
 import math
 import os
 
@@ -589,3 +590,31 @@ def test_deployment_goes_through_the_wrapped_model(tmp_path):
 
     with pytest.raises(ValueError, match="legacy HDF5"):
         model.save(str(tmp_path / "model.h5"))
+
+
+def test_diagnostics_in_history_and_tensorboard(tmp_path):
+    """`mean_abs_d` and, with `jvp_clip`, `clipped_fraction` reach the
+    history and TensorBoard's event files. With a cap far below the
+    typical |d| nearly every derivative is capped; without `jvp_clip`
+    there is no `clipped_fraction`."""
+    x, y = _data(n=64)
+    model = ForwardGradientModel(_mlp(), seed=0, jvp_clip=1e-4)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
+    logdir = str(tmp_path / "tb")
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[keras.callbacks.TensorBoard(logdir)]
+    )
+    assert history.history["clipped_fraction"][-1] > 0.9
+    # Capped derivatives have |d| = 1e-4 exactly.
+    assert 1e-4 * 0.99 < history.history["mean_abs_d"][-1] < 1e-4 * 1.01
+    tags = set()
+    for path in glob.glob(os.path.join(logdir, "train", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"epoch_mean_abs_d", "epoch_clipped_fraction", "epoch_skipped_steps"} <= tags
+
+    plain = ForwardGradientModel(_mlp(), seed=0)
+    plain.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
+    logs = plain.fit(x, y, batch_size=16, epochs=1, verbose=0).history
+    assert "clipped_fraction" not in logs and logs["mean_abs_d"][0] > 0
+    assert set(plain.evaluate(x, y, verbose=0, return_dict=True)) == {"loss"}
