@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from keras_fwdgrad import directions
+from keras_fwdgrad.callbacks import GradientCosine
 from keras_fwdgrad.ops import forward_gradient
 from keras_fwdgrad.ops import jvp
 from keras_fwdgrad.model import ForwardGradientModel

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import GradientCosine
 from keras_fwdgrad import directions
 from tests.conftest import MODES
 from tests.conftest import compile_kwargs
@@ -618,3 +619,33 @@ def test_diagnostics_in_history_and_tensorboard(tmp_path):
     logs = plain.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert "clipped_fraction" not in logs and logs["mean_abs_d"][0] > 0
     assert set(plain.evaluate(x, y, verbose=0, return_dict=True)) == {"loss"}
+
+
+def test_gradient_cosine_callback():
+    """With one parameter the forward gradient is `g v²`, so its cosine
+    with the true gradient is exactly 1; on the MLP it is a cosine in
+    [-1, 1], logged once per epoch, and training state is untouched by the
+    measurement (BatchNormalization statistics are put back)."""
+    x, y = _data(n=32)
+    single = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    model = ForwardGradientModel(single, seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    xs, ys = x[:, :1], y[:, None].astype("float32")
+    cosine = GradientCosine(xs, ys, every=1)
+    history = model.fit(xs, ys, batch_size=8, epochs=1, verbose=0, callbacks=[cosine])
+    np.testing.assert_allclose(cosine.values, 1.0, rtol=1e-6)
+    assert history.history["gradient_cosine"] == [pytest.approx(1.0)]
+
+    base = _mlp(batch_norm=True)
+    model = ForwardGradientModel(base, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=SCCE)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    stats = [v.numpy() for v in base.non_trainable_variables]
+    cosine = GradientCosine(x, y, every=2)
+    cosine.set_model(model)
+    value = cosine.measure()
+    assert -1.0 <= value <= 1.0 and value != 0.0
+    for before, var in zip(stats, base.non_trainable_variables):
+        np.testing.assert_array_equal(before, var.numpy())
+    with pytest.raises(ValueError, match="`every` must be a positive integer"):
+        GradientCosine(x, y, every=0)

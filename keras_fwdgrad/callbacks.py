@@ -1,0 +1,82 @@
+"""Callbacks that watch how good the forward gradient is while training."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class GradientCosine(keras.callbacks.Callback):
+    """Logs the cosine between the forward gradient and the true gradient.
+
+    Every `every` training steps, on the held batch `(x, y)`, computes the
+    `ForwardGradientModel`'s estimate at its current step
+    (`forward_gradient()`, which does not advance the direction stream)
+    and the gradient of the compiled loss by `tf.GradientTape`, over the
+    wrapped model's trainable variables, and records their cosine
+    similarity. The epoch's mean is logged as `gradient_cosine`, so it
+    reaches the history, `CSVLogger` and TensorBoard when those callbacks
+    come after this one in the list. The tape makes this a diagnostic, not
+    part of training: non-trainable state (BatchNormalization statistics)
+    is put back after each measurement.
+
+    A single forward gradient has cosine about `1/√n` with the true
+    gradient for `n` parameters; averaging K directions, or activity
+    perturbation with local losses (whose blocks follow their own losses),
+    changes it.
+
+    Args:
+        x, y: The held batch.
+        every: Positive integer, measure every this many training steps.
+            Defaults to `100`.
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[GradientCosine(x[:256], y[:256], every=50),
+                               keras.callbacks.TensorBoard("logs")])
+    ```
+    """
+
+    def __init__(self, x, y, every=100):
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be a positive integer. Received: every={every!r}")
+        self.x, self.y, self.every = x, y, every
+        self.values = []
+        self._epoch_values = []
+        self._steps = 0
+
+    def measure(self):
+        """The cosine now, as a Python float."""
+        model = self.model
+        base = model.model
+        state = base.non_trainable_variables
+        saved = [tf.identity(v.value) for v in state]
+        _, estimate = model.forward_gradient(self.x, self.y)
+        with tf.GradientTape() as tape:
+            y_pred = base(self.x, training=True)
+            loss = model.compute_loss(x=self.x, y=self.y, y_pred=y_pred, training=True)
+        variables = base.trainable_variables
+        true = tape.gradient(loss, variables, unconnected_gradients="zero")
+        for var, value in zip(state, saved):
+            var.assign(value)
+        a = tf.concat([tf.reshape(tf.cast(g, "float64"), [-1]) for g in estimate[: len(true)]], 0)
+        b = tf.concat([tf.reshape(tf.cast(g, "float64"), [-1]) for g in true], 0)
+        denominator = tf.norm(a) * tf.norm(b)
+        return float(tf.tensordot(a, b, 1) / denominator) if denominator > 0 else float("nan")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_values = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps % self.every == 0:
+            value = self.measure()
+            self.values.append(value)
+            self._epoch_values.append(value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["gradient_cosine"] = (
+                float(np.mean(self._epoch_values)) if self._epoch_values else float("nan")
+            )
