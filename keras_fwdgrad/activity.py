@@ -410,7 +410,7 @@ class _Pass:
                 layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
             )
             y = activation(z)
-            if _channels_last(layer):
+            if _channels_last(layer, len(z.shape)):
                 self.aligned[id(y)] = (y, self.records[-1])
         else:
             if "training" in _compat.call_context_args(layer):
@@ -422,7 +422,7 @@ class _Pass:
                 and source[0] is args[0]
                 and len(args) == 1
                 and isinstance(layer, _PER_CHANNEL)
-                and _channels_last(layer)
+                and _channels_last(layer, len(args[0].shape))
             ):
                 self.aligned[id(y)] = (y, source[1])
         if layer.name in self.ends and self.block < len(self.ends):
@@ -468,9 +468,12 @@ class _Pass:
         return outputs
 
 
-def _channels_last(layer):
+def _channels_last(layer, rank):
+    """Whether `layer`, called on a tensor of rank `rank`, keeps channels
+    on the last axis (its input's rank, not `layer.input`: a shared layer
+    has several inputs)."""
     if isinstance(layer, keras.layers.BatchNormalization):
-        return layer.axis in (-1, len(layer.input.shape) - 1)
+        return layer.axis in (-1, rank - 1)
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 

@@ -396,12 +396,15 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten([loss, y_pred])]
         )
         weight = tf.cast(measured, "float32")
+
+        def kept(t):
+            return tf.where(measured, t, tf.zeros_like(t))
+
         batch = tf.shape(tf.nest.flatten(x)[0])[0]
         _compat.loss_tracker(self).update_state(
-            tf.where(measured, loss, tf.zeros_like(loss)),
-            sample_weight=tf.cast(batch, "float32") * weight,
+            kept(loss), sample_weight=tf.cast(batch, "float32") * weight
         )
-        y_pred = tf.nest.map_structure(lambda t: tf.where(measured, t, tf.zeros_like(t)), y_pred)
+        y_pred = tf.nest.map_structure(kept, y_pred)
         if sample_weight is None:
             sample_weight = tf.ones([batch]) * weight
         else:
@@ -410,8 +413,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         for tracker, value in zip(self._local_loss_trackers, local_losses):
-            value = distribute.unscale_loss(value)
-            tracker.update_state(tf.where(measured, value, tf.zeros_like(value)), weight)
+            tracker.update_state(kept(distribute.unscale_loss(value)), weight)
             logs[tracker.name] = tracker.result()
         self._skipped_tracker.update_state(tf.cast(skipped, "float32"))
         self._measured_tracker.update_state(weight)
