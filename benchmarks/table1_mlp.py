@@ -18,10 +18,18 @@ Backprop rows are run without clipping. Every run records validation loss
 after each epoch, the test loss and accuracy after the last, its seconds
 and the commit it ran at (`benchmarks/results/table1_mlp.json`).
 
+`--search` first searches each row's learning rate on a short budget
+(`--search-epochs`, default 1, same data) over a grid of 3 points per
+decade from a decade below to a decade above the paper's value (the
+paper's value is on the grid), for each clipping, keeps the learning rate
+with the lowest validation loss per (row, clipping), and then retrains that
+one for `--epochs`. Decay, momentum and β's stay Table I's.
+
 Usage:
     python benchmarks/table1_mlp.py --data-dir ../shared/data \
         [--rows forward-sgd,forward-nesterov,forward-adam,backprop-sgd,...] \
-        [--clipping global,variable,none] [--epochs 50] [--train-size N]
+        [--clipping global,variable,none] [--epochs 50] [--train-size N] \
+        [--search [--search-epochs 1]]
 """
 
 import argparse
@@ -61,9 +69,16 @@ def commit():
         return None
 
 
-def run(row, clipping, data, epochs, seed):
+def grid(paper_lr, points_per_decade=3, decades=1):
+    """The search grid: `paper_lr · 10^(k/points_per_decade)`, |k| ≤ ..."""
+    n = points_per_decade * decades
+    return [paper_lr * 10 ** (k / points_per_decade) for k in range(-n, n + 1)]
+
+
+def run(row, clipping, data, epochs, seed, learning_rate=None):
     gradient, optimizer_name = row.split("-")
     lr, decay, momentum, beta_1, beta_2, _ = PAPER[row]
+    lr = lr if learning_rate is None else learning_rate
     keras.utils.set_random_seed(seed)
     base = architectures.mlp()
     clip = CLIPPING[clipping] if gradient == "forward" else {}
@@ -89,6 +104,7 @@ def run(row, clipping, data, epochs, seed):
                 ("learning_rate", "decay", "momentum", "beta_1", "beta_2", "test_loss"), PAPER[row]
             )
         ),
+        "learning_rate": lr,
         "epochs": epochs,
         "val_loss": [float(v) for v in history.history["val_loss"]],
         "test_loss": float(test_loss),
@@ -106,6 +122,8 @@ def main():
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search", action="store_true", help="search the learning rate first")
+    p.add_argument("--search-epochs", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/table1_mlp.json")
     args = p.parse_args()
     for name in args.clipping.split(","):
@@ -121,14 +139,36 @@ def main():
     )
     started_at = commit()  # the code this process runs
     results = learning.load_runs(args.out)
+    train_size = args.train_size or "full less 10 % validation"
     for row in args.rows.split(","):
         clippings = args.clipping.split(",") if row.startswith("forward") else ["none"]
         for clipping in clippings:
-            print(f"{row} clipping={clipping}", flush=True)
-            r = run(row, clipping, data, args.epochs, args.seed)
+            learning_rate, tag = None, ""
+            if args.search:
+                trials = []
+                for lr in grid(PAPER[row][0]):
+                    t = run(row, clipping, data, args.search_epochs, args.seed, learning_rate=lr)
+                    print(
+                        f"  search {row} {clipping} lr={lr:.3g}: val loss {t['val_loss'][-1]:.4f}"
+                    )
+                    trials.append(
+                        {k: t[k] for k in ("learning_rate", "val_loss", "seconds_with_validation")}
+                    )
+                finite = [t for t in trials if t["val_loss"][-1] == t["val_loss"][-1]]
+                best = min(finite, key=lambda t: t["val_loss"][-1]) if finite else trials[0]
+                learning_rate, tag = best["learning_rate"], "/searched"
+                results[f"search/{row}/{clipping}/epochs{args.search_epochs}/seed{args.seed}"] = {
+                    "trials": trials,
+                    "best_learning_rate": learning_rate,
+                    "commit": started_at,
+                    "train_size": train_size,
+                }
+                learning.save_runs(args.out, results)
+            print(f"{row} clipping={clipping} lr={learning_rate}", flush=True)
+            r = run(row, clipping, data, args.epochs, args.seed, learning_rate=learning_rate)
             r["commit"] = started_at
-            r["train_size"] = args.train_size or "full less 10 % validation"
-            results[f"{row}/{r['clipping']}/epochs{args.epochs}/seed{args.seed}"] = r
+            r["train_size"] = train_size
+            results[f"{row}/{r['clipping']}/epochs{args.epochs}/seed{args.seed}{tag}"] = r
             print(
                 f"  test loss {r['test_loss']:.4f} (paper {r['paper']['test_loss']:.3f}), "
                 f"test accuracy {r['test_accuracy']:.4f}, {r['seconds_with_validation']:.0f} s",
