@@ -1,6 +1,8 @@
 """Tests of the tuning module: separate searches find different learning
 rates, the best model can be retrieved, and searches resume."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -186,3 +188,171 @@ def test_argument_errors():
         tuning.LearningRateHyperModel(_linear())
     with pytest.raises(ValueError, match="`tuner` must be one of"):
         tuning.make_tuner(tuning.LearningRateHyperModel(_linear), tuner="hyperband")
+
+
+def _backprop(**kwargs):
+    return tuning.LearningRateHyperModel(
+        _linear,
+        gradient="backprop",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-2, 1e-1),
+        decay_values=(0.0,),
+        jit_compile=False,
+        **kwargs,
+    )
+
+
+def test_changed_search_space_gets_its_own_folder(tmp_path):
+    """A narrower learning-rate range in the same directory is a new
+    search: its best learning rate lies in its own range."""
+    train, val = _regression(128, 0), _regression(64, 1)
+    wide = tuning.make_tuner(_hypermodel("backprop"), directory=str(tmp_path))
+    wide.search(train, validation_data=val, epochs=2, verbose=0)
+    assert wide.get_best_hyperparameters(1)[0]["learning_rate"] == pytest.approx(0.1)
+    narrow_model = tuning.LearningRateHyperModel(
+        _linear,
+        gradient="backprop",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-3, 1e-2),
+        decay_values=(0.0,),
+        jit_compile=False,
+    )
+    narrow = tuning.make_tuner(narrow_model, directory=str(tmp_path))
+    assert narrow.project_dir != wide.project_dir
+    narrow.search(train, validation_data=val, epochs=2, verbose=0)
+    assert len(narrow.oracle.trials) == 2
+    assert narrow.get_best_hyperparameters(1)[0]["learning_rate"] <= 1e-2 + 1e-12
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["epochs", "model", "data"],
+)
+def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
+    train, val = _regression(128, 0), _regression(64, 1)
+    first = tuning.make_tuner(_backprop(), directory=str(tmp_path), project_name="p")
+    first.search(train, validation_data=val, epochs=1, verbose=0)
+    hypermodel, epochs, data = _backprop(), 1, train
+    if change == "epochs":
+        epochs = 3
+    elif change == "model":
+
+        def _wider():
+            return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(4)])
+
+        hypermodel = tuning.LearningRateHyperModel(
+            _wider,
+            gradient="backprop",
+            loss="mse",
+            metrics=(),
+            learning_rate_range=(1e-2, 1e-1),
+            decay_values=(0.0,),
+            jit_compile=False,
+        )
+    else:
+        data = _regression(256, 0)
+    again = tuning.make_tuner(hypermodel, directory=str(tmp_path), project_name="p")
+    with pytest.raises(ValueError, match="made with other settings") as e:
+        again.search(data, validation_data=val, epochs=epochs, verbose=0)
+    assert "overwrite=True" in str(e.value)
+    # The same search resumes; overwrite=True starts afresh.
+    tuning.make_tuner(_backprop(), directory=str(tmp_path), project_name="p").search(
+        train, validation_data=val, epochs=1, verbose=0
+    )
+    fresh = tuning.make_tuner(
+        hypermodel, directory=str(tmp_path), project_name="p", overwrite=True
+    )
+    fresh.search(data, validation_data=val, epochs=epochs, verbose=0)
+    assert len(fresh.oracle.trials) == 2
+
+
+def test_trial_count_is_printed_before_the_search(tmp_path, capsys):
+    train, val = _regression(64, 0), _regression(32, 1)
+    hypermodel = tuning.LearningRateHyperModel(
+        _linear,
+        gradient="forward",
+        optimizer="adam",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-3, 1e-1),
+        decay_values=(0.0,),
+        beta_2_values=(0.999,),
+        num_directions=(1, 4),
+        jit_compile=False,
+    )
+    assert hypermodel.grid_size() == (12, {"learning_rate": 3, "beta_1": 2, "num_directions": 2})
+    tuner = tuning.make_tuner(hypermodel, directory=str(tmp_path), max_trials=1)
+    capsys.readouterr()
+    tuner.search(train, validation_data=val, epochs=1, verbose=0)
+    out = capsys.readouterr().out
+    assert "1 trials of 1 epoch(s) from a grid of 12" in out
+    assert "3 learning_rate × 2 beta_1 × 2 num_directions" in out
+    # The default grids of the README: 5 learning rates × 3 decays, × 2 for
+    # Nesterov's momentum, × 2 × 2 for Adam's β's.
+    sizes = [
+        tuning.LearningRateHyperModel(_linear, optimizer=o).grid_size()[0]
+        for o in ("sgd", "nesterov", "adam")
+    ]
+    assert sizes == [15, 30, 60]
+
+
+def test_forward_options_are_searchable():
+    """Every searched option reaches the trial's model and optimizer."""
+    hypermodel = tuning.LearningRateHyperModel(
+        _linear,
+        gradient="forward",
+        optimizer="sgd",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-2, 1e-2),
+        decay_values=(0.0,),
+        direction=("gaussian", "rademacher"),
+        num_directions=(1, 3),
+        jvp_clip=(None, 1.0),
+        global_clipnorm=(None, 2.0),
+        perturbation=("weights", "activations"),
+        jit_compile=False,
+    )
+    assert hypermodel.grid_size()[0] == 32
+    seen = set()
+    for direction, k, clip, gclip, perturbation in itertools.product(
+        ("gaussian", "rademacher"),
+        (1, 3),
+        ("none", "1.0"),
+        ("none", "2.0"),
+        ("weights", "activations"),
+    ):
+        hp = keras_tuner.HyperParameters()
+        hypermodel.declare(hp)
+        hp.values.update(
+            direction=direction,
+            num_directions=k,
+            jvp_clip=clip,
+            global_clipnorm=gclip,
+            perturbation=perturbation,
+        )
+        model = hypermodel.build(hp)
+        assert isinstance(model, ForwardGradientModel)
+        assert type(model.direction).__name__.lower() == direction
+        assert model.num_directions == k
+        assert model.jvp_clip == (None if clip == "none" else 1.0)
+        assert model.perturbation == perturbation
+        assert model.optimizer.global_clipnorm == (None if gclip == "none" else 2.0)
+        seen.add((direction, k, clip, gclip, perturbation))
+    assert len(seen) == 32
+
+
+def test_forward_option_errors():
+    with pytest.raises(ValueError, match="`num_directions` must list"):
+        tuning.LearningRateHyperModel(_linear, num_directions=())
+    with pytest.raises(ValueError, match="`jvp_clip` lists a value twice"):
+        tuning.LearningRateHyperModel(_linear, jvp_clip=(1.0, 1.0))
+    with pytest.raises(ValueError, match="`direction` applies to the forward gradient only"):
+        tuning.LearningRateHyperModel(
+            _linear, gradient="backprop", direction=("gaussian", "rank1")
+        )
+    # Clipping is the optimizer's: backprop searches it too.
+    hm = tuning.LearningRateHyperModel(_linear, gradient="backprop", clipnorm=(None, 1.0))
+    assert hm.grid_size()[1]["clipnorm"] == 2

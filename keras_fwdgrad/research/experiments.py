@@ -35,6 +35,10 @@ def method(
     num_directions=1,
     jvp_clip=None,
     clipnorm=None,
+    global_clipnorm=None,
+    perturbation="weights",
+    local_losses=None,
+    local_loss_groups=1,
     **optimizer_kwargs,
 ):
     """Describes one training method for `compare_training`.
@@ -48,7 +52,15 @@ def method(
             `"gaussian"`; ignored for backprop.
         num_directions: Directions per step (forward only). Defaults to 1.
         jvp_clip: Optional cap on |∇f·v| (forward only).
-        clipnorm: Optional gradient-norm clipping of the optimizer.
+        clipnorm: Optional clipping of each variable's gradient to this
+            norm (Keras' `clipnorm`).
+        global_clipnorm: Optional clipping of all gradients together to
+            this norm (Keras' `global_clipnorm`). At most one of the two.
+        perturbation: `"weights"` or `"activations"` (forward only; see
+            `ForwardGradientModel`).
+        local_losses: `None`, `"auto"`, `"layers"` or layer names
+            (forward only).
+        local_loss_groups: `1`, an integer or `"channels"` (forward only).
         **optimizer_kwargs: `momentum`, `beta_1`, `beta_2`.
 
     Returns:
@@ -69,10 +81,18 @@ def method(
         "learning_rate": float(learning_rate),
         "decay": float(decay),
         "clipnorm": clipnorm,
+        "global_clipnorm": global_clipnorm,
         **optimizer_kwargs,
     }
     if gradient == "forward":
-        spec.update(direction=direction, num_directions=num_directions, jvp_clip=jvp_clip)
+        spec.update(
+            direction=direction,
+            num_directions=num_directions,
+            jvp_clip=jvp_clip,
+            perturbation=perturbation,
+            local_losses=local_losses,
+            local_loss_groups=local_loss_groups,
+        )
         spec["label"] = f"forward ({direction})"
     else:
         spec["label"] = "backprop"
@@ -91,6 +111,9 @@ def build_training_model(spec, base, seed=None):
         direction=spec["direction"],
         num_directions=spec["num_directions"],
         jvp_clip=spec["jvp_clip"],
+        perturbation=spec.get("perturbation", "weights"),
+        local_losses=spec.get("local_losses"),
+        local_loss_groups=spec.get("local_loss_groups", 1),
         seed=seed,
     )
 
@@ -103,6 +126,7 @@ def make_method_optimizer(spec):
         spec["learning_rate"],
         decay=spec["decay"],
         clipnorm=spec["clipnorm"],
+        global_clipnorm=spec.get("global_clipnorm"),
         **kwargs,
     )
 
