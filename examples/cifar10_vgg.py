@@ -24,7 +24,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad.research import architectures
+architectures = common.deferred("keras_fwdgrad.research.architectures")
 
 CONFIGS = [
     {
@@ -42,7 +42,7 @@ BUDGETS = {
         eval_every=1,
         val_batches=1,
         profile_steps=1,
-        profile_repeats=2,
+        profile_repeats=3,
     ),
     "default": dict(
         epochs=1,

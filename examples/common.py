@@ -14,24 +14,55 @@ Every example takes the same flags:
 
 import argparse
 import csv
+import importlib
 import json
 import os
 import platform
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are not ours to show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from keras_fwdgrad.research import datasets  # noqa: E402
-from keras_fwdgrad import directions  # noqa: E402
-from keras_fwdgrad.research import experiments  # noqa: E402
-from keras_fwdgrad.research import optimizers  # noqa: E402
-from keras_fwdgrad.research import plotting  # noqa: E402
-from keras_fwdgrad.research import profiling  # noqa: E402
+class deferred:
+    """A module imported on first use, so that `--help` and argument errors
+    answer at once instead of after TensorFlow's start-up (seconds)."""
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+keras = deferred("keras")
+np = deferred("numpy")
+tf = deferred("tensorflow")
+datasets = deferred("keras_fwdgrad.research.datasets")
+directions = deferred("keras_fwdgrad.directions")
+experiments = deferred("keras_fwdgrad.research.experiments")
+optimizers = deferred("keras_fwdgrad.research.optimizers")
+plotting = deferred("keras_fwdgrad.research.plotting")
+profiling = deferred("keras_fwdgrad.research.profiling")
+
+OPTIMIZER_NAMES = ("sgd", "nesterov", "adam")  # optimizers.OPTIMIZERS
+DATA_DIR_ENV = "KERAS_FWDGRAD_DATA_DIR"  # datasets.DATA_DIR_ENV
+
+
+def loss():
+    """The examples' loss: cross-entropy on logits."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _direction_name(value):
+    """`--direction` values, checked against the registered families when
+    parsed (not when `--help` is shown)."""
+    available = directions.available()
+    if value not in available:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {', '.join(available)})"
+        )
+    return value
 
 
 def parser(description, default_out, default_direction=("gaussian",), several_optimizers=False):
@@ -47,23 +78,25 @@ def parser(description, default_out, default_direction=("gaussian",), several_op
     p.add_argument(
         "--data-dir",
         default=None,
-        help=f"folder with mnist.npz / cifar10_jpeg.npz (or set {datasets.DATA_DIR_ENV})",
+        help=f"folder with mnist.npz / cifar10_jpeg.npz (or set {DATA_DIR_ENV})",
     )
     if several_optimizers:
         p.add_argument(
             "--optimizer",
             nargs="+",
-            choices=optimizers.OPTIMIZERS,
-            default=list(optimizers.OPTIMIZERS),
+            choices=OPTIMIZER_NAMES,
+            default=list(OPTIMIZER_NAMES),
         )
     else:
-        p.add_argument("--optimizer", choices=optimizers.OPTIMIZERS, default="sgd")
+        p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd")
     p.add_argument(
         "--direction",
         nargs="+",
         default=list(default_direction),
-        choices=directions.available(),
-        help="direction families of the forward gradient",
+        type=_direction_name,
+        metavar="NAME",
+        help="direction families of the forward gradient "
+        "(keras_fwdgrad.directions.available(); default: %(default)s)",
     )
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--epochs", type=int, default=None, help="override the budget")
@@ -191,7 +224,7 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
         build_model,
         x,
         y,
-        LOSS,
+        loss(),
         directions=args.direction,
         optimizer=lambda: optimizers.make_optimizer(args.optimizer, 1e-6),
         jit_compile=args.jit,
@@ -228,7 +261,7 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
             build_model,
             train,
             val,
-            LOSS,
+            loss(),
             methods,
             epochs=budget["epochs"],
             seeds=run_seeds,

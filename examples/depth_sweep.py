@@ -24,13 +24,13 @@ import functools
 import os
 
 import common
-import keras
-import numpy as np
 
-from keras_fwdgrad.research import architectures
-from keras_fwdgrad.research import optimizers
-from keras_fwdgrad.research import plotting
-from keras_fwdgrad.research import profiling
+keras = common.deferred("keras")
+np = common.deferred("numpy")
+architectures = common.deferred("keras_fwdgrad.research.architectures")
+optimizers = common.deferred("keras_fwdgrad.research.optimizers")
+plotting = common.deferred("keras_fwdgrad.research.plotting")
+profiling = common.deferred("keras_fwdgrad.research.profiling")
 
 BUDGETS = {
     "smoke": dict(depths=[1, 2], rounds=2, steps=2),
@@ -61,7 +61,7 @@ def main(argv=None):
             functools.partial(architectures.deep_mlp, depth),
             x,
             y,
-            common.LOSS,
+            common.loss(),
             directions=args.direction,
             optimizer=lambda: optimizers.make_optimizer(args.optimizer, 1e-6),
             jit_compile=args.jit,

@@ -19,7 +19,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad.research import architectures
+architectures = common.deferred("keras_fwdgrad.research.architectures")
 
 CONFIGS = [
     {
@@ -36,7 +36,7 @@ BUDGETS = {
         test_size=128,
         eval_every=2,
         profile_steps=2,
-        profile_repeats=2,
+        profile_repeats=3,
     ),
     "default": dict(
         epochs=1,

@@ -24,7 +24,7 @@ Usage:
 
 import common
 
-from keras_fwdgrad.research import architectures
+architectures = common.deferred("keras_fwdgrad.research.architectures")
 
 CONFIGS = [
     {
@@ -42,7 +42,7 @@ BUDGETS = {
         test_size=256,
         eval_every=4,
         profile_steps=3,
-        profile_repeats=2,
+        profile_repeats=3,
     ),
     "default": dict(
         epochs=2, seeds=3, val_batches=20, eval_every=50, profile_steps=20, profile_repeats=7

@@ -15,6 +15,7 @@ import os
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines.
 
 import keras  # noqa: E402
 

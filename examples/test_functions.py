@@ -25,24 +25,24 @@ import os
 import time
 
 import common
-import numpy as np
 
-from keras_fwdgrad.research import objectives
-from keras_fwdgrad.research import plotting
+np = common.deferred("numpy")
+objectives = common.deferred("keras_fwdgrad.research.objectives")
+plotting = common.deferred("keras_fwdgrad.research.plotting")
 
 PROBLEMS = {
     "beale": dict(
-        f=objectives.beale,
+        f="beale",
         lr=0.01,
         start=(1.0, 1.0),
-        minimum=objectives.BEALE_MINIMUM,
+        minimum="BEALE_MINIMUM",
         bounds=((-4.5, 4.5), (-4.5, 4.5)),
     ),
     "rosenbrock": dict(
-        f=objectives.rosenbrock,
+        f="rosenbrock",
         lr=5e-4,
         start=(-0.5, 1.5),
-        minimum=objectives.ROSENBROCK_MINIMUM,
+        minimum="ROSENBROCK_MINIMUM",
         bounds=((-2.0, 2.0), (-1.0, 3.0)),
     ),
 }
@@ -73,6 +73,10 @@ def main(argv=None):
     }
     rows = []
     for problem, cfg in PROBLEMS.items():
+        # Names in `objectives`, looked up now that TensorFlow may load.
+        cfg = dict(
+            cfg, f=getattr(objectives, cfg["f"]), minimum=getattr(objectives, cfg["minimum"])
+        )
         steps = args.epochs or budget["steps"][problem]
         for direction in args.direction:
             start = time.perf_counter()

@@ -39,9 +39,9 @@ import os
 
 import common
 
-from keras_fwdgrad.research import architectures
-from keras_fwdgrad.research import datasets
-from keras_fwdgrad import tuning
+architectures = common.deferred("keras_fwdgrad.research.architectures")
+datasets = common.deferred("keras_fwdgrad.research.datasets")
+tuning = common.deferred("keras_fwdgrad.tuning")
 
 # Table I of the second paper (test loss after `epochs` epochs).
 PAPER = [
@@ -82,9 +82,9 @@ PAPER_ROWS = [
     for row in PAPER
 ]
 MODELS = {
-    "mlp": ("mnist", architectures.mlp),
-    "cnn": ("mnist", architectures.mnist_cnn),
-    "vgg": ("cifar10", architectures.cifar10_vgg),
+    "mlp": ("mnist", "mlp"),  # Builders in `architectures`.
+    "cnn": ("mnist", "mnist_cnn"),
+    "vgg": ("cifar10", "cifar10_vgg"),
 }
 FIXED = dict(
     decay_values=(0.0,), momentum_values=(0.9,), beta_1_values=(0.9,), beta_2_values=(0.999,)
@@ -124,7 +124,7 @@ def main(argv=None):
         default=None,
         help="override the budget's models",
     )
-    p.add_argument("--tuner", choices=tuning.TUNERS, default="grid")
+    p.add_argument("--tuner", choices=("grid", "random", "bayesian"), default="grid")
     p.add_argument(
         "--max-trials",
         type=int,
@@ -150,6 +150,7 @@ def main(argv=None):
     rows = []
     for model in models:
         dataset, build = MODELS[model]
+        build = getattr(architectures, build)
         source = common.data_source(args, dataset)
         train_size, test_size = budget["sizes"].get(model, (None, None))
         try:

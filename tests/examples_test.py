@@ -209,3 +209,43 @@ def test_mnist_learning_example_runs(tmp_path):
         assert r["curve"][0]["seconds"] < r["curve"][1]["seconds"]
         assert r["median_step_seconds"] > 0
         assert 0.0 <= r["summary"]["best_test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "mnist_logreg.py",
+        "mnist_mlp.py",
+        "mnist_cnn.py",
+        "cifar10_vgg.py",
+        "depth_sweep.py",
+        "test_functions.py",
+        "tune_table1.py",
+    ],
+)
+def test_help_answers_without_starting_tensorflow(script):
+    """`--help` and a bad flag answer at once: TensorFlow (seconds to start,
+    and log lines on stderr) is imported only when the example runs."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        f"sys.path.insert(0, {EXAMPLES!r})\n"
+        "try:\n"
+        f"    runpy.run_path({os.path.join(EXAMPLES, script)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "usage:" in done.stdout
+    assert done.stdout.strip().endswith("TF_NOT_LOADED")
+    assert done.stderr == ""
+    bad = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), "--optimizer", "rmsprop"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "invalid choice: 'rmsprop'" in bad.stderr

@@ -127,6 +127,62 @@ def test_training_trace_schedule_and_clock():
     np.testing.assert_allclose(trace.val_losses[-1], expected, rtol=1e-5)
 
 
+def test_training_trace_says_when_compile_time_is_included():
+    """A run no longer than its warm-up has no compiled step to measure by:
+    its times include compilation, and the summary and figure say so."""
+    model = _model()
+    model.compile(optimizer="sgd", loss=SCCE)
+    data = _dataset(n=64)  # 2 steps.
+    short = measures.TrainingTrace(data.take(1), eval_every=4, warmup_steps=2)
+    model.fit(data, epochs=1, callbacks=[short], verbose=0)
+    assert not short.compile_excluded
+    np.testing.assert_allclose(short.elapsed()[-1], sum(short.step_times))
+    long = measures.TrainingTrace(data.take(1), eval_every=4, warmup_steps=1)
+    model.fit(data, epochs=1, callbacks=[long], verbose=0)
+    assert long.compile_excluded
+
+
+def test_loss_figure_labels_the_clock_and_plain_log_ticks(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from keras_fwdgrad.research import plotting
+
+    def summary(excluded):
+        curve = {
+            "eval_steps": [0, 10, 20],
+            "mean_val_loss": [2.62, 2.55, 2.48],
+            "std_val_loss": [0.0, 0.0, 0.0],
+            "mean_eval_times": [0.0, 1.0, 2.0],
+            "compile_excluded": excluded,
+        }
+        return {"backprop": curve, "forward (gaussian)": dict(curve)}
+
+    labels = {}
+    for excluded in (True, False):
+        opened = []
+        real_close = plt.close
+        plt.close = lambda fig=None: opened.append(fig)  # Keep the figure.
+        try:
+            plotting.plot_loss_curves(summary(excluded), str(tmp_path / f"{excluded}.png"))
+        finally:
+            plt.close = real_close
+        fig = opened[0]
+        fig.canvas.draw()
+        axes = fig.axes
+        labels[excluded] = axes[1].get_xlabel()
+        ticks = [t.get_text() for t in axes[0].get_yticklabels(minor=True) if t.get_text()]
+        ticks += [t.get_text() for t in axes[0].get_yticklabels() if t.get_text()]
+        assert ticks and all("10^" not in t and "times" not in t for t in ticks), ticks
+        assert "2.5" in ticks or "2.6" in ticks
+        real_close(fig)
+    assert labels[True] == "training time (s, compile excluded)"
+    assert "compile included" in labels[False]
+
+
 def test_training_trace_rejects_bad_eval_every():
     with pytest.raises(ValueError, match="`eval_every` must be a positive integer"):
         measures.TrainingTrace(None, eval_every=0)

@@ -207,6 +207,7 @@ def compare_training(
                 "val_loss": [float(v) for v in trace.val_losses],
                 "ms_per_step": 1000.0 * trace.median_step_s(),
                 "compile_s": trace.compile_s,
+                "compile_excluded": trace.compile_excluded,
                 "skipped_steps": int(model.skipped_steps.numpy())
                 if spec["gradient"] == "forward"
                 else 0,
@@ -250,7 +251,8 @@ def summarize(runs, labels=None):
     Returns:
         A dict mapping each label to `test_loss`, `test_loss_std`,
         `test_accuracy`, `final_val_loss`, `ms_per_step`, `compile_s`,
-        `eval_steps`, `mean_val_loss`, `std_val_loss`, `mean_eval_times`,
+        `compile_excluded` (whether the times leave compilation out; not
+        when a run was no longer than its warm-up), `eval_steps`, `mean_val_loss`, `std_val_loss`, `mean_eval_times`,
         and, for forward methods when backprop ran, `Tb`, `Tf`, `Tf/Tb`.
     """
     if labels is None:
@@ -270,6 +272,7 @@ def summarize(runs, labels=None):
             "final_val_loss": float(curves[:, -1].mean()),
             "ms_per_step": float(np.median([r["ms_per_step"] for r in mine])),
             "compile_s": float(np.median([r["compile_s"] for r in mine])),
+            "compile_excluded": all(r.get("compile_excluded", True) for r in mine),
             "skipped_steps": int(sum(r["skipped_steps"] for r in mine)),
         }
         s["test_loss"], s["test_loss_std"] = _mean_std(r.get("test_loss") for r in mine)

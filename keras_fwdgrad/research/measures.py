@@ -150,17 +150,27 @@ class TrainingTrace(keras.callbacks.Callback):
             self.val_losses.append(self.evaluate())
 
     @property
+    def compile_excluded(self):
+        """Whether `elapsed()` leaves compile time out: only when the run
+        had steps after the warm-up to measure a compiled step by. A run of
+        `warmup_steps` steps or fewer has its warm-up (compile) times in
+        `elapsed()`."""
+        return len(self.step_times) > self.warmup_steps
+
+    @property
     def compile_s(self):
         """Wall time of the warm-up steps (tracing and compilation)."""
         return float(sum(self.step_times[: self.warmup_steps]))
 
     def median_step_s(self):
-        """Median step time in seconds, warm-up excluded."""
+        """Median step time in seconds, warm-up excluded (included when the
+        run had no other steps; see `compile_excluded`)."""
         rest = self.step_times[self.warmup_steps :] or self.step_times
         return float(np.median(rest)) if rest else float("nan")
 
     def elapsed(self):
-        """Training time after each step, in seconds, compile time excluded."""
+        """Training time after each step, in seconds, compile time excluded
+        if `compile_excluded`."""
         times = np.asarray(self.step_times, dtype=float)
         times[: self.warmup_steps] = self.median_step_s()
         return np.cumsum(times)

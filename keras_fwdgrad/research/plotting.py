@@ -20,6 +20,28 @@ def _pyplot():
     return plt
 
 
+def _plain(x):
+    if 1 <= x < 1e6 and x == round(x):
+        return f"{x:.0f}"
+    return f"{x:.3g}"
+
+
+def _log_axis(ax, which):
+    """A log-scale axis with plain decimal tick labels ("2.6", "0.3", "100"),
+    not mantissa-exponent ones ("2.63×10⁰"). Matplotlib's choice of which
+    ticks to label (minor ones only over a narrow range) is kept."""
+    from matplotlib import ticker
+
+    class Plain(ticker.LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return _plain(x)
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False))
+
+
 def plot_loss_curves(summary, path, title=""):
     """Validation loss per iteration and per training time, mean ± std.
 
@@ -41,10 +63,15 @@ def plot_loss_curves(summary, path, title=""):
             if s.get("Tf") is not None:
                 axes[1].axvline(s["Tf"], color=line.get_color(), ls=":", lw=1)
     axes[0].set_xlabel("iteration")
-    axes[1].set_xlabel("training time (s, compile excluded)")
+    excluded = all(s.get("compile_excluded", True) for s in summary.values())
+    axes[1].set_xlabel(
+        "training time (s, compile excluded)"
+        if excluded
+        else "training time (s, compile included: runs no longer than the warm-up)"
+    )
     for ax in axes:
         ax.set_ylabel("validation loss")
-        ax.set_yscale("log")
+        _log_axis(ax, "y")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(title)
@@ -74,7 +101,7 @@ def plot_test_function(f, result, path, title="", bounds=((-4.5, 4.5), (-4.5, 4.
             axes[0].plot(run, color=color, alpha=0.5, lw=0.8, label=label if i == 0 else None)
         for i, path_ in enumerate(np.asarray(result[f"{name}_path"])):
             axes[1].plot(path_[:, 0], path_[:, 1], color=color, alpha=0.6, lw=0.8)
-    axes[0].set_yscale("log")
+    _log_axis(axes[0], "y")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("f")
     axes[0].legend()
@@ -121,7 +148,7 @@ def plot_depth_sweep(rows, path, title=""):
     axes[1].set_ylabel("Rf/Rb")
     for ax in axes:
         ax.set_xlabel("layers")
-        ax.set_xscale("log")
+        _log_axis(ax, "x")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

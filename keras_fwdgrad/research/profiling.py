@@ -11,8 +11,8 @@ measures for one model and one minibatch:
 
 The methods are timed round-robin (base, forward..., backprop, base, ...)
 so that drifts of the machine hit all of them alike; each figure is the
-median over rounds. The first calls, which trace and XLA-compile, are timed
-apart and reported as `compile_s`. Every call goes through the same Keras
+median over rounds, after one untimed round. The first calls, which trace
+and XLA-compile, are timed apart and reported as `compile_s`. Every call goes through the same Keras
 entry point (`train_on_batch` / `test_on_batch`, the function `fit` and
 `evaluate` run), so the Python overhead is the same for every method.
 """
@@ -134,7 +134,8 @@ def profile_step_costs(
             on one batch finite.
         jit_compile: Whether to XLA-compile the steps. Defaults to `True`.
         steps: Steps per method and round. Defaults to `10`.
-        repeats: Number of interleaved rounds. Defaults to `5`.
+        repeats: Number of timed interleaved rounds, after one untimed
+            round. Defaults to `5`.
         warmup: Untimed calls per method before the rounds (tracing and
             compilation). Defaults to `2`.
         seed: Seed of the initial weights and of the directions.
@@ -225,12 +226,16 @@ def profile_step_costs(
             "peak_bytes": None if extra is None else state + extra,
             "ms_rounds": [],
         }
-    for _ in range(repeats):
+    # One untimed interleaved round first: the first round after the
+    # warm-up calls still pays for thread pools, allocator growth and
+    # caches, and would pull a median of few rounds.
+    for timed in [False] + [True] * repeats:
         for name, call in calls.items():
             start = time.perf_counter()
             for _ in range(steps):
                 call()
-            results[name]["ms_rounds"].append(1000.0 * (time.perf_counter() - start) / steps)
+            if timed:
+                results[name]["ms_rounds"].append(1000.0 * (time.perf_counter() - start) / steps)
     for r in results.values():
         r["ms"] = float(np.median(r["ms_rounds"]))
         r["R"] = r["ms"] / results["base"]["ms"]
