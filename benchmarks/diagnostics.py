@@ -45,9 +45,9 @@ def main():
     p.add_argument("--out", default="docs/results/diagnostics")
     args = p.parse_args()
     source = "local" if args.data_dir else "bundled"
-    (x, y), _ = datasets.load("mnist", data_dir=args.data_dir, source=source)
-    x = (np.asarray(x, "float32") / 255.0).reshape(-1, 28, 28, 1)
-    y = np.asarray(y, "int64")
+    data = datasets.load("mnist", data_dir=args.data_dir, source=source)
+    x = np.asarray(data["x_train"], "float32") / 255.0
+    y = np.asarray(data["y_train"], "int64")
     held = (x[-256:], y[-256:])
     train = (
         tf.data.Dataset.from_tensor_slices((x[:-256], y[:-256]))
