@@ -70,7 +70,9 @@ def parser(description, default_out, default_direction=("gaussian",), several_op
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--smoke", action="store_true", help="tiny run (under a minute)")
+    budget.add_argument(
+        "--smoke", action="store_true", help="tiny run (10-90 s on 2 CPU cores; see above)"
+    )
     budget.add_argument("--full", action="store_true", help="the papers' budget (GPU)")
     p.add_argument("--out", default=default_out, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="first seed")

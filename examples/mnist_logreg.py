@@ -7,7 +7,7 @@ the same number of iterations for both methods. Reports the step costs
 iterations and training time (figure), Tf/Tb, and test loss/accuracy.
 
 Budgets:
-- `--smoke`: 512 training images, 1 epoch, 1 seed (seconds).
+- `--smoke`: 512 training images, 1 epoch, 1 seed (10 s on a 2-core CPU).
 - default: 3 epochs, 3 seeds; all of MNIST with `--data-dir`, else the
   bundled 10,000-image subset (a few minutes on a 2-core CPU).
 - `--full`: all of MNIST, 10 epochs, 5 seeds (the paper's figure shows

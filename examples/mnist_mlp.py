@@ -11,7 +11,7 @@ The second paper's separately tuned learning rates for this model are in
 `examples/tune_table1.py`.
 
 Budgets:
-- `--smoke`: 512 training images, 1 epoch, 1 seed (seconds).
+- `--smoke`: 512 training images, 1 epoch, 1 seed (22 s on a 2-core CPU).
 - default: 2 epochs, 3 seeds; all of MNIST with `--data-dir`, else the
   bundled 10,000-image subset (minutes on a 2-core CPU).
 - `--full`: all of MNIST, 10 epochs, 5 seeds (the paper's figure shows

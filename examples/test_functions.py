@@ -10,7 +10,7 @@ The paper's text does not give its iteration counts or starting points;
 we start Beale at (1, 1) and Rosenbrock at (-0.5, 1.5).
 
 Budgets:
-- `--smoke`: 100 / 200 iterations, 3 runs.
+- `--smoke`: 100 / 200 iterations, 3 runs (10 s on a 2-core CPU).
 - default: 2,000 / 4,000 iterations, 10 runs (seconds).
 - `--full`: 10,000 / 20,000 iterations, 10 runs.
 

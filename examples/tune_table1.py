@@ -17,8 +17,8 @@ paper's values side by side), and prints both tables.
 Budgets:
 - `--smoke`: MLP and CNN on 256 MNIST images, 1 epoch, learning rates
   {1e-4, 1e-2}, other settings fixed, without XLA unless `--jit` is given
-  (compiling 60 tiny models costs more than it saves): about one minute on
-  a 2-core CPU.
+  (compiling 60 tiny models costs more than it saves): 92 s on a 2-core
+  CPU.
 - default: MLP on 5,000 images (2 epochs), CNN on 2,000 (1 epoch), VGG on
   1,000 CIFAR-10 images (1 epoch, only when CIFAR-10 is available);
   learning rates 1e-5 ... 1e-1, other settings fixed at common values.
