@@ -493,6 +493,14 @@ def test_rejects_non_numeric_jvp_clip_and_seed():
         ForwardGradientModel(_mlp(), seed=1.5)
 
 
+@pytest.mark.parametrize("seed", [2**70, 2**63, -(2**63) - 1])
+def test_rejects_seed_outside_int64(seed):
+    with pytest.raises(ValueError, match="`seed` must fit in a signed 64-bit integer"):
+        ForwardGradientModel(_mlp(), seed=seed)
+    # The largest allowed seed is accepted.
+    ForwardGradientModel(_mlp(), seed=2**63 - 1)
+
+
 def test_rejects_unknown_direction():
     with pytest.raises(ValueError, match="`direction` must be one of"):
         ForwardGradientModel(_mlp(), direction="sobol")
