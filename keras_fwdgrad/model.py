@@ -1,5 +1,6 @@
 """`ForwardGradientModel`: trains any Keras model with forward gradients."""
 
+import inspect
 import random
 
 import keras
@@ -7,6 +8,7 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import activity
+from keras_fwdgrad import callbacks as callbacks_module
 from keras_fwdgrad import directions as directions_module
 from keras_fwdgrad import distribute
 from keras_fwdgrad import estimator
@@ -437,6 +439,21 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         for tracker in training_only + [self._skipped_tracker, self._measured_tracker]:
             logs.pop(tracker.name, None)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
+
+    def fit(self, *args, **kwargs):
+        """Keras' `fit()`; its progress bar shows `skipped_steps` as an
+        integer (a `callbacks` list that holds a
+        `keras.callbacks.ProgbarLogger` keeps that one)."""
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        callbacks = arguments.get("callbacks")
+        if arguments.get("verbose", "auto") != 0 and (
+            callbacks is None or isinstance(callbacks, (list, tuple))
+        ):
+            callbacks = list(callbacks or [])
+            if not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+                arguments["callbacks"] = callbacks + [callbacks_module.ProgbarLogger()]
+        return super().fit(*bound.args[1:], **bound.kwargs)
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Exports the wrapped model for inference (see `keras.Model.export`).

@@ -342,6 +342,22 @@ def test_epoch_logs_stay_finite_and_count_skipped_steps_per_epoch(mode, tmp_path
     assert 0.5 < history.history["loss"][0] < 5.0
 
 
+def test_progress_bar_shows_skipped_steps_as_an_integer(capsys):
+    x, y = _data(n=32)
+    x[8, 0] = np.nan
+    model = ForwardGradientModel(_mlp(), seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
+    capsys.readouterr()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=1)
+    out = capsys.readouterr().out
+    assert "skipped_steps: 1 " in out or out.rstrip().endswith("skipped_steps: 1")
+    assert "skipped_steps: 0 " in out  # The first batch, before the NaN one.
+    assert "skipped_steps: 1.0000" not in out and "0.0000e+00" not in out
+    # verbose=2 keeps Keras' one line per epoch, every number a float.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=2)
+    assert "skipped_steps: 1.0000" in capsys.readouterr().out
+
+
 def test_epoch_with_no_finite_step_logs_nan():
     x, y = _data(n=16)
     x[:, 0] = np.nan
