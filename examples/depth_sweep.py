@@ -14,6 +14,9 @@ Budgets:
   range and its ten runs).
 
 `--direction` may list several families; the figure uses the first.
+`--batch-size` changes the batch (for example 1024, where activations,
+which backprop keeps for its backward pass, dominate the memory) and
+`--rounds` / `--steps` the timing budget.
 
 Usage:
     python examples/depth_sweep.py
@@ -42,18 +45,24 @@ BUDGETS = {
 def main(argv=None):
     p = common.parser(__doc__, "out/depth_sweep")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="override the budget")
+    p.add_argument("--batch-size", type=int, default=64, help="default: 64 (the paper's)")
+    p.add_argument("--rounds", type=int, default=None, help="override the budget")
+    p.add_argument("--steps", type=int, default=None, help="steps per round; override")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be a positive integer; got {args.batch_size}")
     name = common.budget_name(args)
-    budget = BUDGETS[name]
+    budget = dict(BUDGETS[name])
+    budget.update({k: getattr(args, k) for k in ("rounds", "steps") if getattr(args, k)})
     depths = args.depths or budget["depths"]
     rng = np.random.default_rng(args.seed)
-    x = rng.normal(size=(64, 28, 28, 1)).astype("float32")
-    y = rng.integers(0, 10, size=(64,))
+    x = rng.normal(size=(args.batch_size, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=(args.batch_size,))
     os.makedirs(args.out, exist_ok=True)
     rows, raw = [], {}
     print(
         f"Depth sweep, budget={name}, depths={depths}, optimizer={args.optimizer}, "
-        f"jit_compile={args.jit}, batch 64, {budget['rounds']} rounds",
+        f"jit_compile={args.jit}, batch {args.batch_size}, {budget['rounds']} rounds",
         flush=True,
     )
     for depth in depths:
@@ -107,14 +116,16 @@ def main(argv=None):
     figure = os.path.join(args.out, "depth_sweep.png")
     first = [r for r in rows if r["direction"] == args.direction[0]]
     plotting.plot_depth_sweep(
-        first, figure, f"MLP width 1024, batch 64, forward ({args.direction[0]}) vs backprop"
+        first,
+        figure,
+        f"MLP width 1024, batch {args.batch_size}, forward ({args.direction[0]}) vs backprop",
     )
     report = {
         "experiment": "depth_sweep",
         "budget": name,
         "optimizer": args.optimizer,
         "jit_compile": args.jit,
-        "batch_size": 64,
+        "batch_size": args.batch_size,
         "machine": common.machine(),
         "rows": rows,
         "step_costs": {str(k): v for k, v in raw.items()},
