@@ -351,8 +351,31 @@ def _jsonable(value):
     return value
 
 
+def code_version():
+    """The commit the examples run from (`+changes` when the working tree
+    differs from it), or `None` outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if dirty else "")
+
+
 def write_outputs(out, report, rows):
     os.makedirs(out, exist_ok=True)
+    report.setdefault("commit", code_version())
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(_jsonable(report), f, indent=1)
     if rows:
