@@ -373,9 +373,14 @@ def code_version():
     return commit + ("+changes" if dirty else "")
 
 
+# The code this process runs, read when it starts (a commit made while it
+# runs does not describe it).
+_STARTED_AT = code_version()
+
+
 def write_outputs(out, report, rows):
     os.makedirs(out, exist_ok=True)
-    report.setdefault("commit", code_version())
+    report.setdefault("commit", _STARTED_AT)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(_jsonable(report), f, indent=1)
     if rows:
