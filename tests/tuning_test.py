@@ -190,16 +190,15 @@ def test_argument_errors():
         tuning.make_tuner(tuning.LearningRateHyperModel(_linear), tuner="hyperband")
 
 
-def _backprop(**kwargs):
+def _backprop(build_model=_linear, learning_rate_range=(1e-2, 1e-1)):
     return tuning.LearningRateHyperModel(
-        _linear,
+        build_model,
         gradient="backprop",
         loss="mse",
         metrics=(),
-        learning_rate_range=(1e-2, 1e-1),
+        learning_rate_range=learning_rate_range,
         decay_values=(0.0,),
         jit_compile=False,
-        **kwargs,
     )
 
 
@@ -210,16 +209,9 @@ def test_changed_search_space_gets_its_own_folder(tmp_path):
     wide = tuning.make_tuner(_hypermodel("backprop"), directory=str(tmp_path))
     wide.search(train, validation_data=val, epochs=2, verbose=0)
     assert wide.get_best_hyperparameters(1)[0]["learning_rate"] == pytest.approx(0.1)
-    narrow_model = tuning.LearningRateHyperModel(
-        _linear,
-        gradient="backprop",
-        loss="mse",
-        metrics=(),
-        learning_rate_range=(1e-3, 1e-2),
-        decay_values=(0.0,),
-        jit_compile=False,
+    narrow = tuning.make_tuner(
+        _backprop(learning_rate_range=(1e-3, 1e-2)), directory=str(tmp_path)
     )
-    narrow = tuning.make_tuner(narrow_model, directory=str(tmp_path))
     assert narrow.project_dir != wide.project_dir
     narrow.search(train, validation_data=val, epochs=2, verbose=0)
     assert len(narrow.oracle.trials) == 2
@@ -242,15 +234,7 @@ def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
         def _wider():
             return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(4)])
 
-        hypermodel = tuning.LearningRateHyperModel(
-            _wider,
-            gradient="backprop",
-            loss="mse",
-            metrics=(),
-            learning_rate_range=(1e-2, 1e-1),
-            decay_values=(0.0,),
-            jit_compile=False,
-        )
+        hypermodel = _backprop(_wider)
     else:
         data = _regression(256, 0)
     again = tuning.make_tuner(hypermodel, directory=str(tmp_path), project_name="p")
