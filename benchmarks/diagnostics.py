@@ -44,6 +44,10 @@ def main():
     p.add_argument("--window", type=int, default=25, help="steps per logged window")
     p.add_argument("--out", default="docs/results/diagnostics")
     args = p.parse_args()
+    # The code this process runs, read at its start.
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     source = "local" if args.data_dir else "bundled"
     data = datasets.load("mnist", data_dir=args.data_dir, source=source)
     x = np.asarray(data["x_train"], "float32") / 255.0
@@ -75,9 +79,6 @@ def main():
         )
         runs[label] = {k: [float(v) for v in history.history[k]] for k in KEYS}
         print(label, {k: round(v[-1], 4) for k, v in runs[label].items()}, flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "diagnostics.json"), "w") as f:
         json.dump(
