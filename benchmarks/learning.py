@@ -79,6 +79,26 @@ METHODS = {
         dict(learning_rate=3e-4),
         10,
     ),
+    "activations_patches": (
+        dict(
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+        ),
+        dict(learning_rate=1e-3),
+        10,
+    ),
+    "activations_layer_patches": (
+        dict(
+            perturbation="activations",
+            local_losses="layers",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+        ),
+        dict(learning_rate=1e-3),
+        10,
+    ),
     "activations_k4_all_units": (
         dict(
             perturbation="activations",

@@ -24,8 +24,10 @@ other groups' channels held constant. A perturbed layer whose channels
 reach the block's end through per-channel layers only (activations,
 dropout, pooling, `BatchNormalization`) then takes, for the units of
 group `g`, the derivative `d_g = ∂L/∂h_g · ṫh_g` of the block output's
-tangent restricted to that group. It is computed after the pass from the
-block output's tangent and the head's kernel, for every group at once.
+tangent restricted to that group. `local_loss_patches` splits the
+positions of a feature map into patches as well, each (patch, channel
+group) with its own loss. All are computed after the pass from the block
+output's tangent and the head's derivative, for every group at once.
 Its estimate keeps the block loss's expectation and loses the noise of
 the other groups' tangents (and of the head's own). A convolution's
 input tangent is convolved explicitly (`layer_rules.convolution`), since
@@ -45,6 +47,7 @@ import dataclasses
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
@@ -142,7 +145,12 @@ class LocalHead(keras.layers.Layer):
 
 
 def check_arguments(
-    perturbation, local_losses, orthogonal_directions, active_units_only, local_loss_groups=1
+    perturbation,
+    local_losses,
+    orthogonal_directions,
+    active_units_only,
+    local_loss_groups=1,
+    local_loss_patches=1,
 ):
     """Raises a `ValueError` or `TypeError` naming a bad argument."""
     if perturbation not in PERTURBATIONS:
@@ -189,6 +197,20 @@ def check_arguments(
         raise ValueError(
             "`local_loss_groups` other than 1 requires `local_losses`. "
             f"Received: local_loss_groups={local_loss_groups!r} with local_losses=None"
+        )
+    if local_loss_patches != "positions" and (
+        not isinstance(local_loss_patches, numbers.Integral)
+        or isinstance(local_loss_patches, bool)
+        or local_loss_patches < 1
+    ):
+        raise ValueError(
+            '`local_loss_patches` must be an integer of at least 1 or "positions". '
+            f"Received: local_loss_patches={local_loss_patches!r}"
+        )
+    if local_loss_patches != 1 and local_losses is None:
+        raise ValueError(
+            "`local_loss_patches` other than 1 requires `local_losses`. "
+            f"Received: local_loss_patches={local_loss_patches!r} with local_losses=None"
         )
 
 
@@ -357,9 +379,11 @@ class _Pass:
         self.owner_block = {}
         self.mixing_blocks = set()
         self.acc = None
-        # id(tensor) -> (tensor, record): outputs that still have the
-        # channels of a perturbed layer's pre-activations; and per block,
-        # the record whose channels reach the block's end that way.
+        # id(tensor) -> (tensor, record, strides): outputs that still have
+        # the channels of a perturbed layer's pre-activations, and how
+        # their positions map to the pre-activations' (`_spatial_strides`);
+        # and per block, the (record, strides) whose channels reach the
+        # block's end that way.
         self.aligned = {}
         self.grouped = {}
 
@@ -411,7 +435,7 @@ class _Pass:
             )
             y = activation(z)
             if _channels_last(layer, len(z.shape)):
-                self.aligned[id(y)] = (y, self.records[-1])
+                self.aligned[id(y)] = (y, self.records[-1], (1,) * (len(z.shape) - 2))
         else:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
@@ -424,11 +448,12 @@ class _Pass:
                 and isinstance(layer, _PER_CHANNEL)
                 and _channels_last(layer, len(args[0].shape))
             ):
-                self.aligned[id(y)] = (y, source[1])
+                strides = _spatial_strides(layer, source[2], len(y.shape))
+                self.aligned[id(y)] = (y, source[1], strides)
         if layer.name in self.ends and self.block < len(self.ends):
             source = self.aligned.get(id(y))
             if source is not None and source[0] is y and source[1].block == self.block:
-                self.grouped[self.block] = source[1]
+                self.grouped[self.block] = (source[1], source[2])
             self.block_outputs.append(y)
             self.block += 1
             y = tf.stop_gradient(y)
@@ -466,6 +491,31 @@ class _Pass:
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
+
+
+def _spatial_strides(layer, strides, rank):
+    """How positions of `layer`'s output map to those of a perturbed
+    layer's pre-activations, given the map `strides` of its input.
+
+    A map `(s_1, ..., s_n)` means that position `i` (per spatial axis) of
+    the pre-activations reaches only position `i // s` of the output (`0`:
+    position 0 only);
+    `()` that the output has no spatial axes left; `None` that a
+    position may reach several (overlapping pooling windows), so the
+    output's positions cannot be told apart.
+    """
+    if strides is None or rank == 2:
+        return None if strides is None else ()
+    if not isinstance(layer, _POOLING):
+        return strides
+    if not hasattr(layer, "pool_size"):
+        # Global pooling that keeps its axes: every position reaches 0.
+        return (0,) * len(strides)
+    pool = tuple(layer.pool_size)
+    step = tuple(layer.strides) if layer.strides is not None else pool
+    if pool != step:
+        return None
+    return tuple(s * p for s, p in zip(strides, step))
 
 
 def _channels_last(layer, rank):
@@ -610,16 +660,18 @@ def estimate(model, x, y, sample_weight, k):
     d = clip_directional_derivative(d, model.jvp_clip)
     batch_d = tf.reduce_sum(d, axis=1)
     group_d = {}
-    if model.local_loss_groups != 1:
-        for block, record in p.grouped.items():
+    if model.local_loss_groups != 1 or model.local_loss_patches != 1:
+        for block, (record, strides) in p.grouped.items():
             h = p.block_outputs[block]
             th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            dg = _group_derivatives(model, heads[block], h, th, y, sample_weight)
-            group_d[id(record)] = clip_directional_derivative(dg, model.jvp_clip)
+            index_h, index_z, groups = _group_indices(model, h.shape, record.u.shape, strides)
+            dg = _group_derivatives(model, heads[block], h, th, y, sample_weight, index_h, groups)
+            group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
     grads = {}
     for r in p.records:
         if id(r) in group_d:
-            dn = _per_channel(group_d[id(r)], r.u, r.block in p.mixing_blocks)
+            dg, index = group_d[id(r)]
+            dn = _per_unit(dg, r.u, index, r.block in p.mixing_blocks)
         elif r.block in p.mixing_blocks:
             dn = tf.fill([tf.shape(d)[1]], batch_d[r.block])
         else:
@@ -654,61 +706,131 @@ def estimate(model, x, y, sample_weight, k):
     return loss, y_pred, d, grads, local
 
 
-def _group_derivatives(model, head, h, th, y, sample_weight):
-    """Each channel group's directional derivative of a block's local loss.
+def _group_indices(model, h_shape, z_shape, strides):
+    """The local-loss group of each unit of a block's output `h` and of
+    the pre-activations `z` of the perturbed layer that reaches it.
+
+    Channel `c` of `C` is in channel group `c·G // C`. With
+    `local_loss_patches`, the positions of `h` are split into patches too
+    (patch `i·n // size` on each spatial axis), and each (patch, channel
+    group) is a group; a unit of `z` at position `i` reaches position
+    `i // s` of `h` (`strides`). Without patches (or when `h` has no
+    spatial axes, or its positions cannot be told apart), the indices run
+    over channels only.
+
+    Returns:
+        `(index_h, index_z, groups)`: integer arrays of the shape of one
+        example of `h` and of `z` (or `[C]` for channels only), and the
+        number of groups.
+    """
+    channels = h_shape[-1]
+    per_channel = model.local_loss_groups
+    per_channel = channels if per_channel == "channels" else per_channel
+    channel_group = np.arange(channels) * per_channel // channels
+    spatial = tuple(h_shape[1:-1])
+    patches = model.local_loss_patches
+    if patches == 1 or not spatial or strides is None:
+        return channel_group, channel_group, per_channel
+    z_spatial = tuple(z_shape[1:-1])
+    if None in spatial or None in z_spatial:
+        raise ValueError(
+            "`local_loss_patches` needs feature maps of known spatial size. "
+            f"Received: a block output of shape {tuple(h_shape)}"
+        )
+    counts = [size if patches == "positions" else patches for size in spatial]
+
+    def patch_index(positions):
+        # positions: per axis, the position of `h` each index reaches.
+        parts = [p * n // size for p, n, size in zip(positions, counts, spatial)]
+        grids = np.meshgrid(*parts, indexing="ij")
+        return np.ravel_multi_index(grids, counts)
+
+    h_patch = patch_index([np.arange(size) for size in spatial])
+    z_patch = patch_index(
+        [
+            np.zeros(n, dtype=int) if s == 0 else np.minimum(np.arange(n) // s, size - 1)
+            for n, s, size in zip(z_spatial, strides, spatial)
+        ]
+    )
+
+    def index(patch):
+        return patch[..., None] * per_channel + channel_group
+
+    return index(h_patch), index(z_patch), int(np.prod(counts)) * per_channel
+
+
+def _loss_jacobian(model, head, z, y, sample_weight):
+    """`∂L_n/∂z_n` of each example's head loss at the head's
+    pre-activations `z` (`[batch, units]`), by forward mode: one copy of
+    the batch per unit, each with that unit's basis tangent."""
+    units = z.shape[-1]
+
+    def tiled(t):
+        t = tf.convert_to_tensor(t)
+        return tf.tile(t, [units] + [1] * (len(t.shape) - 1))
+
+    y = tiled(tf.nest.flatten(y)[0])
+    sample_weight = None if sample_weight is None else tiled(sample_weight)
+    batch = tf.shape(z)[0]
+    zt = tiled(z)
+    basis = tf.repeat(tf.eye(units, dtype=z.dtype), batch, axis=0)
+    with tf.autodiff.ForwardAccumulator(zt, basis) as acc:
+        values = per_example_losses(
+            model, y, head.dense.activation(zt), sample_weight, copies=units
+        )
+    jacobian = acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.transpose(tf.reshape(jacobian, [units, -1]))
+
+
+def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
+    """Each group's directional derivative of a block's local loss.
 
     The loss of group `g` is the head's loss with every other group's
-    channels held constant (Ren et al., 2023), so its derivative takes only
-    the tangents of group `g`: `d_g = ∂L/∂h_g · ṫh_g`. Channel `c` of `C`
-    is in group `c·G // C`.
+    units held constant (Ren et al., 2023), so its derivative takes only
+    the tangents of group `g`: `d_g = Σ_{i in g} ∂L/∂h_i · ṫh_i`. The
+    head (average over positions, then `Dense`) gives `∂L/∂h` from the
+    loss's derivative at its pre-activations, for every group at once.
 
     Args:
         model: The `ForwardGradientModel`.
         head: The block's `LocalHead`.
         h, th: The block's output and its tangent.
         y, sample_weight: The batch's targets and weights.
+        index, groups: The group of each unit of `h` (`_group_indices`)
+            and their number.
 
     Returns:
-        A `[G, batch]` tensor.
+        A float32 `[G, batch]` tensor.
     """
     pooled = tf.stop_gradient(head.pool(h))
-    tangent = head.pool(th)
-    channels = pooled.shape[-1]
-    groups = channels if model.local_loss_groups == "channels" else model.local_loss_groups
-    kernel = tf.cast(head.dense.kernel.value, pooled.dtype)
-    # The head's pre-activation and, per group, its tangent
-    # `Σ_{c in g} ṫh_c W_c`: [groups, batch, units].
     z = _pre_activation(head, pooled)
-    group = tf.range(channels) * groups // channels
-    products = tf.transpose(tangent)[:, :, None] * kernel[:, None, :]
-    tz = tf.math.unsorted_segment_sum(products, group, groups)
-
-    def tiled(t):
-        t = tf.convert_to_tensor(t)
-        return tf.tile(t, [groups] + [1] * (len(t.shape) - 1))
-
-    y = tiled(tf.nest.flatten(y)[0])
-    sample_weight = None if sample_weight is None else tiled(sample_weight)
-    z = tiled(z)
-    tz = tf.reshape(tz, tf.shape(z))
-    with tf.autodiff.ForwardAccumulator(z, tz) as acc:
-        values = per_example_losses(
-            model, y, head.dense.activation(z), sample_weight, copies=groups
-        )
-    dg = acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return tf.reshape(dg, [groups, -1])
+    jacobian = _loss_jacobian(model, head, z, y, sample_weight)
+    kernel = tf.cast(head.dense.kernel.value, "float32")
+    # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
+    grad = tf.matmul(tf.cast(jacobian, "float32"), kernel, transpose_b=True)
+    th = tf.cast(th, "float32")
+    if len(h.shape) > 2:
+        positions = tf.cast(tf.reduce_prod(tf.shape(h)[1:-1]), "float32")
+        grad = tf.reshape(grad / positions, [-1] + [1] * (len(h.shape) - 2) + [h.shape[-1]])
+    per_unit = th * grad
+    if index.ndim == 1:
+        per_unit = tf.reduce_sum(per_unit, axis=tuple(range(1, len(h.shape) - 1)))
+    per_unit = tf.reshape(per_unit, [tf.shape(h)[0], -1])
+    return tf.math.unsorted_segment_sum(
+        tf.transpose(per_unit), tf.constant(index.ravel(), dtype="int32"), groups
+    )
 
 
-def _per_channel(dg, u, mixing):
-    """`[G, batch]` group derivatives spread over the channels of `u`
-    (`[batch, ..., C]`); summed over the batch when its block mixes
-    examples."""
-    groups = dg.shape[0]
+def _per_unit(dg, u, index, mixing):
+    """`[G, batch]` group derivatives spread over the units of `u`
+    (`index`: their groups, `_group_indices`); summed over the batch when
+    the block mixes examples."""
     if mixing:
         dg = tf.broadcast_to(tf.reduce_sum(dg, axis=1, keepdims=True), tf.shape(dg))
-    channels = u.shape[-1]
-    dn = tf.gather(tf.transpose(dg), tf.range(channels) * groups // channels, axis=1)
-    return tf.reshape(dn, [-1] + [1] * (len(u.shape) - 2) + [channels])
+    dn = tf.gather(tf.transpose(dg), tf.constant(index.ravel(), dtype="int32"), axis=1)
+    if index.ndim == 1:
+        return tf.reshape(dn, [-1] + [1] * (len(u.shape) - 2) + [u.shape[-1]])
+    return tf.reshape(dn, tf.shape(u))
 
 
 def _with_regularizers(variables, grads):
@@ -740,12 +862,21 @@ def check_num_directions(model):
 
 def check_local_loss_groups(model):
     groups = model.local_loss_groups
-    if groups == "channels":
-        return
+    patches = model.local_loss_patches
     layers = {layer.name: layer for layer in _flat_layers(model.model)}
     for name in model._local_loss_ends:
-        channels = layers[name].output.shape[-1]
-        if channels is not None and groups > channels:
+        shape = layers[name].output.shape
+        if patches not in (1, "positions"):
+            small = [s for s in shape[1:-1] if s is not None and s < patches]
+            if small:
+                raise ValueError(
+                    "`local_loss_patches` must be at most the size of every "
+                    "spatial axis of a block's feature-map output. Received: "
+                    f"local_loss_patches={patches} and block output {name!r} "
+                    f"of shape {tuple(shape)}"
+                )
+        channels = shape[-1]
+        if groups != "channels" and channels is not None and groups > channels:
             raise ValueError(
                 "`local_loss_groups` must be at most the number of channels "
                 f"of every block's output. Received: local_loss_groups={groups} "

@@ -127,6 +127,17 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             about the number of groups, for every group at once at about
             the cost of one pass through the head. The block's other
             layers use the whole head's derivative, as with 1.
+        local_loss_patches: Integer (default 1) or `"positions"`. With
+            `local_losses`, also split the positions of each block's
+            output feature map into patches (this many per spatial axis;
+            `"positions"`: one per position), so that each (patch, channel
+            group) has its own local loss, as Ren et al.'s patch-wise
+            losses. The block's last perturbed layer then uses the
+            derivative of the group its unit reaches: through pooling
+            whose windows do not overlap, a position reaches one position
+            of the block's output. Blocks whose output has no spatial axes
+            (after `Flatten` or global pooling) use channel groups only,
+            and so does a block whose pooling windows overlap.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -170,6 +181,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         orthogonal_directions=False,
         active_units_only=True,
         local_loss_groups=1,
+        local_loss_patches=1,
         **kwargs,
     ):
         estimator.check_backend()
@@ -190,6 +202,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             orthogonal_directions,
             active_units_only,
             local_loss_groups,
+            local_loss_patches,
         )
         direction = directions_module.get(direction)
         super().__init__(**kwargs)
@@ -208,6 +221,9 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self.active_units_only = active_units_only
         self.local_loss_groups = (
             local_loss_groups if local_loss_groups == "channels" else int(local_loss_groups)
+        )
+        self.local_loss_patches = (
+            local_loss_patches if local_loss_patches == "positions" else int(local_loss_patches)
         )
         self.local_heads = []
         self._local_loss_ends = []
@@ -495,6 +511,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 "orthogonal_directions": self.orthogonal_directions,
                 "active_units_only": self.active_units_only,
                 "local_loss_groups": self.local_loss_groups,
+                "local_loss_patches": self.local_loss_patches,
             }
         )
         return config

@@ -92,6 +92,7 @@ FORWARD_OPTIONS = {
     "perturbation": "weights",
     "local_losses": None,
     "local_loss_groups": 1,
+    "local_loss_patches": 1,
 }
 # Of these, the optimizer's, which backprop searches take too.
 OPTIMIZER_OPTIONS = ("clipnorm", "global_clipnorm")
@@ -180,12 +181,13 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         local_losses: `None`, `"auto"`, `"layers"` or a list of layer
             names (with `perturbation="activations"`).
         local_loss_groups: `1`, an integer or `"channels"`.
+        local_loss_patches: `1`, an integer or `"positions"`.
         jit_compile: Whether to XLA-compile the steps. Defaults to `True`.
         seed: Seed of the initial weights and of the directions, the same
             for every trial. Defaults to `0`.
         name: Optional name of the hypermodel.
 
-    Each option from `direction` to `local_loss_groups` is one value or,
+    Each option from `direction` to `local_loss_patches` is one value or,
     to search it, a **tuple** of values (a list, such as layer names for
     `local_losses`, is one value): `num_directions=(1, 4, 16)`,
     `jvp_clip=(None, 1.0)`, `local_losses=(None, "auto")`. The options
@@ -224,6 +226,7 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         perturbation="weights",
         local_losses=None,
         local_loss_groups=1,
+        local_loss_patches=1,
         jit_compile=True,
         seed=0,
         name=None,
@@ -267,6 +270,7 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
             perturbation=perturbation,
             local_losses=local_losses,
             local_loss_groups=local_loss_groups,
+            local_loss_patches=local_loss_patches,
         )
         self.options = {k: _candidates(k, v) for k, v in given.items()}
         if gradient == "backprop":

@@ -229,6 +229,83 @@ def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
 
 
+def _patch_cases():
+    """(layers of the hidden block, input shape, its last layer's
+    pre-activations per example, `local_loss_groups`,
+    `local_loss_patches`): the block ends at its last layer."""
+    conv = lambda channels: keras.layers.Conv2D(channels, 1, activation="tanh")  # noqa: E731
+    return {
+        # One loss per position and channel; the convolution mixes positions.
+        "positions": (
+            [keras.layers.Conv2D(2, 2, activation="tanh")],
+            (3, 3, 1),
+            8,
+            "channels",
+            "positions",
+        ),
+        # 2 × 2 patches of 4 positions each, one channel.
+        "patches_of_four": ([conv(1)], (4, 4, 1), 16, 1, 2),
+        # Positions reach the block's output through 2 × 2 max-pooling;
+        # unequal channel groups (0, 0, 1).
+        "through_pooling": (
+            [conv(3), keras.layers.MaxPooling2D(2)],
+            (4, 2, 1),
+            24,
+            2,
+            "positions",
+        ),
+        # Overlapping pooling windows: positions cannot be told apart, so
+        # the groups are channels only.
+        "overlapping_pooling": (
+            [conv(2), keras.layers.AveragePooling2D(2, strides=1)],
+            (3, 3, 1),
+            18,
+            "channels",
+            "positions",
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("case", list(_patch_cases()))
+def test_patches_full_basis_gives_the_block_gradient(case, mode):
+    """With `local_loss_patches`, each unit of the block's last perturbed
+    layer takes the derivative of the (patch, channel group) it reaches:
+    with a full orthogonal basis (K = its pre-activations per example) its
+    estimate must equal the tape gradient of the block's local loss
+    (rtol=atol=1e-4). A unit mapped to the wrong group, or a group whose
+    units reach other groups too, fails this."""
+    hidden, shape, units, groups, patches = _patch_cases()[case]
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [keras.Input(shape)]
+        + hidden
+        + [keras.layers.Flatten(), keras.layers.Dense(units, activation="softmax")]
+    )
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses=[hidden[-1].name],
+        local_loss_groups=groups,
+        local_loss_patches=patches,
+        num_directions=units,
+        orthogonal_directions=True,
+        active_units_only=False,
+        seed=2,
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5,) + shape).astype("float32")
+    y = rng.integers(0, units, size=(5,))
+    expected = _block_reference(model, x, y, split=len(hidden))[:2]
+    fn = model.forward_gradient
+    if mode != "eager":
+        fn = tf.function(fn, jit_compile=mode == "xla")
+    _, grads = fn(x, y)
+    for g, e in zip(grads[:2], expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_convolution_block_stays_unbiased():
     """Probabilistic, fixed seed: a Conv2D → BatchNormalization →
     max-pooling block with 2 local-loss groups (a block that mixes
@@ -414,6 +491,11 @@ def test_local_heads_are_saved_and_not_exported(tmp_path):
         _cnn(), perturbation="activations", local_losses="auto", local_loss_groups=2
     )
     assert ForwardGradientModel.from_config(grouped.get_config()).local_loss_groups == 2
+    patched = ForwardGradientModel(
+        _cnn(), perturbation="activations", local_losses="auto", local_loss_patches="positions"
+    )
+    config = patched.get_config()
+    assert ForwardGradientModel.from_config(config).local_loss_patches == "positions"
 
 
 def test_nan_step_changes_nothing():
@@ -454,6 +536,18 @@ def test_errors():
             )
     with pytest.raises(ValueError, match="requires `local_losses`"):
         ForwardGradientModel(base, perturbation="activations", local_loss_groups=2)
+    for patches in (0, 2.0, False, "patches"):
+        with pytest.raises(ValueError, match="`local_loss_patches` must be an integer"):
+            ForwardGradientModel(
+                base, perturbation="activations", local_losses="auto", local_loss_patches=patches
+            )
+    with pytest.raises(ValueError, match="`local_loss_patches` other than 1 requires"):
+        ForwardGradientModel(base, perturbation="activations", local_loss_patches="positions")
+    with pytest.raises(ValueError, match="at most the size of every spatial axis"):
+        # The first block's output is 3 × 3 (after 2 × 2 pooling).
+        ForwardGradientModel(
+            _cnn(), perturbation="activations", local_losses="auto", local_loss_patches=5
+        )
     two = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="at most the number of channels"):
         ForwardGradientModel(

@@ -328,6 +328,47 @@ def test_forward_options_are_searchable():
     assert len(seen) == 32
 
 
+def _small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            keras.layers.Conv2D(2, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def test_local_loss_options_are_searchable():
+    """`local_losses`, `local_loss_groups` and `local_loss_patches` reach
+    the trial's model, mixed value types included."""
+    hypermodel = tuning.LearningRateHyperModel(
+        _small_cnn,
+        gradient="forward",
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-2, 1e-2),
+        decay_values=(0.0,),
+        perturbation="activations",
+        local_losses=("auto", "layers"),
+        local_loss_groups=(1, "channels"),
+        local_loss_patches=(1, 2, "positions"),
+        jit_compile=False,
+    )
+    assert hypermodel.grid_size()[0] == 12
+    seen = set()
+    for combo in itertools.product(("auto", "layers"), ("1", "channels"), ("1", "2", "positions")):
+        hp = keras_tuner.HyperParameters()
+        hypermodel.declare(hp)
+        hp.values.update(zip(("local_losses", "local_loss_groups", "local_loss_patches"), combo))
+        model = hypermodel.build(hp)
+        got = (model.local_losses, model.local_loss_groups, model.local_loss_patches)
+        assert tuple(str(v) for v in got) == combo
+        seen.add(got)
+    assert len(seen) == 12
+
+
 def test_forward_option_errors():
     with pytest.raises(ValueError, match="`num_directions` must list"):
         tuning.LearningRateHyperModel(_linear, num_directions=())

@@ -39,6 +39,7 @@ def method(
     perturbation="weights",
     local_losses=None,
     local_loss_groups=1,
+    local_loss_patches=1,
     **optimizer_kwargs,
 ):
     """Describes one training method for `compare_training`.
@@ -61,6 +62,7 @@ def method(
         local_losses: `None`, `"auto"`, `"layers"` or layer names
             (forward only).
         local_loss_groups: `1`, an integer or `"channels"` (forward only).
+        local_loss_patches: `1`, an integer or `"positions"` (forward only).
         **optimizer_kwargs: `momentum`, `beta_1`, `beta_2`.
 
     Returns:
@@ -92,6 +94,7 @@ def method(
             perturbation=perturbation,
             local_losses=local_losses,
             local_loss_groups=local_loss_groups,
+            local_loss_patches=local_loss_patches,
         )
         spec["label"] = f"forward ({direction})"
     else:
@@ -114,6 +117,7 @@ def build_training_model(spec, base, seed=None):
         perturbation=spec.get("perturbation", "weights"),
         local_losses=spec.get("local_losses"),
         local_loss_groups=spec.get("local_loss_groups", 1),
+        local_loss_patches=spec.get("local_loss_patches", 1),
         seed=seed,
     )
 
