@@ -24,7 +24,10 @@ other groups' channels held constant. A perturbed layer whose channels
 reach the block's end through per-channel layers only (activations,
 dropout, pooling, `BatchNormalization`) then takes, for the units of
 group `g`, the derivative `d_g = ∂L/∂h_g · ṫh_g` of the block output's
-tangent restricted to that group. `local_loss_patches` splits the
+tangent restricted to that group (a softmax mixes its units, so it ends
+that path). The units of each head and of the model's output layer form
+groups as well, each with the derivative of its own tangents
+`d_g = Σ_{i in g} ∂L/∂z_i · u_i`. `local_loss_patches` splits the
 positions of a feature map into patches as well, each (patch, channel
 group) with its own loss. All are computed after the pass from the block
 output's tangent and the head's derivative, for every group at once.
@@ -386,6 +389,8 @@ class _Pass:
         # block's end that way.
         self.aligned = {}
         self.grouped = {}
+        # id(activation output) -> (output, record).
+        self.record_outputs = {}
 
     def tangent(self, z, index):
         seed = tf.random.experimental.stateless_fold_in(self.seed, index)
@@ -434,7 +439,8 @@ class _Pass:
                 layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
             )
             y = activation(z)
-            if _channels_last(layer, len(z.shape)):
+            self.record_outputs[id(y)] = (y, self.records[-1])
+            if _channels_last(layer, len(z.shape)) and _elementwise(activation):
                 self.aligned[id(y)] = (y, self.records[-1], (1,) * (len(z.shape) - 2))
         else:
             if "training" in _compat.call_context_args(layer):
@@ -446,6 +452,7 @@ class _Pass:
                 and source[0] is args[0]
                 and len(args) == 1
                 and isinstance(layer, _PER_CHANNEL)
+                and _elementwise(getattr(layer, "activation", None))
                 and _channels_last(layer, len(args[0].shape))
             ):
                 strides = _spatial_strides(layer, source[2], len(y.shape))
@@ -491,6 +498,11 @@ class _Pass:
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
+
+
+def _elementwise(activation):
+    """Whether `activation` (or `None`) acts on each unit alone."""
+    return activation not in (keras.activations.softmax, keras.activations.log_softmax)
 
 
 def _spatial_strides(layer, strides, rank):
@@ -667,6 +679,17 @@ def estimate(model, x, y, sample_weight, k):
             index_h, index_z, groups = _group_indices(model, h.shape, record.u.shape, strides)
             dg = _group_derivatives(model, heads[block], h, th, y, sample_weight, index_h, groups)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
+        # The heads, and the model's output layer when its activation's
+        # output is the model's output: one loss per output-unit group.
+        outputs = [
+            (r, r.layer.dense.activation) for r in p.records if isinstance(r.layer, LocalHead)
+        ]
+        last = p.record_outputs.get(id(y_pred))
+        if last is not None and last[0] is y_pred and len(y_pred.shape) == 2:
+            outputs.append((last[1], last[1].layer.activation))
+        for record, activation in outputs:
+            dg, index = _output_unit_derivatives(model, record, activation, y, sample_weight)
+            group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
     grads = {}
     for r in p.records:
         if id(r) in group_d:
@@ -759,8 +782,8 @@ def _group_indices(model, h_shape, z_shape, strides):
     return index(h_patch), index(z_patch), int(np.prod(counts)) * per_channel
 
 
-def _loss_jacobian(model, head, z, y, sample_weight):
-    """`∂L_n/∂z_n` of each example's head loss at the head's
+def _loss_jacobian(model, activation, z, y, sample_weight):
+    """`∂L_n/∂z_n` of each example's loss of `activation(z)` at the
     pre-activations `z` (`[batch, units]`), by forward mode: one copy of
     the batch per unit, each with that unit's basis tangent."""
     units = z.shape[-1]
@@ -775,9 +798,7 @@ def _loss_jacobian(model, head, z, y, sample_weight):
     zt = tiled(z)
     basis = tf.repeat(tf.eye(units, dtype=z.dtype), batch, axis=0)
     with tf.autodiff.ForwardAccumulator(zt, basis) as acc:
-        values = per_example_losses(
-            model, y, head.dense.activation(zt), sample_weight, copies=units
-        )
+        values = per_example_losses(model, y, activation(zt), sample_weight, copies=units)
     jacobian = acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return tf.transpose(tf.reshape(jacobian, [units, -1]))
 
@@ -804,7 +825,7 @@ def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
     """
     pooled = tf.stop_gradient(head.pool(h))
     z = _pre_activation(head, pooled)
-    jacobian = _loss_jacobian(model, head, z, y, sample_weight)
+    jacobian = _loss_jacobian(model, head.dense.activation, z, y, sample_weight)
     kernel = tf.cast(head.dense.kernel.value, "float32")
     # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
     grad = tf.matmul(tf.cast(jacobian, "float32"), kernel, transpose_b=True)
@@ -819,6 +840,30 @@ def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
     return tf.math.unsorted_segment_sum(
         tf.transpose(per_unit), tf.constant(index.ravel(), dtype="int32"), groups
     )
+
+
+def _output_unit_derivatives(model, record, activation, y, sample_weight):
+    """Each output-unit group's directional derivative of the loss of a
+    layer whose output is a loss's input (a local head, or the model's
+    output layer): `d_g = Σ_{i in g} ∂L/∂z_i · u_i` with the layer's own
+    tangents `u` (the tangents of the layers before it are held
+    constant, which keeps the estimate unbiased and drops their noise).
+
+    Returns:
+        `(dg, index)`: a float32 `[G, batch]` tensor and the group of each
+        unit.
+    """
+    z = tf.stop_gradient(record.z)
+    units = z.shape[-1]
+    groups = model.local_loss_groups
+    groups = units if groups == "channels" else min(groups, units)
+    index = np.arange(units) * groups // units
+    jacobian = _loss_jacobian(model, activation, z, y, sample_weight)
+    per_unit = tf.cast(jacobian, "float32") * tf.cast(record.u, "float32")
+    dg = tf.math.unsorted_segment_sum(
+        tf.transpose(per_unit), tf.constant(index, dtype="int32"), groups
+    )
+    return dg, index
 
 
 def _per_unit(dg, u, index, mixing):

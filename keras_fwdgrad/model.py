@@ -126,7 +126,13 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             derivative, which divides the variance of its estimate by
             about the number of groups, for every group at once at about
             the cost of one pass through the head. The block's other
-            layers use the whole head's derivative, as with 1.
+            layers use the whole head's derivative, as with 1. The units
+            of each head and of the model's output layer (when the
+            model's output is that layer's own output) form groups too, at
+            most one per unit, each estimated from that layer's own
+            tangents. A softmax mixes its units, so it ends the
+            per-channel path: a layer before one uses the whole
+            derivative.
         local_loss_patches: Integer (default 1) or `"positions"`. With
             `local_losses`, also split the positions of each block's
             output feature map into patches (this many per spatial axis;
