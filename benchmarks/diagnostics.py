@@ -17,7 +17,6 @@ Usage:
 import argparse
 import json
 import os
-import subprocess
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -29,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 import keras_fwdgrad  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
+from keras_fwdgrad.research import learning  # noqa: E402
 
 CONFIGS = {
     "K=1 (the papers')": dict(num_directions=1),
@@ -45,9 +45,7 @@ def main():
     p.add_argument("--out", default="docs/results/diagnostics")
     args = p.parse_args()
     # The code this process runs, read at its start.
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = learning.code_version()
     source = "local" if args.data_dir else "bundled"
     data = datasets.load("mnist", data_dir=args.data_dir, source=source)
     x = np.asarray(data["x_train"], "float32") / 255.0

@@ -183,6 +183,7 @@ def main():
         dataset, args.data_dir, train_size=args.train_size, test_size=args.test_size
     )
     n = len(data["x_train"])
+    started_at = learning.code_version()  # the code this process runs
     results = learning.load_runs(args.out)
     for name in args.methods.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -205,6 +206,7 @@ def main():
             results[f"{name}/lr{lr:g}{batch}/seed{seed}"] = {
                 "method": name,
                 "seed": seed,
+                "commit": started_at,
                 "settings": {
                     "model": args.model,
                     "train_size": n,

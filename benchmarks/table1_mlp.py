@@ -34,7 +34,6 @@ Usage:
 
 import argparse
 import os
-import subprocess
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -58,15 +57,6 @@ PAPER = {
     "backprop-adam": (0.0001, 0.0, 0.0, 0.9, 0.999, 0.000),
 }
 CLIPPING = {"global": dict(global_clipnorm=1.0), "variable": dict(clipnorm=1.0), "none": {}}
-
-
-def commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def grid(paper_lr, points_per_decade=3, decades=1):
@@ -137,7 +127,7 @@ def main():
         seed=args.seed,
         drop_remainder=True,
     )
-    started_at = commit()  # the code this process runs
+    started_at = learning.code_version()  # the code this process runs
     results = learning.load_runs(args.out)
     train_size = args.train_size or "full less 10 % validation"
     for row in args.rows.split(","):

@@ -58,3 +58,20 @@ def test_step_costs_smoke(tmp_path):
         in (tmp_path / "results.md").read_text()
     )
     assert report["machine"]["cpus"] >= 1
+
+
+def test_code_version_names_the_commit_and_local_changes(tmp_path):
+    from keras_fwdgrad.research import learning
+
+    assert learning.code_version(str(tmp_path)) is None  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run(git + ["add", "a.txt"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], cwd=tmp_path, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert learning.code_version(str(tmp_path)) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert learning.code_version(str(tmp_path)) == head + "+changes"
