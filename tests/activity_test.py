@@ -492,6 +492,78 @@ def test_fit_with_local_losses_logs_and_skips_nothing(mode):
     assert all(changed)
 
 
+def _kernel_estimates(patches, draws=300):
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses="auto",
+        local_loss_groups="channels",
+        local_loss_patches=patches,
+        seed=1,
+    )
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=(16,))
+
+    @tf.function
+    def draw(i):
+        model.direction_step.assign(tf.cast(i, tf.int64))
+        return model.forward_gradient(x, y)[1][0]
+
+    return np.stack([draw(tf.constant(i)).numpy().ravel() for i in range(draws)])
+
+
+def test_patches_lower_the_variance_of_a_convolution():
+    """Fixed seed, 300 draws: the total variance of a convolution's kernel
+    estimate with one loss per channel and 2 × 2 patches, and with one per
+    position, against one per channel only. Measured ratios 3.7 and 11;
+    the bounds (2 and 4) leave room for the sampling error of a variance
+    from 300 draws (about 8 % each)."""
+    channels = _kernel_estimates(1).var(0).sum()
+    assert _kernel_estimates(2).var(0).sum() < channels / 2
+    assert _kernel_estimates("positions").var(0).sum() < channels / 4
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fit_with_patches(mode):
+    """`local_losses="layers"` with one loss per channel and position,
+    K = 2, a block with `BatchNormalization`, clipping: every variable
+    moves, no step is skipped, the logs are finite."""
+    keras.utils.set_random_seed(0)
+    model = ForwardGradientModel(
+        _cnn(),
+        perturbation="activations",
+        local_losses="layers",
+        local_loss_groups="channels",
+        local_loss_patches="positions",
+        num_directions=2,
+        seed=0,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0), loss=LOSS, **MODES[mode])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=(32,))
+    before = [v.numpy() for v in model.trainable_variables]
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    assert logs["skipped_steps"] == 0
+    assert {"local_loss_0", "local_loss_1", "local_loss_2"} <= set(logs)
+    assert all(np.isfinite(v) for v in logs.values())
+    changed = [not np.allclose(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+    assert all(changed)
+
+
 def test_layers_local_losses_end_a_block_after_every_perturbed_layer():
     base = _cnn()
     model = ForwardGradientModel(base, perturbation="activations", local_losses="layers")
