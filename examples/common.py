@@ -352,8 +352,9 @@ def _jsonable(value):
 
 
 def code_version():
-    """The commit the examples run from (`+changes` when the working tree
-    differs from it), or `None` outside a git checkout."""
+    """The commit the examples run from (`+changes` when its tracked code,
+    `.py` and `.toml` files, differs from it), or `None` outside a git
+    checkout."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -362,7 +363,7 @@ def code_version():
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
             cwd=here,
             capture_output=True,
             text=True,

@@ -66,12 +66,15 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path):
     assert learning.code_version(str(tmp_path)) is None  # not a checkout
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / "a.txt").write_text("1")
-    subprocess.run(git + ["add", "a.txt"], cwd=tmp_path, check=True)
+    (tmp_path / "a.py").write_text("1")
+    (tmp_path / "results.json").write_text("1")
+    subprocess.run(git + ["add", "a.py", "results.json"], cwd=tmp_path, check=True)
     subprocess.run(git + ["commit", "-qm", "a"], cwd=tmp_path, check=True)
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert learning.code_version(str(tmp_path)) == head
-    (tmp_path / "a.txt").write_text("2")
+    (tmp_path / "results.json").write_text("2")  # a result, not code
+    assert learning.code_version(str(tmp_path)) == head
+    (tmp_path / "a.py").write_text("2")
     assert learning.code_version(str(tmp_path)) == head + "+changes"

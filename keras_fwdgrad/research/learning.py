@@ -115,8 +115,9 @@ def summarize(points, targets=TARGETS):
 
 def code_version(path=None):
     """The commit of the git checkout that holds `path` (default: the
-    current directory), with `+changes` when tracked files differ from it;
-    `None` outside a checkout. Read it when a run starts: a commit made
+    current directory), with `+changes` when its tracked code (`.py`,
+    `.toml`) differs from it (results and documents written meanwhile do
+    not count); `None` outside a checkout. Read it when a run starts: a commit made
     while it runs does not describe it. (`examples/common.py` keeps its
     own copy, since its `--help` must not import TensorFlow.)"""
     cwd = path or os.getcwd()
@@ -125,7 +126,7 @@ def code_version(path=None):
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
             cwd=cwd,
             capture_output=True,
             text=True,
