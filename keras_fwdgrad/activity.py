@@ -187,34 +187,22 @@ def check_arguments(
             '`orthogonal_directions=True` requires `perturbation="activations"`. '
             f"Received: perturbation={perturbation!r}"
         )
-    if local_loss_groups != "channels" and (
-        not isinstance(local_loss_groups, numbers.Integral)
-        or isinstance(local_loss_groups, bool)
-        or local_loss_groups < 1
+    for name, value, word in (
+        ("local_loss_groups", local_loss_groups, "channels"),
+        ("local_loss_patches", local_loss_patches, "positions"),
     ):
-        raise ValueError(
-            '`local_loss_groups` must be an integer of at least 1 or "channels". '
-            f"Received: local_loss_groups={local_loss_groups!r}"
-        )
-    if local_loss_groups != 1 and local_losses is None:
-        raise ValueError(
-            "`local_loss_groups` other than 1 requires `local_losses`. "
-            f"Received: local_loss_groups={local_loss_groups!r} with local_losses=None"
-        )
-    if local_loss_patches != "positions" and (
-        not isinstance(local_loss_patches, numbers.Integral)
-        or isinstance(local_loss_patches, bool)
-        or local_loss_patches < 1
-    ):
-        raise ValueError(
-            '`local_loss_patches` must be an integer of at least 1 or "positions". '
-            f"Received: local_loss_patches={local_loss_patches!r}"
-        )
-    if local_loss_patches != 1 and local_losses is None:
-        raise ValueError(
-            "`local_loss_patches` other than 1 requires `local_losses`. "
-            f"Received: local_loss_patches={local_loss_patches!r} with local_losses=None"
-        )
+        if value != word and (
+            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(
+                f'`{name}` must be an integer of at least 1 or "{word}". '
+                f"Received: {name}={value!r}"
+            )
+        if value != 1 and local_losses is None:
+            raise ValueError(
+                f"`{name}` other than 1 requires `local_losses`. "
+                f"Received: {name}={value!r} with local_losses=None"
+            )
 
 
 def _is_sequential(model):
