@@ -661,22 +661,32 @@ def estimate(model, x, y, sample_weight, k):
     batch_d = tf.reduce_sum(d, axis=1)
     group_d = {}
     if model.local_loss_groups != 1 or model.local_loss_patches != 1:
+        # Each head's loss derivative at its pre-activations, once per
+        # block: its block's groups and its own units use it.
+        head_jacobians = {
+            block: _head_jacobian(model, heads[block], h, y, sample_weight)
+            for block, h in enumerate(p.block_outputs)
+        }
         for block, (record, strides) in p.grouped.items():
             h = p.block_outputs[block]
             th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             index_h, index_z, groups = _group_indices(model, h.shape, record.u.shape, strides)
-            dg = _group_derivatives(model, heads[block], h, th, y, sample_weight, index_h, groups)
+            dg = _group_derivatives(heads[block], h, th, head_jacobians[block], index_h, groups)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
         # The heads, and the model's output layer when its activation's
         # output is the model's output: one loss per output-unit group.
         outputs = [
-            (r, r.layer.dense.activation) for r in p.records if isinstance(r.layer, LocalHead)
+            (r, head_jacobians[r.block]) for r in p.records if isinstance(r.layer, LocalHead)
         ]
         last = p.record_outputs.get(id(y_pred))
         if last is not None and last[0] is y_pred and len(y_pred.shape) == 2:
-            outputs.append((last[1], last[1].layer.activation))
-        for record, activation in outputs:
-            dg, index = _output_unit_derivatives(model, record, activation, y, sample_weight)
+            record = last[1]
+            z = tf.stop_gradient(record.z)
+            outputs.append(
+                (record, _loss_jacobian(model, record.layer.activation, z, y, sample_weight))
+            )
+        for record, jacobian in outputs:
+            dg, index = _output_unit_derivatives(model, record, jacobian)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
     grads = {}
     for r in p.records:
@@ -717,6 +727,21 @@ def estimate(model, x, y, sample_weight, k):
     return loss, y_pred, d, grads, local
 
 
+def _channel_groups(model, channels):
+    """`(index, G)`: channel `c` of `channels` is in group `c·G // C`, with
+    `G` the model's `local_loss_groups` (at most `channels`)."""
+    groups = model.local_loss_groups
+    groups = channels if groups == "channels" else min(groups, channels)
+    return np.arange(channels) * groups // channels, groups
+
+
+def _segment_sum(per_unit, index, groups):
+    """`[batch, units]` → `[G, batch]`: the sum over each group's units."""
+    return tf.math.unsorted_segment_sum(
+        tf.transpose(per_unit), tf.constant(index.ravel(), dtype="int32"), groups
+    )
+
+
 def _group_indices(model, h_shape, z_shape, strides):
     """The local-loss group of each unit of a block's output `h` and of
     the pre-activations `z` of the perturbed layer that reaches it.
@@ -734,10 +759,7 @@ def _group_indices(model, h_shape, z_shape, strides):
         example of `h` and of `z` (or `[C]` for channels only), and the
         number of groups.
     """
-    channels = h_shape[-1]
-    per_channel = model.local_loss_groups
-    per_channel = channels if per_channel == "channels" else per_channel
-    channel_group = np.arange(channels) * per_channel // channels
+    channel_group, per_channel = _channel_groups(model, h_shape[-1])
     spatial = tuple(h_shape[1:-1])
     patches = model.local_loss_patches
     if patches == 1 or not spatial or strides is None:
@@ -791,7 +813,14 @@ def _loss_jacobian(model, activation, z, y, sample_weight):
     return tf.transpose(tf.reshape(jacobian, [units, -1]))
 
 
-def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
+def _head_jacobian(model, head, h, y, sample_weight):
+    """`∂L_n/∂z_n` of the head's loss at its pre-activations `z`, for the
+    block output `h` (`[batch, units]`)."""
+    z = _pre_activation(head, tf.stop_gradient(head.pool(h)))
+    return _loss_jacobian(model, head.dense.activation, z, y, sample_weight)
+
+
+def _group_derivatives(head, h, th, jacobian, index, groups):
     """Each group's directional derivative of a block's local loss.
 
     The loss of group `g` is the head's loss with every other group's
@@ -801,19 +830,16 @@ def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
     loss's derivative at its pre-activations, for every group at once.
 
     Args:
-        model: The `ForwardGradientModel`.
         head: The block's `LocalHead`.
         h, th: The block's output and its tangent.
-        y, sample_weight: The batch's targets and weights.
+        jacobian: The head loss's derivative at its pre-activations
+            (`_head_jacobian`).
         index, groups: The group of each unit of `h` (`_group_indices`)
             and their number.
 
     Returns:
         A float32 `[G, batch]` tensor.
     """
-    pooled = tf.stop_gradient(head.pool(h))
-    z = _pre_activation(head, pooled)
-    jacobian = _loss_jacobian(model, head.dense.activation, z, y, sample_weight)
     kernel = tf.cast(head.dense.kernel.value, "float32")
     # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
     grad = tf.matmul(tf.cast(jacobian, "float32"), kernel, transpose_b=True)
@@ -824,34 +850,28 @@ def _group_derivatives(model, head, h, th, y, sample_weight, index, groups):
     per_unit = th * grad
     if index.ndim == 1:
         per_unit = tf.reduce_sum(per_unit, axis=tuple(range(1, len(h.shape) - 1)))
-    per_unit = tf.reshape(per_unit, [tf.shape(h)[0], -1])
-    return tf.math.unsorted_segment_sum(
-        tf.transpose(per_unit), tf.constant(index.ravel(), dtype="int32"), groups
-    )
+    return _segment_sum(tf.reshape(per_unit, [tf.shape(h)[0], -1]), index, groups)
 
 
-def _output_unit_derivatives(model, record, activation, y, sample_weight):
+def _output_unit_derivatives(model, record, jacobian):
     """Each output-unit group's directional derivative of the loss of a
     layer whose output is a loss's input (a local head, or the model's
     output layer): `d_g = Σ_{i in g} ∂L/∂z_i · u_i` with the layer's own
     tangents `u` (the tangents of the layers before it are held
     constant, which keeps the estimate unbiased and drops their noise).
 
+    Args:
+        model: The `ForwardGradientModel`.
+        record: The layer's record of the pass.
+        jacobian: `∂L_n/∂z_n` at its pre-activations (`[batch, units]`).
+
     Returns:
         `(dg, index)`: a float32 `[G, batch]` tensor and the group of each
         unit.
     """
-    z = tf.stop_gradient(record.z)
-    units = z.shape[-1]
-    groups = model.local_loss_groups
-    groups = units if groups == "channels" else min(groups, units)
-    index = np.arange(units) * groups // units
-    jacobian = _loss_jacobian(model, activation, z, y, sample_weight)
+    index, groups = _channel_groups(model, record.z.shape[-1])
     per_unit = tf.cast(jacobian, "float32") * tf.cast(record.u, "float32")
-    dg = tf.math.unsorted_segment_sum(
-        tf.transpose(per_unit), tf.constant(index, dtype="int32"), groups
-    )
-    return dg, index
+    return _segment_sum(per_unit, index, groups), index
 
 
 def _per_unit(dg, u, index, mixing):
