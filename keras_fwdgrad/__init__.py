@@ -1,14 +1,15 @@
 """keras-fwdgrad: train Keras models with forward gradients.
 
-Importing this package selects the TensorFlow backend of Keras when
-`KERAS_BACKEND` is unset; forward gradients need TensorFlow's forward-mode
-automatic differentiation.
+Runs on the TensorFlow (the reference) and JAX backends of Keras. Importing
+this package selects TensorFlow when `KERAS_BACKEND` is unset; set
+`KERAS_BACKEND=jax` before importing to use JAX.
 """
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from keras_fwdgrad import backend
 from keras_fwdgrad import directions
 from keras_fwdgrad.callbacks import GradientCosine
 from keras_fwdgrad.ops import forward_gradient

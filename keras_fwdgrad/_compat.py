@@ -11,9 +11,12 @@ import contextlib
 import threading
 
 import keras
-import tensorflow as tf
 
-from keras_fwdgrad.ops import grouped_convolution
+if keras.backend.backend() == "tensorflow":
+    # The TensorFlow-only helpers below are called on that backend only.
+    import tensorflow as tf
+
+    from keras_fwdgrad.ops import grouped_convolution
 
 # Op types whose output Keras' TensorFlow cross-entropies replace by the
 # op's input (`keras/src/backend/tensorflow/nn.py::_get_logits`).

@@ -58,7 +58,6 @@ from keras_fwdgrad import distribute
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.ops import clip_directional_derivative
 
-PERTURBATIONS = ("weights", "activations")
 _PERTURBED = (
     keras.layers.Dense,
     keras.layers.Conv1D,
@@ -145,64 +144,6 @@ class LocalHead(keras.layers.Layer):
             }
         )
         return config
-
-
-def check_arguments(
-    perturbation,
-    local_losses,
-    orthogonal_directions,
-    active_units_only,
-    local_loss_groups=1,
-    local_loss_patches=1,
-):
-    """Raises a `ValueError` or `TypeError` naming a bad argument."""
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(
-            f"`perturbation` must be one of {PERTURBATIONS}. "
-            f"Received: perturbation={perturbation!r}"
-        )
-    if local_losses is not None:
-        names_ok = isinstance(local_losses, (list, tuple)) and all(
-            isinstance(n, str) for n in local_losses
-        )
-        if local_losses not in ("auto", "layers") and not names_ok:
-            raise TypeError(
-                '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
-                f"layer names. Received: local_losses={local_losses!r}"
-            )
-        if perturbation != "activations":
-            raise ValueError(
-                '`local_losses` requires `perturbation="activations"`. '
-                f"Received: local_losses={local_losses!r} with "
-                f"perturbation={perturbation!r}"
-            )
-    for name, value in (
-        ("orthogonal_directions", orthogonal_directions),
-        ("active_units_only", active_units_only),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
-    if orthogonal_directions and perturbation != "activations":
-        raise ValueError(
-            '`orthogonal_directions=True` requires `perturbation="activations"`. '
-            f"Received: perturbation={perturbation!r}"
-        )
-    for name, value, word in (
-        ("local_loss_groups", local_loss_groups, "channels"),
-        ("local_loss_patches", local_loss_patches, "positions"),
-    ):
-        if value != word and (
-            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(
-                f'`{name}` must be an integer of at least 1 or "{word}". '
-                f"Received: {name}={value!r}"
-            )
-        if value != 1 and local_losses is None:
-            raise ValueError(
-                f"`{name}` other than 1 requires `local_losses`. "
-                f"Received: {name}={value!r} with local_losses=None"
-            )
 
 
 def _is_sequential(model):

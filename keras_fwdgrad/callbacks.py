@@ -4,7 +4,7 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_fwdgrad import _compat
 
@@ -18,7 +18,7 @@ class GradientCosine(keras.callbacks.Callback):
     Every `every` training steps, on the held batch `(x, y)`, computes the
     `ForwardGradientModel`'s estimate at its current step
     (`forward_gradient()`, which does not advance the direction stream)
-    and the gradient of the compiled loss by `tf.GradientTape`, over the
+    and the gradient of the compiled loss by reverse mode, over the
     wrapped model's trainable variables, and records their cosine
     similarity. The epoch's mean is logged as `gradient_cosine`, so it
     reaches the history, `CSVLogger` and TensorBoard when those callbacks
@@ -56,21 +56,17 @@ class GradientCosine(keras.callbacks.Callback):
     def measure(self):
         """The cosine now, as a Python float."""
         model = self.model
-        base = model.model
-        state = base.non_trainable_variables
-        saved = [tf.identity(v.value) for v in state]
+        state = model.model.non_trainable_variables
+        saved = [ops.copy(v.value) for v in state]
         _, estimate = model.forward_gradient(self.x, self.y)
-        with tf.GradientTape() as tape:
-            y_pred = base(self.x, training=True)
-            loss = model.compute_loss(x=self.x, y=self.y, y_pred=y_pred, training=True)
-        variables = base.trainable_variables
-        true = tape.gradient(loss, variables, unconnected_gradients="zero")
+        true = model._true_gradient(self.x, self.y)
         for var, value in zip(state, saved):
             var.assign(value)
-        a = tf.concat([tf.reshape(tf.cast(g, "float64"), [-1]) for g in estimate[: len(true)]], 0)
-        b = tf.concat([tf.reshape(tf.cast(g, "float64"), [-1]) for g in true], 0)
-        denominator = tf.norm(a) * tf.norm(b)
-        return float(tf.tensordot(a, b, 1) / denominator) if denominator > 0 else float("nan")
+        a = np.concatenate([np.ravel(ops.convert_to_numpy(g)) for g in estimate[: len(true)]])
+        b = np.concatenate([np.ravel(ops.convert_to_numpy(g)) for g in true])
+        a, b = a.astype("float64"), b.astype("float64")
+        denominator = np.linalg.norm(a) * np.linalg.norm(b)
+        return float(np.dot(a, b) / denominator) if denominator > 0 else float("nan")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_values = []

@@ -26,7 +26,9 @@ import statistics
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from keras_fwdgrad import backend
 
 # The compact forms `sample_structured` returns, re-exported here.
 from keras_fwdgrad.tangents import Factored  # noqa: F401
@@ -131,10 +133,7 @@ def split_flat(flat, shapes):
         A list of tensors, one per shape.
     """
     sizes = [math.prod(s) for s in shapes]
-    if len(sizes) == 1:
-        return [tf.reshape(flat, shapes[0])]
-    parts = tf.split(flat, sizes)
-    return [tf.reshape(p, s) for p, s in zip(parts, shapes)]
+    return [ops.reshape(p, s) for p, s in zip(backend.split(flat, sizes), shapes)]
 
 
 class Direction:
@@ -242,42 +241,30 @@ class Rademacher(Direction):
 def random_bits(n, seed):
     """Counter-based random 32-bit words, a pure function of `seed`.
 
-    One stateless Philox draw (`tf.random.stateless_uniform` with
-    `alg="philox"`), the same on every device and replica for a given
-    seed. XLA keeps the draw as one op that every consumer reads, rather
-    than recomputing it inside each fused consumer.
+    On TensorFlow one stateless Philox draw
+    (`tf.random.stateless_uniform` with `alg="philox"`), on JAX
+    `jax.random.bits`; the same on every device and replica for a given
+    seed.
 
     Args:
         n: Python int, number of words.
-        seed: Integer tensor of shape `[2]`.
+        seed: The backend's stateless seed: an integer tensor of shape
+            `[2]` on TensorFlow, a `uint32[2]` key on JAX.
 
     Returns:
         A `[n]` `uint32` tensor.
     """
-    return tf.bitcast(
-        tf.random.stateless_uniform(
-            [n],
-            seed=seed,
-            minval=None,
-            maxval=None,
-            dtype=tf.int32,
-            alg="philox",
-        ),
-        tf.uint32,
-    )
+    return backend.random_bits(n, seed)
 
 
 def _per_variable(draw, shapes, seed, dtype):
     # One draw per variable, keyed by the variable's index: under XLA this
     # is faster than one flat draw split into variables (no slicing copies).
-    return [
-        draw(s, tf.random.experimental.stateless_fold_in(seed, i), dtype)
-        for i, s in enumerate(shapes)
-    ]
+    return [draw(s, backend.fold_in(seed, i), dtype) for i, s in enumerate(shapes)]
 
 
 def _gaussian_variable(shape, seed, dtype):
-    return tf.reshape(_gaussian_flat(math.prod(shape), seed, dtype), shape)
+    return ops.reshape(_gaussian_flat(math.prod(shape), seed, dtype), shape)
 
 
 def _packed_signs(shape, seed, dtype):
@@ -320,11 +307,11 @@ def _gaussian_flat(n, seed, dtype):
     # half for 2i + 1): half the random words of one index per word, and a
     # table read in place of an inverse-CDF evaluation.
     words = random_bits(-(-n // 2), seed)
-    low = tf.bitwise.bitwise_and(words, 0xFFFF)
-    high = tf.bitwise.right_shift(words, 16)
-    index = tf.reshape(tf.stack([low, high], axis=1), [-1])[:n]
-    levels = tf.constant(gaussian_levels(), dtype=tf.float32)
-    return tf.cast(tf.gather(levels, tf.cast(index, tf.int32)), dtype)
+    low = ops.bitwise_and(words, ops.convert_to_tensor(0xFFFF, "uint32"))
+    high = ops.right_shift(words, ops.convert_to_tensor(16, "uint32"))
+    index = ops.reshape(ops.stack([low, high], axis=1), [-1])[:n]
+    levels = ops.convert_to_tensor(gaussian_levels(), dtype="float32")
+    return ops.cast(backend.gather(levels, index), dtype)
 
 
 def _sign_flat(n, seed, dtype):
@@ -334,7 +321,7 @@ def _sign_flat(n, seed, dtype):
     # every consumer, including the rank-one update that reads each factor
     # fan_out or fan_in times (on the MLP 0.73 against 0.89 of a backprop
     # step).
-    return tf.sign(_gaussian_flat(n, seed, dtype))
+    return ops.sign(_gaussian_flat(n, seed, dtype))
 
 
 class _LowRank(Direction):
@@ -350,14 +337,14 @@ class _LowRank(Direction):
             else:
                 sizes.append(math.prod(s))
         flat = type(self)._draw(sum(sizes), seed, dtype)
-        parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+        parts = backend.split(flat, sizes)
         out, i = [], 0
         for s in shapes:
             if len(s) >= 2:
-                out.append(Factored(tf.reshape(parts[i], s[:-1]), parts[i + 1]))
+                out.append(Factored(ops.reshape(parts[i], s[:-1]), parts[i + 1]))
                 i += 2
             else:
-                out.append(tf.reshape(parts[i], s))
+                out.append(ops.reshape(parts[i], s))
                 i += 1
         return out
 

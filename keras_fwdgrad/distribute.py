@@ -12,8 +12,6 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 
-ALL_REDUCE_MODES = ("directional_derivatives", "gradients")
-
 
 def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync

@@ -10,7 +10,6 @@ and never changes its weights.
 """
 
 import contextlib
-import numbers
 
 import keras
 import tensorflow as tf
@@ -20,104 +19,18 @@ from keras_fwdgrad import activity
 from keras_fwdgrad import connectivity
 from keras_fwdgrad import distribute
 from keras_fwdgrad import layer_rules
+from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
 from keras_fwdgrad.ops import clip_directional_derivative
 from keras_fwdgrad.ops import forward_gradient
 from keras_fwdgrad.ops import jvp
 
 
-def check_backend():
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise ValueError(
-            "`ForwardGradientModel` requires the TensorFlow backend, since "
-            "it uses `tf.autodiff.ForwardAccumulator`. Set the environment "
-            "variable `KERAS_BACKEND=tensorflow` before importing Keras. "
-            f"Received: backend={backend!r}"
-        )
-
-
-def check_variables(model):
-    """Raises unless `model` has trainable variables, all floating."""
-    variables = model.trainable_variables
-    if not variables:
-        raise ValueError(
-            "`model` has no trainable variables, so there is nothing to "
-            f"train. Received: model={model.name!r}"
-        )
-    for v in variables:
-        if not tf.as_dtype(v.dtype).is_floating:
-            raise TypeError(
-                "Every trainable variable of `model` must have a floating "
-                f"dtype to be trained with forward gradients. Received: "
-                f"variable {v.path!r} with dtype={v.dtype}"
-            )
-
-
-def symbolic_inputs(input_shape):
-    """`keras.KerasTensor`s for a nested structure of shapes."""
-    return _map_shapes(keras.KerasTensor, input_shape)
-
-
-def _map_shapes(fn, shapes):
-    """Maps `fn` over the shapes (tuples of ints or `None`) of a nested
-    structure of shapes."""
-    if isinstance(shapes, dict):
-        return {k: _map_shapes(fn, v) for k, v in shapes.items()}
-    if isinstance(shapes, (list, tuple)) and not all(
-        d is None or isinstance(d, int) for d in shapes
-    ):
-        return type(shapes)(_map_shapes(fn, v) for v in shapes)
-    return fn(tuple(shapes))
-
-
-def check_arguments(num_directions, jvp_clip, seed, layer_rules):
-    """Raises a `ValueError` or `TypeError` naming a bad argument."""
-    if (
-        isinstance(num_directions, bool)
-        or not isinstance(num_directions, numbers.Integral)
-        or num_directions < 1
-    ):
-        raise ValueError(
-            "`num_directions` must be a positive integer. "
-            f"Received: num_directions={num_directions!r}"
-        )
-    if jvp_clip is not None:
-        if isinstance(jvp_clip, bool) or not isinstance(jvp_clip, numbers.Real):
-            raise TypeError(
-                f"`jvp_clip` must be a positive number or `None`. Received: jvp_clip={jvp_clip!r}"
-            )
-        if not jvp_clip > 0 or jvp_clip == float("inf"):
-            raise ValueError(
-                "`jvp_clip` must be a positive finite number or `None`. "
-                f"Received: jvp_clip={jvp_clip!r}"
-            )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"`seed` must be an integer or `None`. Received: seed={seed!r}")
-    if seed is not None and not -(2**63) <= seed < 2**63:
-        raise ValueError(f"`seed` must fit in a signed 64-bit integer. Received: seed={seed!r}")
-    if not isinstance(layer_rules, bool):
-        raise TypeError(f"`layer_rules` must be a bool. Received: layer_rules={layer_rules!r}")
-
-
 def sample_directions(model, k=0, structured=False):
     """Direction `k` of `model`'s current step, one component per trainable
     variable (compact `tangents` types where the family has them, if
     `structured`)."""
-    variables = model.trainable_variables
-    seed = tf.stack(
-        [
-            tf.constant(model.seed, dtype="int64"),
-            tf.convert_to_tensor(model.direction_step),
-        ]
-    )
-    if model.num_directions > 1:
-        seed = tf.random.experimental.stateless_fold_in(seed, k)
-    shapes = [tuple(v.shape) for v in variables]
-    dtype = variables[0].dtype
-    sample = model.direction.sample_structured if structured else model.direction.sample
-    v = sample(shapes, seed, dtype=dtype)
-    return [tangents.cast(t, var.dtype) for t, var in zip(v, variables)]
+    return stream.sample(model, model.direction_step, k, structured)
 
 
 def uses_layer_rules(model):

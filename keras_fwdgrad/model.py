@@ -4,18 +4,22 @@ import inspect
 import random
 
 import keras
-import tensorflow as tf
 
-from keras_fwdgrad import _compat
-from keras_fwdgrad import activity
+from keras_fwdgrad import arguments
+from keras_fwdgrad import backend
 from keras_fwdgrad import callbacks as callbacks_module
 from keras_fwdgrad import directions as directions_module
-from keras_fwdgrad import distribute
-from keras_fwdgrad import estimator
+from keras_fwdgrad import stream
+
+backend.check()
+if backend.name() == "jax":
+    from keras_fwdgrad.jax_trainer import JAXTrainer as _Trainer
+else:
+    from keras_fwdgrad.tensorflow_trainer import TensorFlowTrainer as _Trainer
 
 
 @keras.saving.register_keras_serializable(package="keras_fwdgrad")
-class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
+class ForwardGradientModel(_Trainer, keras.Model):
     """Wraps a Keras model so that `fit()` trains it with forward gradients.
 
     Each training step samples a random direction `v` over all trainable
@@ -190,19 +194,15 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         local_loss_patches=1,
         **kwargs,
     ):
-        estimator.check_backend()
-        if all_reduce not in distribute.ALL_REDUCE_MODES:
-            raise ValueError(
-                f"`all_reduce` must be one of {distribute.ALL_REDUCE_MODES}. "
-                f"Received: all_reduce={all_reduce!r}"
-            )
+        backend.check()
+        arguments.check_all_reduce(all_reduce)
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(
                 "`model` must be a Keras model or layer. "
                 f"Received: model={model!r} of type {type(model)}"
             )
-        estimator.check_arguments(num_directions, jvp_clip, seed, layer_rules)
-        activity.check_arguments(
+        arguments.check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules)
+        arguments.check_activity_arguments(
             perturbation,
             local_losses,
             orthogonal_directions,
@@ -231,6 +231,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self.local_loss_patches = (
             local_loss_patches if local_loss_patches == "positions" else int(local_loss_patches)
         )
+        self._check_backend_arguments()
         self.local_heads = []
         self._local_loss_ends = []
         self._local_loss_trackers = []
@@ -253,27 +254,15 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         self._connectivity_checked = False
         self._disconnected = ()
         if model.built:
-            estimator.check_variables(self.model)
+            arguments.check_variables(self.model)
             self._build_local_heads()
             self.built = True
-
-    def _build_local_heads(self):
-        if self.perturbation != "activations" or self.local_heads:
-            return
-        activity.check_model(self.model)
-        self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
-        self.local_heads = activity.make_heads(self.model, self._local_loss_ends)
-        self._local_loss_trackers = [
-            keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
-        ]
-        activity.check_num_directions(self)
-        activity.check_local_loss_groups(self)
 
     def _counter(self, name):
         return self.add_weight(
             name=name,
             shape=(),
-            dtype="int64",
+            dtype=backend.module().COUNTER_DTYPE,
             initializer="zeros",
             trainable=False,
             aggregation="only_first_replica",
@@ -285,8 +274,8 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         if not self.model.variables and input_shape is not None:
             # A subclassed model creates its layers' variables when it is
             # first called, as `keras.Model.fit` does: a symbolic call.
-            self.model(estimator.symbolic_inputs(input_shape))
-        estimator.check_variables(self.model)
+            self.model(arguments.symbolic_inputs(input_shape))
+        arguments.check_variables(self.model)
         self._build_local_heads()
         self.built = True
 
@@ -297,14 +286,8 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
         if not (self.built and self.model.built):
             # Keras builds a model lazily on its first call; the directions
             # need the variables before the forward pass.
-            self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
-        estimator.check_variables(self.model)
-
-    @property
-    def uses_layer_rules(self):
-        """Whether steps run through `keras_fwdgrad.layer_rules` (`True`) or
-        `tf.autodiff.ForwardAccumulator` over the whole model (`False`)."""
-        return estimator.uses_layer_rules(self)
+            self.build(keras.tree.map_structure(lambda t: tuple(t.shape), x))
+        arguments.check_variables(self.model)
 
     def current_directions(self):
         """The K directions of the current step, as dense tensors.
@@ -315,23 +298,9 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
             step (or `forward_gradient()`) uses.
         """
         return [
-            [directions_module.to_dense(t) for t in estimator.sample_directions(self, k)]
+            [directions_module.to_dense(t) for t in stream.sample(self, self.direction_step, k)]
             for k in range(self.num_directions)
         ]
-
-    def all_reduce_bytes_per_step(self, num_replicas=None):
-        """Bytes each replica all-reduces per training step.
-
-        `K` floats for `all_reduce="directional_derivatives"`, one float per
-        trainable parameter (the forward gradient) plus one finiteness flag
-        for `"gradients"`. Zero on a single replica.
-
-        Args:
-            num_replicas: Defaults to the current strategy's replicas.
-        """
-        if num_replicas is None:
-            num_replicas = self.distribute_strategy.num_replicas_in_sync
-        return distribute.all_reduce_bytes(self, num_replicas)
 
     def forward_gradient(self, x, y=None, sample_weight=None):
         """Computes one forward-gradient estimate without applying it.
@@ -365,102 +334,7 @@ class ForwardGradientModel(_compat.BuildsFromOneReplica, keras.Model):
                 f"{self.loss!r}. Received: y=None"
             )
         self._ensure_built(x)
-        loss, _, _, grads, _ = estimator.estimate(self, x, y, sample_weight)
-        return loss, grads
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._ensure_built(x)
-        variables = self.trainable_variables
-        weights = self.model.non_trainable_weights
-        # Snapshot of non-trainable weights (e.g. BatchNormalization
-        # statistics) so a non-finite step can be undone completely.
-        saved_weights = [tf.identity(w.value) for w in weights]
-        xla = bool(self.jit_compile) and not self.run_eagerly
-        loss, y_pred, d, grads, local_losses = estimator.estimate(
-            self, x, y, sample_weight, xla=xla
-        )
-        finite = tf.reduce_all(tf.math.is_finite(d))
-        if not distribute.reduces_directional_derivatives(self):
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(loss)))
-        if not self.optimizer.built:
-            self.optimizer.build(variables)
-        grads = estimator.scaled_for_optimizer(self.optimizer, grads)
-        skipped = distribute.guarded_apply(self, grads, variables, finite, weights, saved_weights)
-        self.skipped_steps.assign_add(skipped)
-        self.direction_step.assign_add(1)
-        self._update_diagnostics(d)
-        logs = self._step_logs(x, y, y_pred, sample_weight, loss, local_losses, skipped)
-        return distribute.multi_worker_logs(self.distribute_strategy, logs)
-
-    def _diagnostic_trackers(self):
-        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
-
-    def _update_diagnostics(self, d):
-        """`mean_abs_d` and `clipped_fraction` over this step's directional
-        derivatives (after `jvp_clip`: a capped one equals the cap), unless
-        they are not finite."""
-        d = tf.abs(tf.cast(d, "float32"))
-        finite = tf.reduce_all(tf.math.is_finite(d))
-        weight = tf.cast(finite, "float32")
-        self._abs_d_tracker.update_state(
-            tf.where(finite, tf.reduce_mean(d), 0.0), sample_weight=weight
-        )
-        if self._clipped_tracker is not None:
-            capped = tf.reduce_mean(tf.cast(d >= self.jvp_clip, "float32"))
-            self._clipped_tracker.update_state(tf.where(finite, capped, 0.0), sample_weight=weight)
-
-    def _step_logs(self, x, y, y_pred, sample_weight, loss, local_losses, skipped):
-        """Updates the epoch's loss and metrics with this step, unless its
-        loss or predictions are not finite (then the epoch's averages leave
-        it out), and returns the logs. An epoch with no such step logs NaN;
-        `skipped_steps` counts the epoch's skipped steps."""
-        loss = distribute.unscale_loss(loss)
-        measured = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(t)) for t in tf.nest.flatten([loss, y_pred])]
-        )
-        weight = tf.cast(measured, "float32")
-
-        def kept(t):
-            return tf.where(measured, t, tf.zeros_like(t))
-
-        batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        _compat.loss_tracker(self).update_state(
-            kept(loss), sample_weight=tf.cast(batch, "float32") * weight
-        )
-        y_pred = tf.nest.map_structure(kept, y_pred)
-        if sample_weight is None:
-            sample_weight = tf.ones([batch]) * weight
-        else:
-            sample_weight = tf.nest.map_structure(
-                lambda w: tf.cast(w, "float32") * weight, sample_weight
-            )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        for tracker, value in zip(self._local_loss_trackers, local_losses):
-            tracker.update_state(kept(distribute.unscale_loss(value)), weight)
-            logs[tracker.name] = tracker.result()
-        self._skipped_tracker.update_state(tf.cast(skipped, "float32"))
-        self._measured_tracker.update_state(weight)
-        any_measured = self._measured_tracker.result() > 0
-        logs.pop(self._measured_tracker.name, None)
-        for tracker in self._diagnostic_trackers():
-            logs[tracker.name] = tracker.result()
-        logs = {
-            k: tf.where(any_measured, v, tf.constant(float("nan"), v.dtype))
-            if tf.as_dtype(v.dtype).is_floating
-            else v
-            for k, v in logs.items()
-        }
-        logs["skipped_steps"] = self._skipped_tracker.result()
-        return logs
-
-    def test_step(self, data):
-        logs = super().test_step(data)
-        # Local losses and skipped steps are training-only.
-        training_only = self._local_loss_trackers + self._diagnostic_trackers()
-        for tracker in training_only + [self._skipped_tracker, self._measured_tracker]:
-            logs.pop(tracker.name, None)
-        return distribute.multi_worker_logs(self.distribute_strategy, logs)
+        return self._forward_gradient(x, y, sample_weight)
 
     def fit(self, *args, **kwargs):
         """Keras' `fit()`; its progress bar shows `skipped_steps` as an

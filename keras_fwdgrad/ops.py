@@ -9,9 +9,12 @@ them together.
 import re
 
 import keras
-import tensorflow as tf
 
+from keras_fwdgrad import backend
 from keras_fwdgrad.tangents import to_dense
+
+if backend.name() == "tensorflow":
+    import tensorflow as tf
 
 _HINT = (
     "TensorFlow computes forward-mode derivatives from the registered "
@@ -43,9 +46,12 @@ def _op_name_from(error):
 def jvp(fn, variables, tangents):
     """Runs `fn()` once and returns its outputs and their JVP.
 
-    `fn` is evaluated under a `tf.autodiff.ForwardAccumulator` that watches
-    `variables` with `tangents`, so the directional derivative comes out of
-    the same single forward pass as the outputs. No gradient tape is used.
+    On TensorFlow, `fn` is evaluated under a `tf.autodiff.ForwardAccumulator`
+    that watches `variables` with `tangents`; on JAX, through `jax.jvp` with
+    the variables' values as primals (a `keras.StatelessScope` maps the
+    variables to them). Either way the directional derivative comes out of
+    the same single forward pass as the outputs, and no gradient tape or
+    backward pass is used.
 
     Args:
         fn: Callable with no arguments returning a tensor or a nested
@@ -62,6 +68,8 @@ def jvp(fn, variables, tangents):
         ValueError: if TensorFlow cannot compute the forward-mode derivative
             of an op in `fn`. The message names the op.
     """
+    if backend.name() == "jax":
+        return backend.module().jvp(fn, variables, tangents)
     primals = [_backing_variable(v) for v in variables]
     try:
         with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
@@ -93,7 +101,7 @@ def clip_directional_derivative(d, jvp_clip=None):
     """
     if jvp_clip is None:
         return d
-    return tf.clip_by_value(d, -jvp_clip, jvp_clip)
+    return keras.ops.clip(d, -jvp_clip, jvp_clip)
 
 
 def forward_gradient(directional_derivatives, directions):

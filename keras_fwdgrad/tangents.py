@@ -16,7 +16,8 @@ types itself.
 
 import math
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 
 class Factored:
@@ -48,11 +49,11 @@ class Factored:
 
     def dense(self, scale=None):
         """Returns `scale · u ⊗ w` as a tensor of the variable's shape."""
-        u = self.u if scale is None else tf.cast(scale, self.u.dtype) * self.u
-        return u[..., tf.newaxis] * self.w
+        u = self.u if scale is None else ops.cast(scale, self.u.dtype) * self.u
+        return ops.expand_dims(u, -1) * self.w
 
     def cast(self, dtype):
-        return Factored(tf.cast(self.u, dtype), tf.cast(self.w, dtype))
+        return Factored(ops.cast(self.u, dtype), ops.cast(self.w, dtype))
 
     def __repr__(self):
         return f"Factored(shape={self.shape})"
@@ -78,7 +79,7 @@ class PackedSigns:
     def __init__(self, words, shape, dtype="float32"):
         self.words = words
         self._shape = tuple(shape)
-        self._dtype = tf.as_dtype(dtype)
+        self._dtype = keras.backend.standardize_dtype(dtype)
 
     @property
     def shape(self):
@@ -90,14 +91,15 @@ class PackedSigns:
 
     def dense(self, scale=None):
         """Returns `scale · v` as a tensor of the variable's shape."""
-        shifts = tf.constant([list(range(32))], dtype=tf.uint32)
-        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(self.words[:, tf.newaxis], shifts), 1)
-        bits = tf.reshape(tf.reshape(bits, [-1])[: math.prod(self._shape)], self._shape)
+        shifts = ops.convert_to_tensor([list(range(32))], dtype="uint32")
+        one = ops.convert_to_tensor(1, dtype="uint32")
+        bits = ops.bitwise_and(ops.right_shift(ops.expand_dims(self.words, 1), shifts), one)
+        bits = ops.reshape(ops.reshape(bits, [-1])[: math.prod(self._shape)], self._shape)
         if scale is None:
             # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
-            return tf.cast(bits, self._dtype) * 2 - 1
-        scale = tf.cast(scale, self._dtype)
-        return tf.where(tf.equal(bits, 1), scale, -scale)
+            return ops.cast(bits, self._dtype) * 2 - 1
+        scale = ops.cast(scale, self._dtype)
+        return ops.where(ops.equal(bits, one), scale, -scale)
 
     def cast(self, dtype):
         return PackedSigns(self.words, self._shape, dtype)
@@ -112,14 +114,14 @@ def to_dense(tangent, scale=None):
         return tangent.dense(scale)
     if scale is None:
         return tangent
-    return tf.cast(scale, tangent.dtype) * tangent
+    return ops.cast(scale, tangent.dtype) * tangent
 
 
 def cast(tangent, dtype):
     """Casts a tangent's values to `dtype`, keeping its form."""
     if isinstance(tangent, (Factored, PackedSigns)):
         return tangent if tangent.dtype == dtype else tangent.cast(dtype)
-    return tangent if tangent.dtype == dtype else tf.cast(tangent, dtype)
+    return tangent if tangent.dtype == dtype else ops.cast(tangent, dtype)
 
 
 def unpack_signs(tangent):
@@ -160,7 +162,7 @@ def computed_after(words, tensor):
     `tensor > inf` is false for every float, NaN included, so `zero` is 0,
     which the compiler cannot prove.
     """
-    zero = tf.cast(tf.reduce_any(tensor > float("inf")), words.dtype)
+    zero = ops.cast(ops.any(tensor > float("inf")), words.dtype)
     return words + zero
 
 
@@ -188,12 +190,12 @@ def kernel_product(tangent, x, product, channels, after=None, factored=True):
         terms = [kernel_product(t, x, product, channels, after, factored) for t in tangent]
         if all(t is None for t in terms):
             return None
-        zero = tf.zeros_like(next(t for t in terms if t is not None))
-        return tf.concat([zero if t is None else t for t in terms], axis=0)
+        zero = ops.zeros_like(next(t for t in terms if t is not None))
+        return ops.concatenate([zero if t is None else t for t in terms], axis=0)
     if tangent is None:
         return None
     if isinstance(tangent, Factored) and factored:
-        return product(x, tangent.u[..., tf.newaxis]) * channels(tangent.w)
+        return product(x, ops.expand_dims(tangent.u, -1)) * channels(tangent.w)
     if isinstance(tangent, PackedSigns) and after is not None:
         tangent = PackedSigns(computed_after(tangent.words, after), tangent.shape, tangent.dtype)
     return product(x, to_dense(tangent))

@@ -522,9 +522,9 @@ def test_rejects_unknown_direction():
         ForwardGradientModel(_mlp(), direction="sobol")
 
 
-def test_rejects_non_tensorflow_backend(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="TensorFlow backend"):
+def test_rejects_unsupported_backend(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(ValueError, match=r"supports the Keras backends \('tensorflow', 'jax'\)"):
         ForwardGradientModel(_mlp())
 
 

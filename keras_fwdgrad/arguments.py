@@ -1,0 +1,138 @@
+"""Checks of `ForwardGradientModel`'s arguments and of the model it wraps,
+shared by every backend: each raises a `ValueError` or `TypeError` naming
+the argument and what it accepts."""
+
+import numbers
+
+import keras
+
+ALL_REDUCE_MODES = ("directional_derivatives", "gradients")
+PERTURBATIONS = ("weights", "activations")
+
+
+def check_all_reduce(all_reduce):
+    if all_reduce not in ALL_REDUCE_MODES:
+        raise ValueError(
+            f"`all_reduce` must be one of {ALL_REDUCE_MODES}. Received: all_reduce={all_reduce!r}"
+        )
+
+
+def check_variables(model):
+    """Raises unless `model` has trainable variables, all floating."""
+    variables = model.trainable_variables
+    if not variables:
+        raise ValueError(
+            "`model` has no trainable variables, so there is nothing to "
+            f"train. Received: model={model.name!r}"
+        )
+    for v in variables:
+        if not keras.backend.is_float_dtype(v.dtype):
+            raise TypeError(
+                "Every trainable variable of `model` must have a floating "
+                f"dtype to be trained with forward gradients. Received: "
+                f"variable {v.path!r} with dtype={v.dtype}"
+            )
+
+
+def symbolic_inputs(input_shape):
+    """`keras.KerasTensor`s for a nested structure of shapes."""
+    return _map_shapes(keras.KerasTensor, input_shape)
+
+
+def _map_shapes(fn, shapes):
+    """Maps `fn` over the shapes (tuples of ints or `None`) of a nested
+    structure of shapes."""
+    if isinstance(shapes, dict):
+        return {k: _map_shapes(fn, v) for k, v in shapes.items()}
+    if isinstance(shapes, (list, tuple)) and not all(
+        d is None or isinstance(d, int) for d in shapes
+    ):
+        return type(shapes)(_map_shapes(fn, v) for v in shapes)
+    return fn(tuple(shapes))
+
+
+def check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules):
+    """Raises a `ValueError` or `TypeError` naming a bad argument."""
+    if (
+        isinstance(num_directions, bool)
+        or not isinstance(num_directions, numbers.Integral)
+        or num_directions < 1
+    ):
+        raise ValueError(
+            "`num_directions` must be a positive integer. "
+            f"Received: num_directions={num_directions!r}"
+        )
+    if jvp_clip is not None:
+        if isinstance(jvp_clip, bool) or not isinstance(jvp_clip, numbers.Real):
+            raise TypeError(
+                f"`jvp_clip` must be a positive number or `None`. Received: jvp_clip={jvp_clip!r}"
+            )
+        if not jvp_clip > 0 or jvp_clip == float("inf"):
+            raise ValueError(
+                "`jvp_clip` must be a positive finite number or `None`. "
+                f"Received: jvp_clip={jvp_clip!r}"
+            )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"`seed` must be an integer or `None`. Received: seed={seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise ValueError(f"`seed` must fit in a signed 64-bit integer. Received: seed={seed!r}")
+    if not isinstance(layer_rules, bool):
+        raise TypeError(f"`layer_rules` must be a bool. Received: layer_rules={layer_rules!r}")
+
+
+def check_activity_arguments(
+    perturbation,
+    local_losses,
+    orthogonal_directions,
+    active_units_only,
+    local_loss_groups=1,
+    local_loss_patches=1,
+):
+    """Raises a `ValueError` or `TypeError` naming a bad argument."""
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(
+            f"`perturbation` must be one of {PERTURBATIONS}. "
+            f"Received: perturbation={perturbation!r}"
+        )
+    if local_losses is not None:
+        names_ok = isinstance(local_losses, (list, tuple)) and all(
+            isinstance(n, str) for n in local_losses
+        )
+        if local_losses not in ("auto", "layers") and not names_ok:
+            raise TypeError(
+                '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
+                f"layer names. Received: local_losses={local_losses!r}"
+            )
+        if perturbation != "activations":
+            raise ValueError(
+                '`local_losses` requires `perturbation="activations"`. '
+                f"Received: local_losses={local_losses!r} with "
+                f"perturbation={perturbation!r}"
+            )
+    for name, value in (
+        ("orthogonal_directions", orthogonal_directions),
+        ("active_units_only", active_units_only),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool. Received: {name}={value!r}")
+    if orthogonal_directions and perturbation != "activations":
+        raise ValueError(
+            '`orthogonal_directions=True` requires `perturbation="activations"`. '
+            f"Received: perturbation={perturbation!r}"
+        )
+    for name, value, word in (
+        ("local_loss_groups", local_loss_groups, "channels"),
+        ("local_loss_patches", local_loss_patches, "positions"),
+    ):
+        if value != word and (
+            not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(
+                f'`{name}` must be an integer of at least 1 or "{word}". '
+                f"Received: {name}={value!r}"
+            )
+        if value != 1 and local_losses is None:
+            raise ValueError(
+                f"`{name}` other than 1 requires `local_losses`. "
+                f"Received: {name}={value!r} with local_losses=None"
+            )

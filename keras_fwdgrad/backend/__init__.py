@@ -1,0 +1,82 @@
+"""The few operations whose implementation differs between Keras backends.
+
+Everything else in `keras_fwdgrad` that is shared between backends is
+written with `keras.ops`. This package holds what `keras.ops` does not
+offer, or offers at a cost on a hot path: counter-based random words, seed
+folding, and splitting or gathering with static sizes. `keras_fwdgrad.
+backend.tensorflow` and `keras_fwdgrad.backend.jax` implement them; the
+functions here dispatch to the backend Keras runs on.
+
+Supported backends: `SUPPORTED`.
+"""
+
+import importlib
+
+import keras
+
+SUPPORTED = ("tensorflow", "jax")
+
+
+def name():
+    """The Keras backend in use (`keras.backend.backend()`)."""
+    return keras.backend.backend()
+
+
+def check():
+    """Raises a `ValueError` unless Keras runs on a supported backend."""
+    if name() not in SUPPORTED:
+        raise ValueError(
+            "`keras_fwdgrad` supports the Keras backends "
+            f"{SUPPORTED}: forward-mode automatic differentiation comes from "
+            "`tf.autodiff.ForwardAccumulator` or `jax.jvp`. Set the "
+            "environment variable `KERAS_BACKEND` to one of them before "
+            f"importing Keras. Received: backend={name()!r}"
+        )
+
+
+# Keras fixes its backend when it is imported, so the implementation is
+# chosen once.
+_IMPLEMENTATION = (
+    importlib.import_module(f"keras_fwdgrad.backend.{name()}") if name() in SUPPORTED else None
+)
+
+
+def module():
+    """The module implementing this package's functions for the current
+    backend."""
+    check()
+    return _IMPLEMENTATION
+
+
+def random_bits(n, seed):
+    """Counter-based random 32-bit words, a pure function of `seed`.
+
+    Args:
+        n: Python int, number of words.
+        seed: The backend's stateless seed (see `step_seed`).
+
+    Returns:
+        A `[n]` `uint32` tensor.
+    """
+    return module().random_bits(n, seed)
+
+
+def fold_in(seed, i):
+    """A new seed from `seed` and the integer `i`, independent of both."""
+    return module().fold_in(seed, i)
+
+
+def step_seed(seed, step):
+    """The seed of training step `step` (an integer tensor) of a direction
+    stream keyed by the Python integer `seed`."""
+    return module().step_seed(seed, step)
+
+
+def split(flat, sizes):
+    """Splits a 1-D tensor into pieces of the given static sizes."""
+    return module().split(flat, sizes)
+
+
+def gather(table, index):
+    """`table[index]` for a 1-D table and non-negative integer indices."""
+    return module().gather(table, index)

@@ -1,0 +1,50 @@
+"""`keras_fwdgrad.backend` on JAX.
+
+Seeds are raw `uint32[2]` keys of JAX's default (threefry) generator, so
+`keras.random` functions accept them too.
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+
+# The dtype of the step counters (JAX without `jax_enable_x64` has no int64).
+COUNTER_DTYPE = "int32"
+
+
+def random_bits(n, seed):
+    return jax.random.bits(seed, (n,), jnp.uint32)
+
+
+def fold_in(seed, i):
+    return jax.random.fold_in(seed, i)
+
+
+def step_seed(seed, step):
+    key = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(key, jnp.asarray(step).astype(jnp.uint32))
+
+
+def split(flat, sizes):
+    if len(sizes) == 1:
+        return [flat]
+    return jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
+
+
+def gather(table, index):
+    return jnp.take(table, index.astype(jnp.int32), axis=0)
+
+
+def jvp(fn, variables, tangents):
+    """`keras_fwdgrad.ops.jvp` on JAX: `fn()` and its JVP along `tangents`,
+    from one `jax.jvp` pass with the variables' values as primals."""
+
+    def pure(values):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn()
+
+    values = [v.value for v in variables]
+    tangents = [jnp.asarray(t, v.dtype) for t, v in zip(tangents, values)]
+    return jax.jvp(pure, (values,), (tangents,))

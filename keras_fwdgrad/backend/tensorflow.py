@@ -1,0 +1,45 @@
+"""`keras_fwdgrad.backend` on TensorFlow.
+
+Seeds are `[2]` `int64` tensors; random words come from one stateless
+Philox draw, the same on every device and replica for a given seed.
+"""
+
+import tensorflow as tf
+
+
+# The dtype of the step counters.
+COUNTER_DTYPE = "int64"
+
+
+def random_bits(n, seed):
+    # XLA keeps the draw as one op that every consumer reads, rather than
+    # recomputing it inside each fused consumer.
+    return tf.bitcast(
+        tf.random.stateless_uniform(
+            [n],
+            seed=seed,
+            minval=None,
+            maxval=None,
+            dtype=tf.int32,
+            alg="philox",
+        ),
+        tf.uint32,
+    )
+
+
+def fold_in(seed, i):
+    return tf.random.experimental.stateless_fold_in(seed, i)
+
+
+def step_seed(seed, step):
+    return tf.stack(
+        [tf.constant(seed, dtype="int64"), tf.cast(tf.convert_to_tensor(step), "int64")]
+    )
+
+
+def split(flat, sizes):
+    return tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+
+
+def gather(table, index):
+    return tf.gather(table, tf.cast(index, tf.int32))
