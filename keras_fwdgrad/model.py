@@ -51,6 +51,14 @@ class ForwardGradientModel(_Trainer, keras.Model):
     step counter saved with the model: the same seed replays the same run,
     and a saved and reloaded model continues the same stream.
 
+    Backends: on TensorFlow (the reference) forward mode is
+    `tf.autodiff.ForwardAccumulator` or the layer rules; on JAX
+    (`KERAS_BACKEND=jax`) it is `jax.jvp` in Keras' stateless train step,
+    with the K directions batched by `jax.vmap` (one forward pass). On JAX,
+    `perturbation="activations"` raises a `ValueError`, `layer_rules` has
+    no effect and the `tf.distribute` options do not apply; each backend
+    has its own random stream.
+
     Args:
         model: The Keras model (or layer) to train. Its variables are
             trained in place.

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
     "baseline",
@@ -78,3 +80,55 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path):
     assert learning.code_version(str(tmp_path)) == head
     (tmp_path / "a.py").write_text("2")
     assert learning.code_version(str(tmp_path)) == head + "+changes"
+
+
+def _run_on_jax(script, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "jax"}
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        check=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def test_jax_step_costs_smoke(tmp_path):
+    """`benchmarks/jax_step_costs.py` (what `benchmarks/gpu.sh` runs first)
+    on the JAX backend, on its smoke budget."""
+    out = tmp_path / "jax_step_costs.json"
+    _run_on_jax("jax_step_costs.py", "--smoke", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = report["ms_per_step"]["mlp/64"]
+    assert set(rows) == {
+        "backprop",
+        "gaussian",
+        "rademacher",
+        "lowrank_gaussian",
+        "lowrank_rademacher",
+    }
+    for r in rows.values():
+        assert r["scan"] > 0 and r["fit"] > 0
+    assert rows["backprop"]["scan_ratio"] == 1.0
+    assert report["platform"] == "cpu"
+
+
+def test_mnist_mlp_budget_on_jax(tmp_path):
+    """`benchmarks/mnist_mlp_budget.py` (what `benchmarks/gpu.sh` runs
+    second) reads an `.npz` and trains every method on the JAX backend;
+    random images of two classes stand in for MNIST."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=256).astype("uint8")
+    x = (rng.integers(0, 60, size=(256, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=x[:192], y_train=y[:192], x_test=x[192:], y_test=y[192:])
+    out = tmp_path / "budget.json"
+    _run_on_jax("mnist_mlp_budget.py", "--mnist", str(path), "--epochs", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["backend"] == "jax"
+    assert set(report["runs"]) == {"backprop", "forward_adam", "forward_lowrank"}
+    for curve in report["runs"].values():
+        assert [c["epoch"] for c in curve] == [1, 2]
+        assert all(np.isfinite(c["test_loss"]) for c in curve)
+    # Backprop separates two classes that differ by 150 grey levels.
+    assert report["runs"]["backprop"][-1]["test_accuracy"] > 0.9
