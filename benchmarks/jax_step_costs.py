@@ -15,7 +15,8 @@ values), compile time reported apart.
 
 Usage (the backend must be JAX):
     KERAS_BACKEND=jax python benchmarks/jax_step_costs.py [--smoke]
-        [--models mlp cnn vgg] [--out benchmarks/results/jax_step_costs.json]
+        [--models mlp cnn vgg] [--batch 64] [--steps 100] [--rounds 7]
+        [--out benchmarks/results/jax_step_costs.json]
 """
 
 import argparse
@@ -130,6 +131,7 @@ def main():
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--steps", type=int, default=100, help="steps per timed call")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batch", type=int, default=None, help="only this batch size")
     p.add_argument("--out", default="benchmarks/results/jax_step_costs.json")
     args = p.parse_args()
     if keras.backend.backend() != "jax":
@@ -150,6 +152,8 @@ def main():
     }
     for name in models:
         batches = MODELS[name][2][:1] if args.smoke else MODELS[name][2]
+        if args.batch:
+            batches = (args.batch,)
         for batch in batches:
             rows = measure(name, batch, methods, steps, rounds)
             results["ms_per_step"][f"{name}/{batch}"] = rows
