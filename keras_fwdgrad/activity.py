@@ -42,6 +42,13 @@ whole-batch directional derivative. Layers that mix examples (for now:
 `BatchNormalization`) make every derivative in their block a whole-batch
 one, which stays unbiased.
 
+The tangents are `tf.random.stateless_normal` draws keyed by the model's
+seed and step counter. TensorFlow's XLA kernel of that op draws other
+numbers than its CPU kernel for the same seed (TensorFlow 2.21), so a run
+with `jit_compile=True` follows another (equally valid) tangent stream
+than the same run without XLA; within a step the same tangents are used
+throughout.
+
 `model` in this module is a `ForwardGradientModel`; nothing here changes
 its weights.
 """
@@ -54,6 +61,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
+from keras_fwdgrad import backend
 from keras_fwdgrad import distribute
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.ops import clip_directional_derivative
@@ -322,10 +330,10 @@ class _Pass:
         self.record_outputs = {}
 
     def tangent(self, z, index):
-        seed = tf.random.experimental.stateless_fold_in(self.seed, index)
+        seed = backend.fold_in(self.seed, index)
         num = self.model.num_directions
         if not self.model.orthogonal_directions or num == 1:
-            seed = tf.random.experimental.stateless_fold_in(seed, self.k)
+            seed = backend.fold_in(seed, self.k)
             return tf.random.stateless_normal(tf.shape(z), seed, dtype=z.dtype)
         # All K tangents of this layer, made orthogonal per example and
         # scaled so that each has the expected norm of a Gaussian one.
@@ -549,12 +557,12 @@ def estimate(model, x, y, sample_weight, k):
             tf.convert_to_tensor(model.direction_step),
         ]
     )
-    seed = tf.random.experimental.stateless_fold_in(step_seed, 1_000_003)
+    seed = backend.fold_in(step_seed, 1_000_003)
     context = tf.distribute.get_replica_context()
     if context is not None and distribute.num_replicas() > 1:
         # Each replica's examples get tangents of their own.
         replica = tf.cast(context.replica_id_in_sync_group, "int64")
-        seed = tf.random.experimental.stateless_fold_in(seed, replica)
+        seed = backend.fold_in(seed, replica)
     ends = model._local_loss_ends
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads)
@@ -565,12 +573,12 @@ def estimate(model, x, y, sample_weight, k):
             perturbed_ids.update(id(v) for v in inner.trainable_variables)
     # Variables of other layers are perturbed as weights.
     weight_vars = [v for v in variables if id(v) not in perturbed_ids]
-    weight_seed = tf.random.experimental.stateless_fold_in(step_seed, 2_000_003)
-    weight_seed = tf.random.experimental.stateless_fold_in(weight_seed, k)
+    weight_seed = backend.fold_in(step_seed, 2_000_003)
+    weight_seed = backend.fold_in(weight_seed, k)
     weight_tangents = [
         tf.random.stateless_normal(
             tf.shape(v.value),
-            tf.random.experimental.stateless_fold_in(weight_seed, i),
+            backend.fold_in(weight_seed, i),
             dtype=v.value.dtype,
         )
         for i, v in enumerate(weight_vars)

@@ -28,7 +28,10 @@ def random_bits(n, seed):
 
 
 def fold_in(seed, i):
-    return tf.random.experimental.stateless_fold_in(seed, i)
+    # Philox named: with the default ("auto_select") a seed folded twice
+    # (as K > 1 directions do) gives another seed under XLA than eagerly
+    # (TensorFlow 2.21), so XLA would draw other directions.
+    return tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
 
 
 def step_seed(seed, step):
