@@ -231,14 +231,8 @@ class JAXTrainer:
             new_metrics.append(variable.value if value is None else value)
         return logs, new_metrics
 
-    def _diagnostic_trackers(self):
-        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
-
     def test_step(self, state, data):
         logs, state = super().test_step(state, data)
-        for tracker in self._diagnostic_trackers() + [
-            self._skipped_tracker,
-            self._measured_tracker,
-        ]:
+        for tracker in self._training_only_trackers():
             logs.pop(tracker.name, None)
         return logs, state

@@ -266,6 +266,18 @@ class ForwardGradientModel(_Trainer, keras.Model):
             self._build_local_heads()
             self.built = True
 
+    def _diagnostic_trackers(self):
+        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
+
+    def _training_only_trackers(self):
+        """The trackers of training-only logs (local losses, diagnostics,
+        skipped steps), which `evaluate` leaves out."""
+        return (
+            self._local_loss_trackers
+            + self._diagnostic_trackers()
+            + [self._skipped_tracker, self._measured_tracker]
+        )
+
     def _counter(self, name):
         return self.add_weight(
             name=name,

@@ -91,9 +91,6 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica):
         logs = self._step_logs(x, y, y_pred, sample_weight, loss, local_losses, skipped)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
 
-    def _diagnostic_trackers(self):
-        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
-
     def _update_diagnostics(self, d):
         """`mean_abs_d` and `clipped_fraction` over this step's directional
         derivatives (after `jvp_clip`: a capped one equals the cap), unless
@@ -154,8 +151,6 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica):
 
     def test_step(self, data):
         logs = super().test_step(data)
-        # Local losses and skipped steps are training-only.
-        training_only = self._local_loss_trackers + self._diagnostic_trackers()
-        for tracker in training_only + [self._skipped_tracker, self._measured_tracker]:
+        for tracker in self._training_only_trackers():
             logs.pop(tracker.name, None)
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
