@@ -6,8 +6,13 @@ derivative `d` against the tape's `∇f·v`, in eager, graph and XLA modes,
 on both paths (`layer_rules=True` and `False`). Writes a Markdown table and
 JSON to `--out` and prints the table.
 
+With `KERAS_BACKEND=jax` the reference is `jax.grad`, the modes are eager
+and `jax.jit` and there is one path (`jax.jvp`); the applications run in
+float32 there (JAX without `jax_enable_x64` has no float64).
+
     python benchmarks/exactness.py                 # about 4 minutes on 2 CPU cores
     python benchmarks/exactness.py --applications  # + EfficientNetB0, ResNet50V2, DenseNet121
+    KERAS_BACKEND=jax python benchmarks/exactness.py --out benchmarks/results/exactness_jax
 """
 
 import argparse
@@ -22,13 +27,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import testing  # noqa: E402
 from tests import architectures  # noqa: E402
 
-MODES = ("eager", "graph", "xla")
-PATHS = {"rules": True, "accumulator": False}
+JAX = keras.backend.backend() == "jax"
+# On JAX, "xla" means `jax.jit` (as "graph" would).
+MODES = ("eager", "xla") if JAX else ("eager", "graph", "xla")
+PATHS = {"jax.jvp": True} if JAX else {"rules": True, "accumulator": False}
 
 
 def measure(build, data, loss, mode, rules, float64=False):
@@ -41,12 +47,25 @@ def measure(build, data, loss, mode, rules, float64=False):
         keras.config.set_dtype_policy("float32")
     x, y = data
     if float64:
-        x = tf.nest.map_structure(lambda t: np.asarray(t, "float64"), x)
+        x = keras.tree.map_structure(lambda t: np.asarray(t, "float64"), x)
     try:
         report = testing.check_exactness(model, x, y, loss, mode=mode, layer_rules=rules)
     except ValueError as e:
         return {"error": str(e).splitlines()[-1][:160]}
     return report
+
+
+def _versions():
+    versions = {"backend": keras.backend.backend(), "keras": keras.__version__}
+    if JAX:
+        import jax
+
+        versions["jax"] = jax.__version__
+    else:
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    return versions
 
 
 def main():
@@ -69,7 +88,7 @@ def main():
                 architectures.application(name),
                 architectures.application_data(),
                 "sparse_categorical_crossentropy",
-                True,
+                not JAX,
             )
         )
     results = {}
@@ -100,7 +119,7 @@ def main():
     with open(os.path.join(args.out, "exactness.json"), "w") as f:
         json.dump(
             {
-                "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                "versions": _versions(),
                 "results": results,
             },
             f,

@@ -16,15 +16,101 @@ Differences from the TensorFlow backend (`keras_fwdgrad.tensorflow_trainer`):
 - `perturbation="activations"` (and so local losses) is TensorFlow-only
   for now and raises a `ValueError` here.
 - There is no `tf.distribute`; `all_reduce` has no effect.
+- Derivatives are JAX's own: an op that JAX differentiates as zero
+  (`jnp.round`, `jax.lax.stop_gradient`) gives zero, as `jax.grad` does,
+  where the TensorFlow backend raises for an op without a gradient.
+
+As on TensorFlow, a trainable variable the loss does not depend on (an
+unused head, or one behind `stop_gradient`) gets an exactly zero forward
+gradient rather than `d·v`: `used_variables` finds them once per input
+signature from the jaxpr of the step's JVP.
 """
 
 import jax
 import jax.numpy as jnp
 import keras
+from jax.extend.core import Literal
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
+
+
+# Primitives whose inner jaxpr takes the equation's inputs and gives its
+# outputs one to one (checked on JAX 0.10): their dependences are followed
+# inside. Any other equation with an inner jaxpr (`scan`, `while`, `cond`)
+# is taken whole.
+_CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call")
+
+
+def _inner_jaxpr(equation):
+    if equation.primitive.name not in _CALL_PRIMITIVES:
+        return None
+    inner = equation.params.get("jaxpr", equation.params.get("call_jaxpr"))
+    inner = getattr(inner, "jaxpr", inner)
+    if inner is None or len(inner.invars) != len(equation.invars):
+        return None
+    if len(inner.outvars) != len(equation.outvars):
+        return None
+    return inner
+
+
+def _dependences(jaxpr, inputs):
+    """For each output of `jaxpr`, the set of input labels it depends on,
+    given the label sets `inputs` of its inputs."""
+    depends = {var: labels for var, labels in zip(jaxpr.invars, inputs) if labels}
+
+    def sources(variables):
+        found = set()
+        for var in variables:
+            if not isinstance(var, Literal):
+                found |= depends.get(var, set())
+        return found
+
+    for equation in jaxpr.eqns:
+        inner = _inner_jaxpr(equation)
+        if inner is not None:
+            outputs = _dependences(inner, [sources([var]) for var in equation.invars])
+        else:
+            outputs = [sources(equation.invars)] * len(equation.outvars)
+        for var, labels in zip(equation.outvars, outputs):
+            if labels:
+                depends[var] = labels
+    return [sources([var]) for var in jaxpr.outvars]
+
+
+def used_variables(fn, values, *args):
+    """Which of `values` the output of `fn(values, *args)` depends on.
+
+    Reads the jaxpr of `fn`'s JVP along `values` and follows data
+    dependences from the tangent inputs to the tangent output, so a value
+    whose tangent is cut (by `jax.lax.stop_gradient`, or by an op JAX
+    differentiates as zero, such as `jnp.round`) counts as unused. The
+    inner jaxprs of `jit` calls are followed; those of loops and branches
+    (`scan`, `while`, `cond`) are taken whole: each of their outputs
+    depends on all their inputs, which can only count a value as used.
+
+    Args:
+        fn: A function of `values` (a list of arrays) and `args`.
+        values: The list of arrays to differentiate by.
+        *args: The other arguments of `fn`; arrays or tracers.
+
+    Returns:
+        A list of booleans, one per entry of `values`.
+    """
+
+    def tangent_output(tangents, values, *args):
+        return jax.jvp(lambda v: fn(v, *args), (values,), (tangents,))[1]
+
+    jaxpr = jax.make_jaxpr(tangent_output)(values, values, *args).jaxpr
+    inputs = [{i} if i < len(values) else set() for i in range(len(jaxpr.invars))]
+    found = set().union(*_dependences(jaxpr, inputs))
+    return [i in found for i in range(len(values))]
+
+
+def _signature(tree):
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((tuple(t.shape), str(t.dtype)) for t in leaves)
 
 
 class JAXTrainer:
@@ -75,11 +161,69 @@ class JAXTrainer:
             (one array per trainable variable) and the state after the
             forward pass.
         """
-        trainable, non_trainable, optimizer_variables, metrics = state
+        trainable, non_trainable, _, _ = state
         step = non_trainable[self._state_index(self.direction_step)]
         num = self.num_directions
         vs = [[tangents.to_dense(t) for t in stream.sample(self, step, k)] for k in range(num)]
         stacked = [jnp.stack(parts) for parts in zip(*vs)]
+        loss_fn = self._loss_function(state, x, y, sample_weight)
+
+        def one_direction(v):
+            (loss, aux), (d, _) = jax.jvp(loss_fn, (trainable,), (v,))
+            return loss, aux, d
+
+        # The tangents are batched, the primals are not: the forward pass
+        # runs once for all K directions.
+        loss, aux, d = jax.vmap(one_direction)(stacked)
+        used = self._used_variables(loss_fn, trainable, (x, y, sample_weight))
+        loss, aux = loss[0], jax.tree.map(lambda t: t[0], aux)
+        _, y_pred, non_trainable, metrics = aux
+        d = d.astype("float32")
+        if self.jvp_clip is not None:
+            d = jnp.clip(d, -self.jvp_clip, self.jvp_clip)
+        grads = [
+            jnp.tensordot(d.astype(s.dtype), s, axes=1) / num
+            if u
+            else jnp.zeros(s.shape[1:], s.dtype)
+            for s, u in zip(stacked, used)
+        ]
+        return loss, y_pred, d, grads, non_trainable, metrics
+
+    def _used_variables(self, loss_fn, trainable, data):
+        """`used_variables` of the step's loss, once per input signature
+        (an eager step would otherwise trace the model twice)."""
+        key = _signature((trainable, data))
+        cache = self.__dict__.setdefault("_used_variables_cache", {})
+        if key not in cache:
+            cache[key] = used_variables(lambda values: loss_fn(values)[0], trainable)
+        return cache[key]
+
+    def _current_state(self):
+        return (
+            [v.value for v in self.trainable_variables],
+            [v.value for v in self.non_trainable_variables],
+            [v.value for v in self.optimizer.variables] if self.optimizer else [],
+            [v.value for v in self.metrics_variables],
+        )
+
+    def _prepare(self, x):
+        """Builds the model and the optimizer, as `fit` would, so that the
+        state can be read."""
+        self._ensure_built(x)
+        if not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _forward_gradient(self, x, y, sample_weight):
+        self._prepare(x)
+        x, y, sample_weight = jax.tree.map(jnp.asarray, (x, y, sample_weight))
+        loss, _, _, grads, _, _ = self._estimate(self._current_state(), x, y, sample_weight)
+        return loss, grads[: len(self.model.trainable_variables)]
+
+    def _loss_function(self, state, x, y, sample_weight):
+        """The compiled loss of one training-mode forward pass as a function
+        of the trainable values: `trainable -> (loss, (loss, y_pred,
+        non_trainable, metrics))`, the loss unscaled."""
+        _, non_trainable, optimizer_variables, metrics = state
 
         def loss_fn(trainable):
             _, aux = self.compute_loss_and_updates(
@@ -94,56 +238,28 @@ class JAXTrainer:
             )
             return aux[0], aux
 
-        def one_direction(v):
-            (loss, aux), (d, _) = jax.jvp(loss_fn, (trainable,), (v,))
-            return loss, aux, d
+        return loss_fn
 
-        # The tangents are batched, the primals are not: the forward pass
-        # runs once for all K directions.
-        loss, aux, d = jax.vmap(one_direction)(stacked)
-        loss, aux = loss[0], jax.tree.map(lambda t: t[0], aux)
-        _, y_pred, non_trainable, metrics = aux
-        d = d.astype("float32")
-        if self.jvp_clip is not None:
-            d = jnp.clip(d, -self.jvp_clip, self.jvp_clip)
-        grads = [jnp.tensordot(d.astype(s.dtype), s, axes=1) / num for s in stacked]
-        return loss, y_pred, d, grads, non_trainable, metrics
-
-    def _current_state(self):
-        return (
-            [v.value for v in self.trainable_variables],
-            [v.value for v in self.non_trainable_variables],
-            [v.value for v in self.optimizer.variables] if self.optimizer else [],
-            [v.value for v in self.metrics_variables],
-        )
-
-    def _forward_gradient(self, x, y, sample_weight):
-        if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
-        x, y, sample_weight = jax.tree.map(jnp.asarray, (x, y, sample_weight))
-        loss, _, _, grads, _, _ = self._estimate(self._current_state(), x, y, sample_weight)
-        return loss, grads[: len(self.model.trainable_variables)]
+    def _reference_gradient(self, x, y):
+        """The loss and its gradient over the wrapped model's trainable
+        variables by `jax.grad` (`None` for a variable the loss does not
+        depend on), for `keras_fwdgrad.testing`."""
+        self._prepare(x)
+        state = self._current_state()
+        x, y = jax.tree.map(jnp.asarray, (x, y))
+        loss_fn = self._loss_function(state, x, y, None)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[0])
+        used = used_variables(lambda values: loss_fn(values)[0], state[0])
+        n = len(self.model.trainable_variables)
+        return loss, [g if u else None for g, u in zip(grads[:n], used[:n])]
 
     def _true_gradient(self, x, y):
         """The gradient of the compiled loss over the wrapped model's
         trainable variables, by `jax.grad` (for diagnostics)."""
-        trainable, non_trainable, optimizer_variables, metrics = self._current_state()
+        self._prepare(x)
+        state = self._current_state()
         x, y = jax.tree.map(jnp.asarray, (x, y))
-
-        def loss_fn(trainable):
-            _, aux = self.compute_loss_and_updates(
-                trainable,
-                non_trainable,
-                metrics,
-                x,
-                y,
-                None,
-                training=True,
-                optimizer_variables=optimizer_variables,
-            )
-            return aux[0]
-
-        grads = jax.grad(loss_fn)(trainable)
+        grads, _ = jax.grad(self._loss_function(state, x, y, None), has_aux=True)(state[0])
         return grads[: len(self.model.trainable_variables)]
 
     # -- the training step --------------------------------------------------

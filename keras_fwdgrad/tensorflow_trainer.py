@@ -34,6 +34,17 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica):
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
         return tape.gradient(loss, base.trainable_variables, unconnected_gradients="zero")
 
+    def _reference_gradient(self, x, y):
+        """The loss and its gradient over the wrapped model's trainable
+        variables by `tf.GradientTape` (`None` for a variable the loss does
+        not depend on), for `keras_fwdgrad.testing`."""
+        base = self.model
+        with tf.GradientTape() as tape:
+            y_pred = base(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        grads = tape.gradient(loss, base.trainable_variables)
+        return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
+
     def _build_local_heads(self):
         if self.perturbation != "activations" or self.local_heads:
             return

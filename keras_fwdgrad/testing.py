@@ -1,11 +1,11 @@
 """Check that the forward gradient is exact on your own model.
 
 `check_exactness` compares the directional derivative `d = ∇f·v` that
-`ForwardGradientModel` computes in forward mode with `∇f·v` from
-`tf.GradientTape` (reverse mode) on the same weights, the same
-non-trainable state (so dropout draws the same masks and
-BatchNormalization uses the same batch statistics) and the same compiled
-loss, in the execution mode you train in.
+`ForwardGradientModel` computes in forward mode with `∇f·v` from the
+backend's reverse mode (`tf.GradientTape` on TensorFlow, `jax.grad` on
+JAX) on the same weights, the same non-trainable state (so dropout draws
+the same masks and BatchNormalization uses the same batch statistics) and
+the same compiled loss, in the execution mode you train in.
 
 Example:
 
@@ -22,8 +22,8 @@ assert report["relative_error"] < 1e-4, report
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_fwdgrad import backend
 from keras_fwdgrad import directions
 from keras_fwdgrad.model import ForwardGradientModel
 
@@ -53,7 +53,7 @@ class FixedDirection(directions.Direction):
         ]
 
     def sample(self, shapes, seed, dtype="float32"):
-        return [tf.constant(v, dtype=dtype) for v in self.numpy_sample(shapes)]
+        return [keras.ops.convert_to_tensor(v, dtype=dtype) for v in self.numpy_sample(shapes)]
 
     def get_config(self):
         return {"seed": self.seed}
@@ -64,10 +64,14 @@ def _check_mode(mode):
         raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
 
 
-def _run(fn, mode):
-    if mode != "eager":
-        fn = tf.function(fn, jit_compile=mode == "xla")
-    return fn()
+def _build(wrapper, x, y):
+    """Builds the model from the first batch, as `fit` does, and the
+    optimizer: their variables must exist before a compiled call reads
+    them."""
+    if not (wrapper.built and wrapper.model.built):
+        wrapper.forward_gradient(x, y)
+    if not wrapper.optimizer.built:
+        wrapper.optimizer.build(wrapper.trainable_variables)
 
 
 def _snapshot(model):
@@ -81,14 +85,16 @@ def _restore(model, values):
 
 def tape_gradients(wrapper, x, y, mode="eager"):
     """The loss of one training-mode forward pass of `wrapper.model` and its
-    gradients by `tf.GradientTape`, in `mode`.
+    gradients by the backend's reverse mode (`tf.GradientTape` on
+    TensorFlow, `jax.grad` on JAX), in `mode`.
 
     Args:
         wrapper: A compiled `ForwardGradientModel` (its compiled loss is
             used).
         x: Input batch.
         y: Target batch.
-        mode: `"eager"`, `"graph"` or `"xla"`.
+        mode: `"eager"`, `"graph"` or `"xla"` (on JAX, `"graph"` and
+            `"xla"` both run under `jax.jit`).
 
     Returns:
         `(loss, grads)`: a float and a list of float64 NumPy arrays, one per
@@ -96,16 +102,8 @@ def tape_gradients(wrapper, x, y, mode="eager"):
         not depend on the variable).
     """
     _check_mode(mode)
-    base = wrapper.model
-
-    def fn():
-        with tf.GradientTape() as tape:
-            y_pred = base(x, training=True)
-            loss = wrapper.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
-        grads = tape.gradient(loss, base.trainable_variables)
-        return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
-
-    loss, grads = _run(fn, mode)
+    _build(wrapper, x, y)
+    loss, grads = backend.run(lambda: wrapper._reference_gradient(x, y), mode)
     return float(loss), [None if g is None else np.asarray(g, "float64") for g in grads]
 
 
@@ -121,7 +119,8 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
         y: Its targets.
         loss: The loss you would compile with.
         mode: `"eager"`, `"graph"` (`tf.function`) or `"xla"`
-            (`jit_compile=True`). Defaults to `"graph"`.
+            (`jit_compile=True`); on JAX, `"graph"` and `"xla"` both run
+            under `jax.jit`. Defaults to `"graph"`.
         layer_rules: Passed to `ForwardGradientModel`. Defaults to `True`.
         direction: Passed to `ForwardGradientModel`. Defaults to `None`, a
             `FixedDirection`.
@@ -142,12 +141,10 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
         direction = FixedDirection(seed)
     wrapper = ForwardGradientModel(model, direction=direction, layer_rules=layer_rules, seed=seed)
     wrapper.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
-    if not model.built:
-        # Built from the first batch, as `fit` builds it.
-        wrapper.forward_gradient(x, y)
+    _build(wrapper, x, y)
     v = [np.asarray(t, "float64") for t in wrapper.current_directions()[0]]
     state = _snapshot(model)
-    loss_value, grads = _run(lambda: wrapper.forward_gradient(x, y), mode)
+    loss_value, grads = backend.run(lambda: wrapper.forward_gradient(x, y), mode)
     _restore(model, state)
     reference_loss, reference_grads = tape_gradients(wrapper, x, y, mode)
     _restore(model, state)

@@ -3,12 +3,12 @@
 
 `CASES` maps a name to `(build, (x, y), loss)`: a builder of a fresh
 model, one batch, and the loss to compile. `application(name)` builds a
-`keras.applications` model at 32×32 pixels in float64.
+`keras.applications` model at 32×32 pixels in float64 (float32 on JAX). Every case builds
+on TensorFlow and on JAX (`_RawOps` uses the backend's own ops).
 """
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import testing
@@ -100,12 +100,21 @@ class SubclassedClassifier(keras.Model):
 
 
 class _RawOps(L.Layer):
-    """Your own layer made of raw TensorFlow ops."""
+    """Your own layer made of the backend's raw ops (TensorFlow or
+    `jax.numpy`)."""
 
     def build(self, input_shape):
         self.w = self.add_weight(shape=(input_shape[-1], 4), initializer="glorot_uniform")
 
     def call(self, x):
+        if keras.backend.backend() == "jax":
+            import jax.numpy as jnp
+
+            h = jnp.einsum("bi,ij->bj", x, self.w.value)
+            h = jnp.where(h > 0, h, 0.1 * h) + jnp.cumsum(h, axis=-1)
+            return jnp.sort(h, axis=-1) + jnp.take(h, jnp.array([3, 2, 1, 0]), axis=-1)
+        import tensorflow as tf
+
         h = tf.einsum("bi,ij->bj", x, self.w)
         h = tf.where(h > 0, h, 0.1 * h) + tf.math.cumsum(h, axis=-1)
         h = tf.sort(h, axis=-1) + tf.gather(h, [3, 2, 1, 0], axis=-1)
@@ -251,12 +260,17 @@ CASES = {
 }
 
 
+# JAX without `jax_enable_x64` has no float64.
+APPLICATION_DTYPE = "float32" if keras.backend.backend() == "jax" else "float64"
+
+
 def application(name):
     """A builder of `keras.applications.<name>` at 32×32 pixels, 10
-    classes, default (softmax) head, in float64."""
+    classes, default (softmax) head, in `APPLICATION_DTYPE` (float64, or
+    float32 on JAX)."""
 
     def build():
-        keras.config.set_dtype_policy("float64")
+        keras.config.set_dtype_policy(APPLICATION_DTYPE)
         try:
             return getattr(keras.applications, name)(
                 input_shape=(32, 32, 3),
@@ -271,7 +285,7 @@ def application(name):
 
 
 def application_data():
-    return random_inputs(32, 32, 3).astype("float64"), random_labels()
+    return random_inputs(32, 32, 3).astype(APPLICATION_DTYPE), random_labels()
 
 
 def check_directional_derivative(build, data, loss, mode, layer_rules):
@@ -299,7 +313,7 @@ def check_fit_steps(build, data, loss, mode, layer_rules=True, lr=0.01, steps=2)
         jit_compile=mode == "xla",
     )
     if not base.built:
-        base(tf.nest.map_structure(lambda t: t[:1], x))
+        base(keras.tree.map_structure(lambda t: t[:1], x))
     v = direction.numpy_sample([tuple(w.shape) for w in base.trainable_variables])
     worst = 0.0
     for _ in range(steps):

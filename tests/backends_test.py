@@ -211,6 +211,39 @@ def test_non_finite_step_changes_no_weight(mode):
     assert np.isfinite(history.history["loss"][0])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_variables_the_loss_does_not_use_get_zero_and_stay(mode):
+    """An output the compiled loss leaves out and a layer behind
+    `keras.ops.stop_gradient` get an exactly zero forward gradient, as with
+    reverse mode, and `fit` leaves them as they were; the other variables
+    get their `d·v`."""
+    inputs = keras.Input((6,))
+    h = L.Dense(5, activation="tanh", name="hidden")(inputs)
+    stopped = L.Lambda(keras.ops.stop_gradient)(L.Dense(5, name="stopped")(inputs))
+    h = L.Add()([h, stopped])
+    base = keras.Model(
+        inputs, {"used": L.Dense(3, name="used")(h), "unused": L.Dense(2, name="unused")(h)}
+    )
+    x, y = _data(_mlp())
+    y = {"used": y, "unused": np.zeros((len(y), 2), "float32")}
+    model = ForwardGradientModel(base, seed=3)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.1),
+        loss={"used": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        **compile_kwargs(mode),
+    )
+    _, grads = model.forward_gradient(x, y)
+    for variable, g in zip(base.trainable_variables, grads):
+        unused = variable.path.split("/")[0] in ("stopped", "unused")
+        assert np.all(keras.ops.convert_to_numpy(g) == 0) == unused, variable.path
+    before = {v.path: keras.ops.convert_to_numpy(v) for v in base.trainable_variables}
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    for variable in base.trainable_variables:
+        unused = variable.path.split("/")[0] in ("stopped", "unused")
+        same = np.array_equal(keras.ops.convert_to_numpy(variable), before[variable.path])
+        assert same == unused, variable.path
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_resume_continue_the_same_stream(tmp_path, family):
     """Two epochs in one run give the same weights as one epoch, a `.keras`

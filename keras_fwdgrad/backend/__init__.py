@@ -3,7 +3,8 @@
 Everything else in `keras_fwdgrad` that is shared between backends is
 written with `keras.ops`. This package holds what `keras.ops` does not
 offer, or offers at a cost on a hot path: counter-based random words, seed
-folding, and splitting or gathering with static sizes. `keras_fwdgrad.
+folding, and splitting or gathering with static sizes; and how a function
+runs compiled (`run`, for `keras_fwdgrad.testing`). `keras_fwdgrad.
 backend.tensorflow` and `keras_fwdgrad.backend.jax` implement them; the
 functions here dispatch to the backend Keras runs on.
 
@@ -80,3 +81,10 @@ def split(flat, sizes):
 def gather(table, index):
     """`table[index]` for a 1-D table and non-negative integer indices."""
     return module().gather(table, index)
+
+
+def run(fn, mode):
+    """Calls `fn()` eagerly (`mode="eager"`) or compiled: `tf.function`
+    (`"graph"`) or with XLA (`"xla"`) on TensorFlow, `jax.jit` for both on
+    JAX."""
+    return module().run(fn, mode)

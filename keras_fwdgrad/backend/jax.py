@@ -37,6 +37,10 @@ def gather(table, index):
     return jnp.take(table, index.astype(jnp.int32), axis=0)
 
 
+def run(fn, mode):
+    return fn() if mode == "eager" else jax.jit(fn)()
+
+
 def jvp(fn, variables, tangents):
     """`keras_fwdgrad.ops.jvp` on JAX: `fn()` and its JVP along `tangents`,
     from one `jax.jvp` pass with the variables' values as primals."""

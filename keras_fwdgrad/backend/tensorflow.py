@@ -46,3 +46,9 @@ def split(flat, sizes):
 
 def gather(table, index):
     return tf.gather(table, tf.cast(index, tf.int32))
+
+
+def run(fn, mode):
+    if mode != "eager":
+        fn = tf.function(fn, jit_compile=mode == "xla")
+    return fn()
