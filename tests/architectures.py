@@ -121,6 +121,17 @@ class _RawOps(L.Layer):
         return h
 
 
+def mixed_precision_mlp():
+    """An MLP whose layers compute in float16 (`mixed_float16`)."""
+    return keras.Sequential(
+        [
+            keras.Input((20,)),
+            L.Dense(16, activation="relu", dtype="mixed_float16"),
+            L.Dense(10, activation="softmax", dtype="mixed_float16"),
+        ]
+    )
+
+
 def _frozen_backbone():
     backbone = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="relu")])
     backbone.trainable = False

@@ -28,6 +28,7 @@ from tests.architectures import application
 from tests.architectures import application_data
 from tests.architectures import check_directional_derivative
 from tests.architectures import check_fit_steps
+from tests.architectures import mixed_precision_mlp
 from tests.architectures import random_inputs
 from tests.architectures import random_labels
 from tests.conftest import MODES
@@ -65,16 +66,6 @@ def test_two_fit_steps_move_every_variable_by_minus_lr_g(case):
     assert check_fit_steps(build, data, loss, "graph") < 1e-4
 
 
-def _mixed_precision_mlp():
-    return keras.Sequential(
-        [
-            keras.Input((20,)),
-            L.Dense(16, activation="relu", dtype="mixed_float16"),
-            L.Dense(10, activation="softmax", dtype="mixed_float16"),
-        ]
-    )
-
-
 @pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_precision_derivative_is_unscaled(mode, layer_rules):
@@ -84,7 +75,7 @@ def test_mixed_precision_derivative_is_unscaled(mode, layer_rules):
     keras.config.set_dtype_policy("mixed_float16")
     try:
         d, ref, err = check_directional_derivative(
-            _mixed_precision_mlp,
+            mixed_precision_mlp,
             (random_inputs(20), random_labels()),
             "sparse_categorical_crossentropy",
             mode,

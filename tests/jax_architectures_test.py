@@ -33,6 +33,7 @@ from tests.architectures import application
 from tests.architectures import application_data
 from tests.architectures import check_directional_derivative
 from tests.architectures import check_fit_steps
+from tests.architectures import mixed_precision_mlp
 from tests.architectures import random_inputs
 from tests.architectures import random_labels
 
@@ -81,16 +82,6 @@ def test_keras_applications_mobilenet_v2():
     assert err < RTOL_APPLICATION, (d, ref)
 
 
-def _mixed_precision_mlp():
-    return keras.Sequential(
-        [
-            keras.Input((20,)),
-            L.Dense(16, activation="relu", dtype="mixed_float16"),
-            L.Dense(10, activation="softmax", dtype="mixed_float16"),
-        ]
-    )
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_precision_derivative_is_unscaled(mode):
     """Under `mixed_float16` Keras wraps the optimizer in a
@@ -99,7 +90,7 @@ def test_mixed_precision_derivative_is_unscaled(mode):
     keras.config.set_dtype_policy("mixed_float16")
     try:
         d, ref, err = check_directional_derivative(
-            _mixed_precision_mlp,
+            mixed_precision_mlp,
             (random_inputs(20), random_labels()),
             "sparse_categorical_crossentropy",
             mode,
@@ -118,7 +109,7 @@ def test_mixed_precision_fit_steps_are_unscaled():
     keras.config.set_dtype_policy("mixed_float16")
     try:
         worst = check_fit_steps(
-            _mixed_precision_mlp,
+            mixed_precision_mlp,
             (random_inputs(20), random_labels()),
             "sparse_categorical_crossentropy",
             "xla",
