@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
+from keras_fwdgrad.research.learning import code_version  # noqa: E402
 from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
 
 MODELS = {
@@ -119,6 +120,7 @@ def main():
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "commit": code_version(os.path.dirname(os.path.abspath(__file__))),
         "results": rows,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
