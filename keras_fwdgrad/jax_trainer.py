@@ -242,16 +242,15 @@ class JAXTrainer:
 
     def _reference_gradient(self, x, y):
         """The loss and its gradient over the wrapped model's trainable
-        variables by `jax.grad` (`None` for a variable the loss does not
-        depend on), for `keras_fwdgrad.testing`."""
+        variables by `jax.grad`, for `keras_fwdgrad.testing`. Zero (never
+        `None`) for a variable the loss does not depend on: the reference
+        does not share `used_variables` with the estimate it checks."""
         self._prepare(x)
         state = self._current_state()
         x, y = jax.tree.map(jnp.asarray, (x, y))
         loss_fn = self._loss_function(state, x, y, None)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[0])
-        used = used_variables(lambda values: loss_fn(values)[0], state[0])
-        n = len(self.model.trainable_variables)
-        return loss, [g if u else None for g, u in zip(grads[:n], used[:n])]
+        return loss, grads[: len(self.model.trainable_variables)]
 
     def _true_gradient(self, x, y):
         """The gradient of the compiled loss over the wrapped model's

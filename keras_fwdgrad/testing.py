@@ -98,8 +98,8 @@ def tape_gradients(wrapper, x, y, mode="eager"):
 
     Returns:
         `(loss, grads)`: a float and a list of float64 NumPy arrays, one per
-        trainable variable of `wrapper.model` (`None` where the loss does
-        not depend on the variable).
+        trainable variable of `wrapper.model` (on TensorFlow `None` where
+        the loss does not depend on the variable; `jax.grad` gives zeros).
     """
     _check_mode(mode)
     _build(wrapper, x, y)
