@@ -255,11 +255,7 @@ class JAXTrainer:
     def _true_gradient(self, x, y):
         """The gradient of the compiled loss over the wrapped model's
         trainable variables, by `jax.grad` (for diagnostics)."""
-        self._prepare(x)
-        state = self._current_state()
-        x, y = jax.tree.map(jnp.asarray, (x, y))
-        grads, _ = jax.grad(self._loss_function(state, x, y, None), has_aux=True)(state[0])
-        return grads[: len(self.model.trainable_variables)]
+        return self._reference_gradient(x, y)[1]
 
     # -- the training step --------------------------------------------------
 

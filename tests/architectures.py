@@ -7,6 +7,8 @@ model, one batch, and the loss to compile. `application(name)` builds a
 on TensorFlow and on JAX (`_RawOps` uses the backend's own ops).
 """
 
+import contextlib
+
 import keras
 import numpy as np
 
@@ -121,7 +123,18 @@ class _RawOps(L.Layer):
         return h
 
 
-def mixed_precision_mlp():
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras' global dtype policy set to `name` inside the block, and back
+    to float32 after it."""
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def _mixed_precision_mlp():
     """An MLP whose layers compute in float16 (`mixed_float16`)."""
     return keras.Sequential(
         [
@@ -137,6 +150,15 @@ def _frozen_backbone():
     backbone.trainable = False
     return keras.Sequential([keras.Input((6,)), backbone, L.Dense(10)])
 
+
+# (builder, data, loss) of the mixed-precision model; build it inside
+# `dtype_policy("mixed_float16")`, as Keras then wraps the optimizer in a
+# `LossScaleOptimizer`.
+MIXED_PRECISION = (
+    _mixed_precision_mlp,
+    (random_inputs(20), random_labels()),
+    "sparse_categorical_crossentropy",
+)
 
 # name -> (builder, data, loss). Each runs on both paths in every mode.
 CASES = {
@@ -281,16 +303,13 @@ def application(name):
     float32 on JAX)."""
 
     def build():
-        keras.config.set_dtype_policy(APPLICATION_DTYPE)
-        try:
+        with dtype_policy(APPLICATION_DTYPE):
             return getattr(keras.applications, name)(
                 input_shape=(32, 32, 3),
                 weights=None,
                 classes=10,
                 **({"alpha": 0.35} if name == "MobileNetV2" else {}),
             )
-        finally:
-            keras.config.set_dtype_policy("float32")
 
     return build
 

@@ -29,11 +29,12 @@ import pytest
 
 from keras_fwdgrad import ForwardGradientModel
 from tests.architectures import CASES
+from tests.architectures import MIXED_PRECISION
 from tests.architectures import application
 from tests.architectures import application_data
 from tests.architectures import check_directional_derivative
 from tests.architectures import check_fit_steps
-from tests.architectures import mixed_precision_mlp
+from tests.architectures import dtype_policy
 from tests.architectures import random_inputs
 from tests.architectures import random_labels
 
@@ -87,17 +88,8 @@ def test_mixed_precision_derivative_is_unscaled(mode):
     """Under `mixed_float16` Keras wraps the optimizer in a
     `LossScaleOptimizer` (scale 32768): `forward_gradient()` is the
     gradient of the loss itself, to float16 rounding (rtol 5e-3)."""
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        d, ref, err = check_directional_derivative(
-            mixed_precision_mlp,
-            (random_inputs(20), random_labels()),
-            "sparse_categorical_crossentropy",
-            mode,
-            layer_rules=True,
-        )
-    finally:
-        keras.config.set_dtype_policy("float32")
+    with dtype_policy("mixed_float16"):
+        d, ref, err = check_directional_derivative(*MIXED_PRECISION, mode, layer_rules=True)
     assert abs(ref) > 1e-2
     assert err < 5e-3, (d, ref)
 
@@ -106,16 +98,8 @@ def test_mixed_precision_fit_steps_are_unscaled():
     """Two steps through `fit` under `mixed_float16` (the optimizer is a
     `LossScaleOptimizer`) move the weights by `-lr·g` of the unscaled
     loss, to float16 rounding."""
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        worst = check_fit_steps(
-            mixed_precision_mlp,
-            (random_inputs(20), random_labels()),
-            "sparse_categorical_crossentropy",
-            "xla",
-        )
-    finally:
-        keras.config.set_dtype_policy("float32")
+    with dtype_policy("mixed_float16"):
+        worst = check_fit_steps(*MIXED_PRECISION, "xla")
     assert worst < 5e-3
 
 
