@@ -132,3 +132,90 @@ def test_mnist_mlp_budget_on_jax(tmp_path):
         assert all(np.isfinite(c["test_loss"]) for c in curve)
     # Backprop separates two classes that differ by 150 grey levels.
     assert report["runs"]["backprop"][-1]["test_accuracy"] > 0.9
+
+
+def test_table1_rows_of_the_cnn(tmp_path):
+    """`benchmarks/table1.py` trains Table I's rows of the model it is
+    given, with the directional derivative capped or not, and records the
+    training loss and where it stopped being finite; random images of two
+    classes stand in for MNIST."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=448).astype("uint8")
+    x = (rng.integers(0, 60, size=(448, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
+    np.savez(
+        tmp_path / "mnist.npz", x_train=x[:384], y_train=y[:384], x_test=x[384:], y_test=y[384:]
+    )
+    out = tmp_path / "table1_cnn.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    common = [sys.executable, os.path.join(ROOT, "benchmarks", "table1.py"), "--data-dir"]
+    common += [str(tmp_path), "--model", "cnn", "--epochs", "2", "--log-every", "2"]
+    common += ["--out", str(out)]
+    for extra in (["--rows", "forward-sgd,backprop-sgd"], ["--rows", "forward-adam"]):
+        cap = ["--jvp-clip", "none"] if extra[1] == "forward-adam" else []
+        subprocess.run(common + extra + cap, check=True, timeout=600, env=env, cwd=ROOT)
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {
+        "forward-sgd/global/epochs2/seed0",
+        "backprop-sgd/none/epochs2/seed0",
+        "forward-adam/global/jvp_clipnone/epochs2/seed0",
+    }
+    # 10 % held out for validation, the last partial batch dropped.
+    steps = 2 * (384 - 384 // 10) // 64
+    for r in runs.values():
+        assert r["model"] == "cnn" and r["steps"] == steps
+        assert r["first_non_finite_step"] is None
+        assert [s for s, _ in r["train_loss"]] == list(range(2, steps + 1, 2))
+        assert len(r["val_loss"]) == 2 and np.isfinite(r["test_loss"])
+    assert runs["forward-sgd/global/epochs2/seed0"]["jvp_clip"] == 1.0
+    assert runs["forward-adam/global/jvp_clipnone/epochs2/seed0"]["jvp_clip"] is None
+    assert runs["forward-sgd/global/epochs2/seed0"]["paper"]["learning_rate"] == 0.000398
+    # Backprop at Table I's SGD rate (0.1) separates two classes that
+    # differ by 150 grey levels.
+    assert runs["backprop-sgd/none/epochs2/seed0"]["test_accuracy"] > 0.9
+
+
+def test_tf_tb_report_finds_backprops_lowest_loss_and_the_gap():
+    """`benchmarks/tf_tb.py` reads an example's results: backprop's lowest
+    mean validation loss, where it came, how much it fell over the last
+    10 % of the run, and per forward method Tf/Tb or the gap."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "tf_tb", os.path.join(ROOT, "benchmarks", "tf_tb.py")
+    )
+    tf_tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tf_tb)
+    steps = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    backprop = [2.3, 2.0, 1.8, 1.6, 1.5, 1.4, 1.35, 1.3, 1.29, 1.3, 1.31]
+    summary = {
+        "backprop": {
+            "eval_steps": steps,
+            "mean_val_loss": backprop,
+            "mean_eval_times": [0.1 * s for s in steps],
+            "ms_per_step": 100.0,
+        },
+        "forward (a)": {
+            "mean_val_loss": [2.3, 1.9, 1.5, 1.28] + [1.2] * 7,
+            "ms_per_step": 50.0,
+            "Tf": 3.0,
+            "Tf/Tb": 3.0 / 8.0,
+        },
+        "forward (b)": {"mean_val_loss": [2.3] * 9 + [1.5, float("nan")], "ms_per_step": 50.0},
+    }
+    methods = [{"label": "backprop", "decay": 1e-2}, {"label": "forward (a)"}]
+    report = {"configs": [{"name": "c", "summary": summary, "methods": methods}]}
+    rows = {r["method"]: r for r in tf_tb.rows(report)}
+    assert set(rows) == {"forward (a)", "forward (b)"}
+    for r in rows.values():
+        assert r["backprop_best_val_loss"] == 1.29 and r["backprop_best_step"] == 80
+        assert r["Tb_s"] == 8.0 and r["steps"] == 100
+        assert np.isclose(r["backprop_last_10pct_drop"], 1.3 - 1.31)
+        assert np.isclose(r["schedule_spent"], 1 - np.exp(-1.0))
+    assert rows["forward (a)"]["Tf/Tb"] == 0.375 and rows["forward (a)"]["gap"] is None
+    assert rows["forward (b)"]["Tf/Tb"] is None
+    assert np.isclose(rows["forward (b)"]["gap"], 1.5 - 1.29)
+    # Backprop first got down to 1.5 (forward (b)'s lowest) at step 40.
+    assert rows["forward (b)"]["backprop_step_at_forward_best"] == 40
+    assert rows["forward (b)"]["backprop_time_at_forward_best"] == 4.0
+    assert rows["forward (b)"]["first_non_finite_step"] == 100
+    assert rows["forward (a)"]["first_non_finite_step"] is None
