@@ -54,32 +54,8 @@ from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad.research import learning  # noqa: E402
 from keras_fwdgrad.research import optimizers  # noqa: E402
+from keras_fwdgrad.research import table1  # noqa: E402
 
-# Table I: per model, per row: learning rate, decay k, momentum, beta_1,
-# beta_2, the paper's test loss after 50 (MNIST) or 100 (CIFAR-10) epochs.
-# (The paper gives no β's for SGD/Nesterov rows: Keras' defaults.)
-PAPER = {
-    "mlp": {
-        "forward-sgd": (0.000464, 1e-5, 0.0, 0.9, 0.999, 0.332),
-        "backprop-sgd": (0.1, 0.0, 0.0, 0.9, 0.999, 0.000),
-        "forward-nesterov": (0.000320, 1e-5, 0.367, 0.9, 0.999, 0.270),
-        "backprop-nesterov": (0.1, 0.0, 0.5, 0.9, 0.999, 0.000),
-        "forward-adam": (0.0005, 5e-5, 0.0, 0.99, 0.999, 0.283),
-        "backprop-adam": (0.0001, 0.0, 0.0, 0.9, 0.999, 0.000),
-    },
-    "cnn": {
-        "forward-sgd": (0.000398, 1e-5, 0.0, 0.9, 0.999, 0.548),
-        "backprop-sgd": (0.1, 0.0, 0.0, 0.9, 0.999, 0.000),
-        "forward-nesterov": (0.0001, 1e-4, 0.9, 0.9, 0.999, 0.559),
-        "backprop-nesterov": (0.01, 0.0, 0.783, 0.9, 0.999, 0.000),
-        "forward-adam": (0.00025, 1e-4, 0.0, 0.9, 0.9999, 0.669),
-        "backprop-adam": (0.000236, 0.0, 0.0, 0.9, 0.999, 0.000),
-    },
-    "vgg": {
-        "forward-sgd": (0.000433, 1e-6, 0.0, 0.9, 0.999, 6.955),
-        "backprop-sgd": (0.01, 1e-4, 0.0, 0.9, 0.999, 1.685),
-    },
-}
 MODELS = {  # dataset, builder in `architectures`
     "mlp": ("mnist", "mlp"),
     "cnn": ("mnist", "mnist_cnn"),
@@ -120,13 +96,19 @@ def run(
     model_name, row, clipping, data, epochs, seed, learning_rate=None, jvp_clip=1.0, log_every=100
 ):
     gradient, optimizer_name = row.split("-")
-    lr, decay, momentum, beta_1, beta_2, _ = PAPER[model_name][row]
-    lr = lr if learning_rate is None else learning_rate
+    paper = table1.row(model_name, gradient, optimizer_name)
+    lr = paper["learning_rate"] if learning_rate is None else learning_rate
     keras.utils.set_random_seed(seed)
     base = getattr(architectures, MODELS[model_name][1])()
     clip = CLIPPING[clipping] if gradient == "forward" else {}
     optimizer = optimizers.make_optimizer(
-        optimizer_name, lr, decay=decay, momentum=momentum, beta_1=beta_1, beta_2=beta_2, **clip
+        optimizer_name,
+        lr,
+        decay=paper["decay"],
+        momentum=paper["momentum"],
+        beta_1=paper["beta_1"],
+        beta_2=paper["beta_2"],
+        **clip,
     )
     model = base
     if gradient == "forward":
@@ -147,12 +129,10 @@ def run(
         "row": row,
         "clipping": clipping if gradient == "forward" else "none",
         "jvp_clip": jvp_clip if gradient == "forward" else None,
-        "paper": dict(
-            zip(
-                ("learning_rate", "decay", "momentum", "beta_1", "beta_2", "test_loss"),
-                PAPER[model_name][row],
-            )
-        ),
+        "paper": {
+            k: paper[k]
+            for k in ("learning_rate", "decay", "momentum", "beta_1", "beta_2", "test_loss")
+        },
         "learning_rate": lr,
         "epochs": epochs,
         "steps": log.step,
@@ -184,10 +164,11 @@ def main():
     for name in args.clipping.split(","):
         if name not in CLIPPING:
             p.error(f"--clipping must name some of {sorted(CLIPPING)}; got {name!r}")
-    rows = args.rows.split(",") if args.rows else list(PAPER[args.model])
+    paper = {f"{r['gradient']}-{r['optimizer']}": r for r in table1.rows(args.model)}
+    rows = args.rows.split(",") if args.rows else list(paper)
     for row in rows:
-        if row not in PAPER[args.model]:
-            p.error(f"--rows must name some of {sorted(PAPER[args.model])}; got {row!r}")
+        if row not in paper:
+            p.error(f"--rows must name some of {sorted(paper)}; got {row!r}")
     try:
         jvp_clip = None if args.jvp_clip == "none" else float(args.jvp_clip)
     except ValueError:
@@ -216,7 +197,7 @@ def main():
             row_cap = cap if row.startswith("forward") else ""
             if args.search:
                 trials = []
-                for lr in grid(PAPER[args.model][row][0]):
+                for lr in grid(paper[row]["learning_rate"]):
                     t = run(
                         args.model,
                         row,

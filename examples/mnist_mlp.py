@@ -8,7 +8,8 @@ training time (one figure per learning rate), Tf/Tb, and test
 loss/accuracy.
 
 The second paper's separately tuned learning rates for this model are in
-`examples/tune_table1.py`.
+`keras_fwdgrad.research.table1` (Table I); `examples/tune_table1.py`
+searches them again.
 
 Budgets:
 - `--smoke`: 512 training images, 1 epoch, 1 seed (22 s on a 2-core CPU).

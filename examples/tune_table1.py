@@ -41,46 +41,9 @@ import common
 
 architectures = common.deferred("keras_fwdgrad.research.architectures")
 datasets = common.deferred("keras_fwdgrad.research.datasets")
+table1 = common.deferred("keras_fwdgrad.research.table1")
 tuning = common.deferred("keras_fwdgrad.tuning")
 
-# Table I of the second paper (test loss after `epochs` epochs).
-PAPER = [
-    ("forward", "mlp", "sgd", 0.000464, 1e-5, 0.0, 0.0, 0.0, 50, 0.332),
-    ("backprop", "mlp", "sgd", 0.1, 0.0, 0.0, 0.0, 0.0, 50, 0.000),
-    ("forward", "mlp", "nesterov", 0.000320, 1e-5, 0.367, 0.0, 0.0, 50, 0.270),
-    ("backprop", "mlp", "nesterov", 0.1, 0.0, 0.5, 0.0, 0.0, 50, 0.000),
-    ("forward", "mlp", "adam", 0.0005, 5e-5, 0.0, 0.99, 0.999, 50, 0.283),
-    ("backprop", "mlp", "adam", 0.0001, 0.0, 0.0, 0.9, 0.999, 50, 0.000),
-    ("forward", "cnn", "sgd", 0.000398, 1e-5, 0.0, 0.0, 0.0, 50, 0.548),
-    ("backprop", "cnn", "sgd", 0.1, 0.0, 0.0, 0.0, 0.0, 50, 0.000),
-    ("forward", "cnn", "nesterov", 0.0001, 1e-4, 0.9, 0.0, 0.0, 50, 0.559),
-    ("backprop", "cnn", "nesterov", 0.01, 0.0, 0.783, 0.0, 0.0, 50, 0.000),
-    ("forward", "cnn", "adam", 0.00025, 1e-4, 0.0, 0.9, 0.9999, 50, 0.669),
-    ("backprop", "cnn", "adam", 0.000236, 0.0, 0.0, 0.9, 0.999, 50, 0.000),
-    ("forward", "vgg", "sgd", 0.000433, 1e-6, 0.0, 0.0, 0.0, 100, 6.955),
-    ("backprop", "vgg", "sgd", 0.01, 1e-4, 0.0, 0.0, 0.0, 100, 1.685),
-]
-PAPER_ROWS = [
-    dict(
-        zip(
-            (
-                "gradient",
-                "model",
-                "optimizer",
-                "learning_rate",
-                "decay",
-                "momentum",
-                "beta_1",
-                "beta_2",
-                "epochs",
-                "test_loss",
-            ),
-            row,
-        ),
-        dataset="cifar10" if row[1] == "vgg" else "mnist",
-    )
-    for row in PAPER
-]
 MODELS = {
     "mlp": ("mnist", "mlp"),  # Builders in `architectures`.
     "cnn": ("mnist", "mnist_cnn"),
@@ -213,10 +176,10 @@ def main(argv=None):
                     flush=True,
                 )
             rows += found
-    order = {(r["model"], r["optimizer"], r["gradient"]): i for i, r in enumerate(PAPER_ROWS)}
+    order = {(r["model"], r["optimizer"], r["gradient"]): i for i, r in enumerate(table1.ROWS)}
     rows.sort(key=lambda r: order.get((r["model"], r["optimizer"], r["gradient"]), 99))
     tuning.write_table(rows, os.path.join(args.out, "table1"))
-    paper = {(r["model"], r["optimizer"], r["gradient"]): r for r in PAPER_ROWS}
+    paper = {(r["model"], r["optimizer"], r["gradient"]): r for r in table1.ROWS}
     for r in rows:
         ref = paper.get((r["model"], r["optimizer"], r["gradient"]), {})
         r["paper_learning_rate"] = ref.get("learning_rate")
@@ -231,7 +194,7 @@ def main(argv=None):
         "jit_compile": args.jit,
         "machine": common.machine(),
         "rows": rows,
-        "paper": PAPER_ROWS,
+        "paper": [dict(r) for r in table1.ROWS],
     }
     common.write_outputs(args.out, report, [])
     print("\nOurs (budget: %s) vs the paper's Table I:" % name)
