@@ -329,24 +329,3 @@ def watch(accumulator, tensor, tangent):
     `tf.autodiff.ForwardAccumulator` context: `ForwardAccumulator._watch`
     (TensorFlow 2.21.0)."""
     _attribute(accumulator, "_watch", "tf.autodiff.ForwardAccumulator._watch")(tensor, tangent)
-
-
-def progbar_logger_init_hook():
-    """The `keras.callbacks.ProgbarLogger` method that creates its
-    `Progbar` (`_maybe_init_progbar`, Keras 3.15.1), to subclass."""
-    name = "_maybe_init_progbar"
-    if not callable(getattr(keras.callbacks.ProgbarLogger, name, None)):
-        raise _missing(f"keras.callbacks.ProgbarLogger.{name}", AttributeError(name))
-    return name
-
-
-def progbar_show_text(progbar, key, text):
-    """Makes `progbar` show `key` as `text` verbatim: Keras' `Progbar`
-    (3.15.1) prints an entry of `_values` that is not a `[sum, count]` list
-    as it is, in `_values_order`'s place, and formats every number as a
-    float (`0.0000e+00`)."""
-    values = _attribute(progbar, "_values", "keras.utils.Progbar")
-    order = _attribute(progbar, "_values_order", "keras.utils.Progbar")
-    if key not in order:
-        order.append(key)
-    values[key] = text

@@ -1,15 +1,8 @@
 """Callbacks that watch how good the forward gradient is while training."""
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
-
-from keras_fwdgrad import _compat
-
-# Logs that count steps: the progress bar shows them as integers.
-INTEGER_LOGS = ("skipped_steps",)
 
 
 class GradientCosine(keras.callbacks.Callback):
@@ -83,38 +76,3 @@ class GradientCosine(keras.callbacks.Callback):
             logs["gradient_cosine"] = (
                 float(np.mean(self._epoch_values)) if self._epoch_values else float("nan")
             )
-
-
-class _CountingProgbar(keras.utils.Progbar):
-    """A `Progbar` that shows the `INTEGER_LOGS` as integers ("3", not
-    "3.0000" or "0.0000e+00") in its bar (`verbose=1`); the one line per
-    epoch of `verbose=2` formats every value as a float."""
-
-    def update(self, current, values=None, finalize=None):
-        if self.verbose != 1:
-            return super().update(current, values, finalize)
-        rest = []
-        for key, value in values or []:
-            if key in INTEGER_LOGS:
-                value = float(value)
-                text = str(int(round(value))) if math.isfinite(value) else str(value)
-                _compat.progbar_show_text(self, key, text)
-            else:
-                rest.append((key, value))
-        super().update(current, rest, finalize)
-
-
-def _init_progbar(self):
-    if self.progbar is None:
-        self.progbar = _CountingProgbar(
-            target=self.target, verbose=self.verbose, unit_name="step", stateless_metrics=set()
-        )
-
-
-class ProgbarLogger(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, with step counts (`skipped_steps`) shown as
-    integers. `ForwardGradientModel.fit` uses it unless `callbacks` holds
-    a `keras.callbacks.ProgbarLogger` already."""
-
-
-setattr(ProgbarLogger, _compat.progbar_logger_init_hook(), _init_progbar)

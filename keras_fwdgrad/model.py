@@ -1,13 +1,11 @@
 """`ForwardGradientModel`: trains any Keras model with forward gradients."""
 
-import inspect
 import random
 
 import keras
 
 from keras_fwdgrad import arguments
 from keras_fwdgrad import backend
-from keras_fwdgrad import callbacks as callbacks_module
 from keras_fwdgrad import directions as directions_module
 from keras_fwdgrad import stream
 
@@ -355,21 +353,6 @@ class ForwardGradientModel(_Trainer, keras.Model):
             )
         self._ensure_built(x)
         return self._forward_gradient(x, y, sample_weight)
-
-    def fit(self, *args, **kwargs):
-        """Keras' `fit()`; its progress bar shows `skipped_steps` as an
-        integer (a `callbacks` list that holds a
-        `keras.callbacks.ProgbarLogger` keeps that one)."""
-        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
-        arguments = bound.arguments
-        callbacks = arguments.get("callbacks")
-        if arguments.get("verbose", "auto") != 0 and (
-            callbacks is None or isinstance(callbacks, (list, tuple))
-        ):
-            callbacks = list(callbacks or [])
-            if not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
-                arguments["callbacks"] = callbacks + [callbacks_module.ProgbarLogger()]
-        return super().fit(*bound.args[1:], **bound.kwargs)
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Exports the wrapped model for inference (see `keras.Model.export`).
