@@ -53,7 +53,7 @@ from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad.research import learning  # noqa: E402
-from keras_fwdgrad.research import optimizers  # noqa: E402
+from keras_fwdgrad import optimizers  # noqa: E402
 from keras_fwdgrad.research import table1  # noqa: E402
 
 MODELS = {  # dataset, builder in `architectures`

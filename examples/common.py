@@ -41,7 +41,7 @@ tf = deferred("tensorflow")
 datasets = deferred("keras_fwdgrad.research.datasets")
 directions = deferred("keras_fwdgrad.directions")
 experiments = deferred("keras_fwdgrad.research.experiments")
-optimizers = deferred("keras_fwdgrad.research.optimizers")
+optimizers = deferred("keras_fwdgrad.optimizers")
 plotting = deferred("keras_fwdgrad.research.plotting")
 profiling = deferred("keras_fwdgrad.research.profiling")
 

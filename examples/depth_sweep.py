@@ -31,7 +31,7 @@ import common
 keras = common.deferred("keras")
 np = common.deferred("numpy")
 architectures = common.deferred("keras_fwdgrad.research.architectures")
-optimizers = common.deferred("keras_fwdgrad.research.optimizers")
+optimizers = common.deferred("keras_fwdgrad.optimizers")
 plotting = common.deferred("keras_fwdgrad.research.plotting")
 profiling = common.deferred("keras_fwdgrad.research.profiling")
 

@@ -42,7 +42,7 @@ import common
 architectures = common.deferred("keras_fwdgrad.research.architectures")
 datasets = common.deferred("keras_fwdgrad.research.datasets")
 table1 = common.deferred("keras_fwdgrad.research.table1")
-tuning = common.deferred("keras_fwdgrad.tuning")
+searches = common.deferred("keras_fwdgrad.research.searches")
 
 MODELS = {
     "mlp": ("mnist", "mlp"),  # Builders in `architectures`.
@@ -149,7 +149,7 @@ def main(argv=None):
                 if gradient == "forward"
                 else {}
             )
-            found = tuning.compare_searches(
+            found = searches.compare_searches(
                 build,
                 train,
                 val,
@@ -178,7 +178,7 @@ def main(argv=None):
             rows += found
     order = {(r["model"], r["optimizer"], r["gradient"]): i for i, r in enumerate(table1.ROWS)}
     rows.sort(key=lambda r: order.get((r["model"], r["optimizer"], r["gradient"]), 99))
-    tuning.write_table(rows, os.path.join(args.out, "table1"))
+    searches.write_table(rows, os.path.join(args.out, "table1"))
     paper = {(r["model"], r["optimizer"], r["gradient"]): r for r in table1.ROWS}
     for r in rows:
         ref = paper.get((r["model"], r["optimizer"], r["gradient"]), {})

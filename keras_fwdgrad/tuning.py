@@ -9,19 +9,20 @@ that the easy path with KerasTuner (install with
 - `LearningRateHyperModel` searches the columns of the paper's Table I:
   the learning rate (log scale), the decay k of η_i = η0·e^(−ik), and,
   where the optimizer has them, momentum (Nesterov) or β1 and β2 (Adam).
-  The forward gradient's own options (direction family, number of
-  directions, JVP cap, clipping, perturbation, local losses) are fixed by
-  a value or searched by a tuple of values.
+  Every forward option of `ForwardGradientModel`
+  (`keras_fwdgrad.options.names()`: direction family, number of
+  directions, JVP cap, perturbation, local losses, ...) and the
+  optimizer's clipping are fixed by a value or searched by a tuple of
+  values.
 - `make_tuner` builds a grid (the paper's choice), random or Bayesian
-  tuner on `val_loss`. Searches resume from their directory, and only a
-  search with the same settings resumes: the default folder name carries
-  a digest of the search space, and a search refuses (`ValueError`) to
-  resume one made with another model, search space or budget. The number
-  of trials is printed before a search starts.
-- `compare_searches` runs one search per gradient type and optimizer,
-  retrains each best configuration, evaluates it on the test split, and
-  returns the rows of a Table I; `write_table` writes them as CSV and
-  Markdown.
+  tuner on `val_loss` (`keras_fwdgrad.tuners`). Searches resume from their
+  directory, and only a search with the same settings resumes: the
+  default folder name carries a digest of the search space, and a search
+  refuses (`ValueError`) to resume one made with another model, search
+  space or budget. The number of trials is printed before a search starts.
+
+The papers' Table I (one search per gradient type and optimizer, the best
+retrained and tested) is `keras_fwdgrad.research.searches`.
 
 Example:
 
@@ -34,15 +35,14 @@ best = tuner.get_best_models(1)[0]
 ```
 """
 
-import csv
-import hashlib
-import json
 import math
-import os
 
 import keras
 
-from keras_fwdgrad.research import experiments
+from keras_fwdgrad import optimizers
+from keras_fwdgrad import options
+from keras_fwdgrad import tuners
+from keras_fwdgrad.model import ForwardGradientModel
 
 try:
     import keras_tuner
@@ -52,20 +52,8 @@ except ImportError as e:  # pragma: no cover - exercised without the extra.
         "pip install 'keras-fwdgrad[tuning]' (or pip install keras-tuner)"
     ) from e
 
-TUNERS = ("grid", "random", "bayesian")
-TABLE_COLUMNS = (
-    "gradient",
-    "model",
-    "dataset",
-    "optimizer",
-    "learning_rate",
-    "decay",
-    "momentum",
-    "beta_1",
-    "beta_2",
-    "epochs",
-    "test_loss",
-)
+GRADIENTS = ("forward", "backprop")
+TUNERS = tuple(tuners.TUNERS)
 
 
 def _values(name, values):
@@ -81,21 +69,10 @@ def _choice(hp, name, values):
     return hp.Choice(name, list(values))
 
 
-# The forward gradient's options a search may fix or search, with their
-# defaults (those of `ForwardGradientModel` and of the optimizer).
-FORWARD_OPTIONS = {
-    "direction": "gaussian",
-    "num_directions": 1,
-    "jvp_clip": None,
-    "clipnorm": None,
-    "global_clipnorm": None,
-    "perturbation": "weights",
-    "local_losses": None,
-    "local_loss_groups": 1,
-    "local_loss_patches": 1,
-}
-# Of these, the optimizer's, which backprop searches take too.
-OPTIMIZER_OPTIONS = ("clipnorm", "global_clipnorm")
+# The optimizer's clipping options, which backprop searches take too, with
+# their defaults (no clipping). The forward options are
+# `keras_fwdgrad.options`.
+OPTIMIZER_OPTIONS = {"clipnorm": None, "global_clipnorm": None}
 
 
 def _label(value):
@@ -131,22 +108,6 @@ def _candidates(name, value):
     return (value,)
 
 
-def _describe(value):
-    """A JSON-able description of a setting (for the search's key)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _describe(v) for k, v in sorted(value.items())}
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-    try:
-        return _describe(keras.saving.serialize_keras_object(value))
-    except Exception:  # noqa: BLE001 - any object still gets a description.
-        return f"{type(value).__module__}.{type(value).__qualname__}"
-
-
 class LearningRateHyperModel(keras_tuner.HyperModel):
     """Searches the optimizer settings of one gradient type (Table I).
 
@@ -168,39 +129,34 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
             `(0.5, 0.9)`.
         beta_1_values: β1 values of `"adam"`. Defaults to `(0.9, 0.99)`.
         beta_2_values: β2 values of `"adam"`. Defaults to `(0.999, 0.9999)`.
-        direction: Direction family of the forward gradient. Defaults to
-            `"gaussian"`.
-        num_directions: Directions per step (K). Defaults to `1`.
-        jvp_clip: Optional cap on |∇f·v| (the second paper uses 1).
         clipnorm: Optional clipping of each variable's gradient to this
             norm (Keras' `clipnorm`).
         global_clipnorm: Optional clipping of all gradients together to
             this norm (Keras' `global_clipnorm`; what the second paper's
             PyTorch code does).
-        perturbation: `"weights"` or `"activations"`.
-        local_losses: `None`, `"auto"`, `"layers"` or a list of layer
-            names (with `perturbation="activations"`).
-        local_loss_groups: `1`, an integer or `"channels"`.
-        local_loss_patches: `1`, an integer or `"positions"`.
         jit_compile: Whether to XLA-compile the steps. Defaults to `True`.
         seed: Seed of the initial weights and of the directions, the same
             for every trial. Defaults to `0`.
         name: Optional name of the hypermodel.
+        **forward_options: Any forward option of `ForwardGradientModel`
+            (`keras_fwdgrad.options.names()`: `direction`,
+            `num_directions`, `jvp_clip`, `perturbation`, `local_losses`,
+            `local_loss_groups`, `orthogonal_directions`, ...). Those not
+            given take the model's defaults.
 
-    Each option from `direction` to `local_loss_patches` is one value or,
-    to search it, a **tuple** of values (a list, such as layer names for
+    `clipnorm`, `global_clipnorm` and each forward option are one value or,
+    to search them, a **tuple** of values (a list, such as layer names for
     `local_losses`, is one value): `num_directions=(1, 4, 16)`,
-    `jvp_clip=(None, 1.0)`, `local_losses=(None, "auto")`. The options
-    from `direction` on, except the two clipping ones, apply to the
-    forward gradient only; a backprop search with one of them searched
-    raises a `ValueError`.
+    `jvp_clip=(None, 1.0)`, `local_losses=(None, "auto")`. The forward
+    options apply to the forward gradient only; a backprop search with one
+    of them set raises a `ValueError`.
 
     Example:
 
     ```python
     hypermodel = LearningRateHyperModel(
         build_model, gradient="forward", optimizer="adam",
-        direction=("gaussian", "rank1"), num_directions=(1, 4))
+        direction=("gaussian", "lowrank_rademacher"), num_directions=(1, 4))
     hypermodel.grid_size()  # 5 learning rates × 3 decays × 2 × 2 × 2 × 2
     ```
     """
@@ -218,18 +174,12 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         momentum_values=(0.5, 0.9),
         beta_1_values=(0.9, 0.99),
         beta_2_values=(0.999, 0.9999),
-        direction="gaussian",
-        num_directions=1,
-        jvp_clip=None,
         clipnorm=None,
         global_clipnorm=None,
-        perturbation="weights",
-        local_losses=None,
-        local_loss_groups=1,
-        local_loss_patches=1,
         jit_compile=True,
         seed=0,
         name=None,
+        **forward_options,
     ):
         super().__init__(name=name or f"{gradient}_{optimizer}")
         if isinstance(build_model, keras.Model) or not callable(build_model):
@@ -238,7 +188,16 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
                 "model (a new one per call), not a model. "
                 f"Received: build_model={build_model!r}"
             )
-        experiments.method(gradient, 1.0, optimizer=optimizer)  # Validates.
+        if gradient not in GRADIENTS:
+            raise ValueError(
+                f"`gradient` must be one of {GRADIENTS}. Received: gradient={gradient!r}"
+            )
+        if optimizer not in optimizers.OPTIMIZERS:
+            raise ValueError(
+                f"`optimizer` must be one of {optimizers.OPTIMIZERS}. "
+                f"Received: optimizer={optimizer!r}"
+            )
+        options.check_names(forward_options, "`LearningRateHyperModel`")
         low, high = learning_rate_range
         if not 0 < low <= high:
             raise ValueError(
@@ -261,21 +220,12 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         self.momentum_values = _values("momentum_values", momentum_values)
         self.beta_1_values = _values("beta_1_values", beta_1_values)
         self.beta_2_values = _values("beta_2_values", beta_2_values)
-        given = dict(
-            direction=direction,
-            num_directions=num_directions,
-            jvp_clip=jvp_clip,
-            clipnorm=clipnorm,
-            global_clipnorm=global_clipnorm,
-            perturbation=perturbation,
-            local_losses=local_losses,
-            local_loss_groups=local_loss_groups,
-            local_loss_patches=local_loss_patches,
-        )
-        self.options = {k: _candidates(k, v) for k, v in given.items()}
+        defaults = {**options.defaults(), **OPTIMIZER_OPTIONS}
+        given = dict(forward_options, clipnorm=clipnorm, global_clipnorm=global_clipnorm)
+        self.options = {k: _candidates(k, given.get(k, v)) for k, v in defaults.items()}
         if gradient == "backprop":
-            for k, candidates in self.options.items():
-                if k not in OPTIMIZER_OPTIONS and candidates != (FORWARD_OPTIONS[k],):
+            for k in forward_options:
+                if self.options[k] != (defaults[k],):
                     raise ValueError(
                         f"`{k}` applies to the forward gradient only; a backprop "
                         f"search takes its default. Received: {k}={given[k]!r}"
@@ -304,10 +254,6 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
             if self.gradient == "forward" or name in OPTIMIZER_OPTIONS:
                 settings[name] = _option(hp, name, candidates)
         return settings
-
-    def method(self, hp):
-        """The `experiments.method` spec of the trial `hp` describes."""
-        return experiments.method(self.gradient, optimizer=self.optimizer, **self.declare(hp))
 
     def grid_size(self):
         """The number of trials of a full grid over this search space.
@@ -339,125 +285,35 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
         space (the model builder, the losses, every setting and its values).
         Two hypermodels with the same key search the same trials."""
         return {
-            "build_model": _describe(self.build_model),
+            "build_model": tuners.describe(self.build_model),
             "gradient": self.gradient,
             "optimizer": self.optimizer,
-            "loss": _describe(self.loss),
-            "metrics": _describe(self.metrics),
+            "loss": tuners.describe(self.loss),
+            "metrics": tuners.describe(self.metrics),
             "learning_rate_range": list(self.learning_rate_range),
             "learning_rate_step": self.learning_rate_step,
-            "decay_values": _describe(self.decay_values),
-            "momentum_values": _describe(self.momentum_values),
-            "beta_1_values": _describe(self.beta_1_values),
-            "beta_2_values": _describe(self.beta_2_values),
-            "options": _describe(self.options),
+            "decay_values": tuners.describe(self.decay_values),
+            "momentum_values": tuners.describe(self.momentum_values),
+            "beta_1_values": tuners.describe(self.beta_1_values),
+            "beta_2_values": tuners.describe(self.beta_2_values),
+            "options": tuners.describe(self.options),
             "jit_compile": self.jit_compile,
             "seed": self.seed,
         }
 
     def build(self, hp):
-        spec = self.method(hp)
+        forward_options, optimizer_settings = options.split(self.declare(hp))
         keras.utils.set_random_seed(self.seed)
-        model = experiments.build_training_model(spec, self.build_model(), seed=self.seed)
+        model = self.build_model()
+        if self.gradient == "forward":
+            model = ForwardGradientModel(model, seed=self.seed, **forward_options)
         model.compile(
-            optimizer=experiments.make_method_optimizer(spec),
+            optimizer=optimizers.make_optimizer(self.optimizer, **optimizer_settings),
             loss=self.loss,
             metrics=self.metrics,
             jit_compile=self.jit_compile,
         )
         return model
-
-
-KEY_FILE = "search_key.json"
-
-
-def _digest(key):
-    text = json.dumps(key, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def _budget(fit_args, fit_kwargs):
-    """What defines a trial's training budget among `search()`'s fit
-    arguments: epochs, steps, and the training data's size where known."""
-    budget = {
-        k: fit_kwargs.get(k)
-        for k in ("epochs", "steps_per_epoch", "validation_steps", "batch_size")
-        if fit_kwargs.get(k) is not None
-    }
-    budget.setdefault("epochs", 1)
-    data = fit_args[0] if fit_args else fit_kwargs.get("x")
-    try:
-        cardinality = int(data.cardinality())  # A tf.data.Dataset.
-    except (AttributeError, TypeError, ValueError):
-        shape = getattr(data, "shape", None)
-        cardinality = int(shape[0]) if shape else None
-    if cardinality is not None:
-        budget["training_batches_or_examples"] = cardinality
-    return budget
-
-
-def _differences(saved, key, prefix=""):
-    out = []
-    for k in sorted(set(saved) | set(key)):
-        a, b = saved.get(k), key.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} there, {b!r} now")
-    return out
-
-
-class _KeyedSearch:
-    """Mixin of the tuners `make_tuner` builds: records what defines the
-    search in its folder, refuses to resume a different one, and prints
-    the number of trials before searching."""
-
-    _fwdgrad_key = None
-
-    def search(self, *fit_args, **fit_kwargs):
-        key = dict(self._fwdgrad_key, budget=_budget(fit_args, fit_kwargs))
-        path = os.path.join(self.project_dir, KEY_FILE)
-        key = json.loads(json.dumps(key, default=str))  # As it reads back.
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved != key:
-                raise ValueError(
-                    f"The search in {self.project_dir!r} was made with other "
-                    "settings, so its trials do not answer this search:\n  "
-                    + "\n  ".join(_differences(saved, key))
-                    + "\nPass `overwrite=True` to `make_tuner` to discard it, or "
-                    "another `project_name` (or `directory`) to keep both."
-                )
-        elif self.oracle.trials:
-            raise ValueError(
-                f"The folder {self.project_dir!r} holds a search with no record "
-                f"of its settings ({KEY_FILE}), so it cannot be checked against "
-                "this one. Pass `overwrite=True` to `make_tuner` to discard it, "
-                "or another `project_name`."
-            )
-        else:
-            os.makedirs(self.project_dir, exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(key, f, indent=1, sort_keys=True)
-        print(self._fwdgrad_plan(key["budget"]), flush=True)
-        return super().search(*fit_args, **fit_kwargs)
-
-    def _fwdgrad_plan(self, budget):
-        hypermodel = self.hypermodel
-        done = len(self.oracle.trials)
-        if hasattr(hypermodel, "grid_size"):
-            grid, sizes = hypermodel.grid_size()
-            factors = " × ".join(f"{n} {name}" for name, n in sizes.items()) or "1 setting"
-            planned = grid if self.oracle.max_trials is None else min(grid, self.oracle.max_trials)
-            space = f"grid of {grid} ({factors})"
-        else:
-            planned = self.oracle.max_trials
-            space = "search space of the hypermodel"
-        return (
-            f"Search {self.project_name!r}: {planned} trials of {budget['epochs']} "
-            f"epoch(s) from a {space}; {done} done before."
-        )
 
 
 def make_tuner(
@@ -498,28 +354,22 @@ def make_tuner(
         **kwargs: Passed to the KerasTuner tuner.
 
     Returns:
-        A `keras_tuner.GridSearch`, `RandomSearch` or
-        `BayesianOptimization` (a subclass of it that adds the checks).
+        A `keras_fwdgrad.tuners.GridSearch`, `RandomSearch` or
+        `BayesianOptimization` (subclasses of KerasTuner's that add the
+        checks).
     """
-    classes = {
-        "grid": keras_tuner.GridSearch,
-        "random": keras_tuner.RandomSearch,
-        "bayesian": keras_tuner.BayesianOptimization,
-    }
-    if tuner not in classes:
+    if tuner not in tuners.TUNERS:
         raise ValueError(f"`tuner` must be one of {TUNERS}. Received: tuner={tuner!r}")
     if tuner != "grid" and max_trials is None:
         max_trials = 10
     if hasattr(hypermodel, "search_key"):
         key = {"hypermodel": hypermodel.name, **hypermodel.search_key()}
     else:
-        key = {"hypermodel": hypermodel.name, "class": _describe(type(hypermodel))}
-    key.update(tuner=tuner, objective=_describe(objective), max_trials=max_trials, seed=seed)
+        key = {"hypermodel": hypermodel.name, "class": tuners.describe(type(hypermodel))}
+    key.update(tuner=tuner, objective=tuners.describe(objective), max_trials=max_trials, seed=seed)
     if project_name is None:
-        project_name = f"{hypermodel.name}_{_digest(key)}"
-    cls = type(classes[tuner].__name__, (_KeyedSearch, classes[tuner]), {})
-    cls.__module__ = __name__
-    search = cls(
+        project_name = f"{hypermodel.name}_{tuners.digest(key)}"
+    search = tuners.TUNERS[tuner](
         hypermodel,
         objective=objective,
         max_trials=max_trials,
@@ -529,138 +379,5 @@ def make_tuner(
         overwrite=overwrite,
         **kwargs,
     )
-    search._fwdgrad_key = key
+    search.search_key = key
     return search
-
-
-def compare_searches(
-    build_model,
-    train,
-    validation,
-    test,
-    epochs,
-    gradients=("forward", "backprop"),
-    optimizer_names=("sgd",),
-    model_name="model",
-    dataset_name="dataset",
-    tuner="grid",
-    directory="tuning",
-    max_trials=None,
-    search_epochs=None,
-    overwrite=False,
-    verbose=0,
-    **hypermodel_kwargs,
-):
-    """Tunes each gradient type separately, retrains the best, tests it.
-
-    For every optimizer and gradient type: a search on `validation` (loss),
-    then the best configuration retrained from scratch on `train` for
-    `epochs` epochs and evaluated on `test`.
-
-    Args:
-        build_model: Callable returning a fresh Keras model.
-        train: Training `tf.data.Dataset`.
-        validation: Validation dataset (the search objective).
-        test: Test dataset.
-        epochs: Epochs of the retraining (the table's `epochs` column).
-        gradients: Gradient types to tune. Defaults to both.
-        optimizer_names: Optimizers to tune. Defaults to `("sgd",)`.
-        model_name: The table's `model` column.
-        dataset_name: The table's `dataset` column.
-        tuner: See `make_tuner`. Defaults to `"grid"`.
-        directory: Root folder of the searches (one project each).
-        max_trials: See `make_tuner`.
-        search_epochs: Epochs of each trial. Defaults to `epochs`.
-        overwrite: Whether to discard previous searches. Defaults to
-            `False` (resume).
-        verbose: Verbosity of the searches and fits. Defaults to `0`.
-        **hypermodel_kwargs: Passed to `LearningRateHyperModel`.
-
-    Returns:
-        A list of dicts with the columns of `TABLE_COLUMNS`, plus
-        `val_loss` (the best trial's score) and `trials`.
-    """
-    rows = []
-    for optimizer_name in optimizer_names:
-        for gradient in gradients:
-            hypermodel = LearningRateHyperModel(
-                build_model,
-                gradient=gradient,
-                optimizer=optimizer_name,
-                name=f"{model_name}_{dataset_name}_{optimizer_name}_{gradient}",
-                **hypermodel_kwargs,
-            )
-            search = make_tuner(
-                hypermodel,
-                tuner=tuner,
-                directory=directory,
-                max_trials=max_trials,
-                overwrite=overwrite,
-            )
-            search.search(
-                train,
-                validation_data=validation,
-                epochs=search_epochs or epochs,
-                verbose=verbose,
-            )
-            best_hp = search.get_best_hyperparameters(1)[0]
-            best_trial = search.oracle.get_best_trials(1)[0]
-            spec = hypermodel.method(best_hp)
-            model = hypermodel.build(best_hp)
-            model.fit(train, epochs=epochs, verbose=verbose)
-            test_loss = model.evaluate(test, verbose=0, return_dict=True)["loss"]
-            rows.append(
-                {
-                    "gradient": gradient,
-                    "model": model_name,
-                    "dataset": dataset_name,
-                    "optimizer": optimizer_name,
-                    "learning_rate": spec["learning_rate"],
-                    "decay": spec["decay"],
-                    "momentum": spec.get("momentum", 0.0),
-                    "beta_1": spec.get("beta_1", 0.0),
-                    "beta_2": spec.get("beta_2", 0.0),
-                    "epochs": epochs,
-                    "test_loss": float(test_loss),
-                    "val_loss": float(best_trial.score),
-                    "trials": len(search.oracle.trials),
-                }
-            )
-            keras.backend.clear_session()
-    return rows
-
-
-def write_table(rows, path, columns=TABLE_COLUMNS):
-    """Writes `rows` as `<path>.csv` and `<path>.md`.
-
-    Args:
-        rows: Dicts, e.g. from `compare_searches`.
-        path: Path without extension.
-        columns: Columns to write. Defaults to Table I's.
-
-    Returns:
-        The pair of paths written.
-    """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    csv_path, md_path = f"{path}.csv", f"{path}.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(md_path, "w") as f:
-        f.write(markdown_table(rows, columns))
-    return csv_path, md_path
-
-
-def markdown_table(rows, columns=TABLE_COLUMNS):
-    """`rows` as a Markdown table (floats with 4 significant digits)."""
-
-    def fmt(value):
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from keras_fwdgrad.research import experiments
 from keras_fwdgrad.research import measures
-from keras_fwdgrad.research import optimizers
+from keras_fwdgrad import optimizers
 from keras_fwdgrad.research import profiling
 
 L = keras.layers

@@ -19,11 +19,17 @@ methods = [
 import keras
 import numpy as np
 
-from keras_fwdgrad.research import measures
-from keras_fwdgrad.research import optimizers
+from keras_fwdgrad import optimizers
+from keras_fwdgrad import options
 from keras_fwdgrad.model import ForwardGradientModel
+from keras_fwdgrad.research import measures
 
 GRADIENTS = ("forward", "backprop")
+
+
+# The optimizer settings a method may carry beside the learning rate, the
+# decay and the clipping.
+OPTIMIZER_SETTINGS = ("momentum", "beta_1", "beta_2")
 
 
 def method(
@@ -31,16 +37,9 @@ def method(
     learning_rate,
     optimizer="sgd",
     decay=0.0,
-    direction="gaussian",
-    num_directions=1,
-    jvp_clip=None,
     clipnorm=None,
     global_clipnorm=None,
-    perturbation="weights",
-    local_losses=None,
-    local_loss_groups=1,
-    local_loss_patches=1,
-    **optimizer_kwargs,
+    **kwargs,
 ):
     """Describes one training method for `compare_training`.
 
@@ -49,21 +48,17 @@ def method(
         learning_rate: Initial learning rate η0.
         optimizer: `"sgd"`, `"nesterov"` or `"adam"`. Defaults to `"sgd"`.
         decay: Per-iteration decay k of η_i = η0·e^(−ik). Defaults to `0`.
-        direction: Direction family of the forward gradient. Defaults to
-            `"gaussian"`; ignored for backprop.
-        num_directions: Directions per step (forward only). Defaults to 1.
-        jvp_clip: Optional cap on |∇f·v| (forward only).
         clipnorm: Optional clipping of each variable's gradient to this
             norm (Keras' `clipnorm`).
         global_clipnorm: Optional clipping of all gradients together to
             this norm (Keras' `global_clipnorm`). At most one of the two.
-        perturbation: `"weights"` or `"activations"` (forward only; see
-            `ForwardGradientModel`).
-        local_losses: `None`, `"auto"`, `"layers"` or layer names
-            (forward only).
-        local_loss_groups: `1`, an integer or `"channels"` (forward only).
-        local_loss_patches: `1`, an integer or `"positions"` (forward only).
-        **optimizer_kwargs: `momentum`, `beta_1`, `beta_2`.
+        **kwargs: The optimizer's `momentum`, `beta_1` and `beta_2`, and
+            any forward option of `ForwardGradientModel`
+            (`keras_fwdgrad.options.names()`: `direction`,
+            `num_directions`, `jvp_clip`, `perturbation`, `local_losses`,
+            ...). A forward method records every forward option, with
+            `ForwardGradientModel`'s default where none is given; a
+            backprop method ignores them.
 
     Returns:
         A dict with the settings and a `"label"` such as
@@ -76,6 +71,8 @@ def method(
             f"`optimizer` must be one of {optimizers.OPTIMIZERS}. "
             f"Received: optimizer={optimizer!r}"
         )
+    options.check_names(kwargs, "`method()`", also=OPTIMIZER_SETTINGS)
+    forward_options, optimizer_kwargs = options.split(kwargs)
     optimizers.decay_schedule(learning_rate, decay)  # Validates both.
     spec = {
         "gradient": gradient,
@@ -87,16 +84,9 @@ def method(
         **optimizer_kwargs,
     }
     if gradient == "forward":
-        spec.update(
-            direction=direction,
-            num_directions=num_directions,
-            jvp_clip=jvp_clip,
-            perturbation=perturbation,
-            local_losses=local_losses,
-            local_loss_groups=local_loss_groups,
-            local_loss_patches=local_loss_patches,
-        )
-        spec["label"] = f"forward ({direction})"
+        spec.update(options.defaults())
+        spec.update(forward_options)
+        spec["label"] = f"forward ({spec['direction']})"
     else:
         spec["label"] = "backprop"
     return spec
@@ -105,21 +95,14 @@ def method(
 def build_training_model(spec, base, seed=None):
     """Wraps `base` as `spec` says and compiles nothing.
 
-    Returns `base` itself for backprop, a `ForwardGradientModel` otherwise.
+    Returns `base` itself for backprop, a `ForwardGradientModel` with the
+    forward options of `spec` (the model's defaults for those it lacks)
+    otherwise.
     """
     if spec["gradient"] == "backprop":
         return base
-    return ForwardGradientModel(
-        base,
-        direction=spec["direction"],
-        num_directions=spec["num_directions"],
-        jvp_clip=spec["jvp_clip"],
-        perturbation=spec.get("perturbation", "weights"),
-        local_losses=spec.get("local_losses"),
-        local_loss_groups=spec.get("local_loss_groups", 1),
-        local_loss_patches=spec.get("local_loss_patches", 1),
-        seed=seed,
-    )
+    forward_options, _ = options.split(spec)
+    return ForwardGradientModel(base, seed=seed, **forward_options)
 
 
 def make_method_optimizer(spec):

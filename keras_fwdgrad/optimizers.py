@@ -73,7 +73,7 @@ def make_optimizer(
     Example:
 
     ```python
-    optimizer = keras_fwdgrad.research.optimizers.make_optimizer(
+    optimizer = keras_fwdgrad.optimizers.make_optimizer(
         "sgd", learning_rate=2e-4, decay=1e-4)
     ```
     """

@@ -1,0 +1,53 @@
+"""Tests of `keras_fwdgrad.research.searches`: Table I from one search per
+gradient type, the best retrained and tested, written as CSV and Markdown."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+pytest.importorskip("keras_tuner")
+
+from keras_fwdgrad.research import searches  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FEATURES = 100
+
+
+def _linear():
+    return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
+
+
+def _regression(n, seed):
+    w = np.random.default_rng(99).normal(size=(FEATURES, 1)) / np.sqrt(FEATURES)
+    x = np.random.default_rng(seed).normal(size=(n, FEATURES)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, (x @ w).astype("float32"))).batch(32)
+
+
+def test_compare_searches_and_table(tmp_path):
+    train, val, test = _regression(128, 0), _regression(64, 1), _regression(64, 2)
+    rows = searches.compare_searches(
+        _linear,
+        train,
+        val,
+        test,
+        epochs=1,
+        model_name="linear",
+        dataset_name="synthetic",
+        directory=str(tmp_path),
+        loss="mse",
+        metrics=(),
+        learning_rate_range=(1e-3, 1e-1),
+        decay_values=(0.0,),
+        jit_compile=False,
+    )
+    assert [r["gradient"] for r in rows] == ["forward", "backprop"]
+    for r in rows:
+        assert set(searches.TABLE_COLUMNS) <= set(r)
+        assert r["trials"] == 3 and r["test_loss"] > 0
+    csv_path, md_path = searches.write_table(rows, str(tmp_path / "table"))
+    md = open(md_path).read().splitlines()
+    assert md[0] == "| " + " | ".join(searches.TABLE_COLUMNS) + " |"
+    assert len(md) == 4
+    assert open(csv_path).readline().strip() == ",".join(searches.TABLE_COLUMNS)
