@@ -62,7 +62,7 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
-from keras_fwdgrad import distribute
+from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.ops import clip_directional_derivative
 

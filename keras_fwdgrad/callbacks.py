@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_fwdgrad import testing
+
 
 class GradientCosine(keras.callbacks.Callback):
     """Logs the cosine between the forward gradient and the true gradient.
@@ -52,11 +54,17 @@ class GradientCosine(keras.callbacks.Callback):
         state = model.model.non_trainable_variables
         saved = [ops.copy(v.value) for v in state]
         _, estimate = model.forward_gradient(self.x, self.y)
-        true = model._true_gradient(self.x, self.y)
+        _, true = testing.tape_gradients(model, self.x, self.y)
         for var, value in zip(state, saved):
             var.assign(value)
+        variables = model.model.trainable_variables
         a = np.concatenate([np.ravel(ops.convert_to_numpy(g)) for g in estimate[: len(true)]])
-        b = np.concatenate([np.ravel(ops.convert_to_numpy(g)) for g in true])
+        b = np.concatenate(
+            [
+                np.zeros(int(np.prod(v.shape))) if g is None else np.ravel(g)
+                for g, v in zip(true, variables)
+            ]
+        )
         a, b = a.astype("float64"), b.astype("float64")
         denominator = np.linalg.norm(a) * np.linalg.norm(b)
         return float(np.dot(a, b) / denominator) if denominator > 0 else float("nan")

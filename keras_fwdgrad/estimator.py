@@ -17,10 +17,11 @@ import tensorflow as tf
 from keras_fwdgrad import _compat
 from keras_fwdgrad import activity
 from keras_fwdgrad import connectivity
-from keras_fwdgrad import distribute
+from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
+from keras_fwdgrad import trainer
 from keras_fwdgrad.ops import clip_directional_derivative
 from keras_fwdgrad.ops import forward_gradient
 from keras_fwdgrad.ops import jvp
@@ -165,13 +166,7 @@ def estimate(model, x, y, sample_weight, xla=False):
             are unpacked once.
 
     Returns:
-        `(loss, y_pred, d, grads, local_losses)`: the loss (unscaled,
-        averaged over the K passes), the predictions, the directional
-        derivatives after clipping (`[K]`; with
-        `perturbation="activations"`, `[K, blocks, batch]`), the forward
-        gradient, one tensor per trainable variable (zero for variables the
-        loss does not use), and the mean local loss of each block with a
-        head (`keras_fwdgrad.activity`).
+        A `keras_fwdgrad.trainer.Estimate`.
     """
     if model.perturbation == "activations":
         return _activity_passes(model, x, y, sample_weight)
@@ -200,7 +195,7 @@ def estimate(model, x, y, sample_weight, xla=False):
         tf.zeros_like(g) if id(var) in disconnected else g
         for g, var in zip(grads, model.trainable_variables)
     ]
-    return loss, y_pred, d, grads, []
+    return trainer.Estimate(loss, y_pred, d, grads)
 
 
 def _activity_passes(model, x, y, sample_weight):
@@ -215,7 +210,7 @@ def _activity_passes(model, x, y, sample_weight):
     losses, y_preds, ds, grads, local = zip(*results)
     grads = [_mean(gs) for gs in zip(*grads)]
     local = [_mean(ls) for ls in zip(*local)]
-    return _mean(losses), y_preds[0], tf.stack(ds), grads, local
+    return trainer.Estimate(_mean(losses), y_preds[0], tf.stack(ds), grads, tuple(local))
 
 
 def _mean(values):
@@ -302,23 +297,6 @@ def _passes(model, x, y, sample_weight, xla):
         ds.append(d)
         vs.append(v)
     return _mean(losses), y_pred, ds, vs
-
-
-def scaled_for_optimizer(optimizer, grads):
-    """Multiplies the gradient by the optimizer's loss scale.
-
-    The directional derivative is that of the loss itself, so that
-    `jvp_clip`, the NaN guard and `forward_gradient()` see true values. An
-    optimizer that scales the loss (`LossScaleOptimizer` under the
-    `mixed_float16` policy, or `loss_scale_factor`) divides what it
-    receives by that scale in `apply`, so it receives the gradient of the
-    scaled loss, as from Keras' own trainer.
-    """
-    one = tf.constant(1.0, "float32")
-    scale = optimizer.scale_loss(one)
-    if scale is one:
-        return grads
-    return [g * tf.cast(scale, g.dtype) for g in grads]
 
 
 @contextlib.contextmanager

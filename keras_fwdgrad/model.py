@@ -7,13 +7,14 @@ import keras
 from keras_fwdgrad import arguments
 from keras_fwdgrad import backend
 from keras_fwdgrad import directions as directions_module
+from keras_fwdgrad import options
 from keras_fwdgrad import stream
 
 backend.check()
 if backend.name() == "jax":
-    from keras_fwdgrad.jax_trainer import JAXTrainer as _Trainer
+    from keras_fwdgrad.backend.jax.trainer import JAXTrainer as _Trainer
 else:
-    from keras_fwdgrad.tensorflow_trainer import TensorFlowTrainer as _Trainer
+    from keras_fwdgrad.backend.tensorflow.trainer import TensorFlowTrainer as _Trainer
 
 
 @keras.saving.register_keras_serializable(package="keras_fwdgrad")
@@ -36,26 +37,18 @@ class ForwardGradientModel(_Trainer, keras.Model):
     and `predict()` behave as for the wrapped model.
 
     A step whose loss or directional derivative is NaN or infinite changes
-    no weight and no optimizer state (non-trainable weights such as
-    BatchNormalization statistics are restored too). Such steps are counted
-    in the `skipped_steps` entry of the training logs (per epoch; the
-    lifetime count is `model.skipped_steps`). The epoch's `loss` and
-    metrics average over the steps whose loss and predictions are finite,
-    so one bad batch does not turn the epoch's logs (history, `CSVLogger`,
-    TensorBoard, `EarlyStopping`) into NaN; an epoch in which no step was
-    finite logs NaN.
+    no weight, optimizer slot or non-trainable weight; the training logs
+    count such steps per epoch in `skipped_steps` (`model.skipped_steps`
+    over the model's life), and the epoch's loss and metrics average the
+    finite steps only. Directions come from a stateless stream keyed by
+    `seed` and a step counter saved with the model, so a reloaded model
+    continues the same stream. Behaviour in detail: `docs/behaviour.md`.
 
-    Directions come from a stateless random stream keyed by `seed` and a
-    step counter saved with the model: the same seed replays the same run,
-    and a saved and reloaded model continues the same stream.
-
-    Backends: on TensorFlow (the reference) forward mode is
-    `tf.autodiff.ForwardAccumulator` or the layer rules; on JAX
-    (`KERAS_BACKEND=jax`) it is `jax.jvp` in Keras' stateless train step,
-    with the K directions batched by `jax.vmap` (one forward pass). On JAX,
-    `perturbation="activations"` raises a `ValueError`, `layer_rules` has
-    no effect and the `tf.distribute` options do not apply; each backend
-    has its own random stream.
+    Backends: on TensorFlow forward mode is `tf.autodiff.ForwardAccumulator`
+    or the layer rules; on JAX (`KERAS_BACKEND=jax`) it is `jax.jvp` with
+    the K directions batched by `jax.vmap`. On JAX
+    `perturbation="activations"` raises a `ValueError`, and `layer_rules`
+    and `all_reduce` have no effect (`docs/backends.md`).
 
     Args:
         model: The Keras model (or layer) to train. Its variables are
@@ -79,14 +72,10 @@ class ForwardGradientModel(_Trainer, keras.Model):
             which draws one at construction time (it is then saved in the
             config, so a reloaded model continues the same stream).
         all_reduce: What replicas exchange under a `tf.distribute`
-            strategy. `"directional_derivatives"` (default): every replica
-            draws the same directions, so they all-reduce only the K
-            directional derivatives (K floats per step) and each applies
-            the identical update without the optimizer's gradient
-            all-reduce. `"gradients"`: each replica forms its local forward
-            gradient and the optimizer all-reduces it as for backprop (for
-            comparison; `jvp_clip` then clips each replica's derivative).
-            Without a strategy both are the same.
+            strategy: `"directional_derivatives"` (default; every replica
+            draws the same directions and they all-reduce only the K
+            derivatives) or `"gradients"` (as backprop). See
+            `docs/distributed.md`.
         layer_rules: Bool. If `True` (default) and `model` is a
             `keras.Sequential` or single-output functional model of Keras
             layers, the forward pass runs layer by layer with
@@ -99,61 +88,31 @@ class ForwardGradientModel(_Trainer, keras.Model):
             `"activations"`: perturb the pre-activations of every `Dense`
             and `Conv1D/2D/3D` layer with one Gaussian tangent per example
             and unit, and form each kernel's estimate as the layer-local
-            product of its input with `d_n u_n` (Ren et al., 2023; see
-            `keras_fwdgrad.activity`). Its variance grows with a layer's
-            width, not its number of weights. Needs a `keras.Sequential` or
-            functional model with one output; other layers' variables are
-            perturbed as weights in the same pass. Replicas then
-            all-reduce gradients, as for backprop.
+            product of its input with `d_n u_n` (Ren et al., 2023); other
+            layers' variables are perturbed as weights in the same pass.
+            Needs a `keras.Sequential` or functional model with one output.
         local_losses: With `perturbation="activations"`: `None` (default,
-            one loss), `"auto"` (a block ends after each hidden `Dense`
-            layer and each pooling layer), `"layers"` (a block ends after
-            every perturbed `Dense` and convolution layer but the last) or
-            a list of the names of the layers that end a block. Each block but the last is trained
-            only from the compiled loss of its own small head
-            (`local_heads`: global average pooling for feature maps, then
-            `Dense` to the output size); no derivative crosses a block
-            boundary. The heads are saved with this model but are not part
-            of `predict`, `evaluate` or `model`; each block's loss is
-            logged as `local_loss_<i>`.
+            one loss), `"auto"` (a block ends after each hidden `Dense` and
+            each pooling layer), `"layers"` (after every perturbed layer but
+            the last) or the names of the layers that end a block. Each
+            block but the last learns only from the compiled loss of its
+            own small head (`local_heads`, saved with this model but not
+            part of `predict` or `model`); each is logged as
+            `local_loss_<i>`.
         orthogonal_directions: Bool. With `perturbation="activations"` and
-            `num_directions=K > 1`, make each example's K tangents of a
-            layer orthogonal (scaled to the norm of a Gaussian one): a
-            projected forward gradient, exact when K equals the layer's
-            number of pre-activations. Defaults to `False`.
+            `num_directions > 1`, make each example's K tangents of a layer
+            orthogonal. Defaults to `False`.
         active_units_only: Bool. With `perturbation="activations"`, keep
-            only the tangents of ReLU units that are active (inactive ones
-            have zero gradient, so this removes noise, not signal).
-            Defaults to `True`.
+            only the tangents of active ReLU units. Defaults to `True`.
         local_loss_groups: Integer (default 1) or `"channels"`. With
-            `local_losses`, split the channels (last axis) of each block's
-            output into this many groups (`"channels"`: one group per
-            channel), each with its own local loss: the head's loss with the
-            other groups' channels held constant (Ren et al., 2023). The
-            last perturbed layer of a block, when only per-channel layers
-            (activations, dropout, pooling, `BatchNormalization`) follow
-            it to the block's end, then uses each group's own directional
-            derivative, which divides the variance of its estimate by
-            about the number of groups, for every group at once at about
-            the cost of one pass through the head. The block's other
-            layers use the whole head's derivative, as with 1. The units
-            of each head and of the model's output layer (when the
-            model's output is that layer's own output) form groups too, at
-            most one per unit, each estimated from that layer's own
-            tangents. A softmax mixes its units, so it ends the
-            per-channel path: a layer before one uses the whole
-            derivative.
+            `local_losses`, split each block's output channels into this
+            many groups, each with its own local loss.
         local_loss_patches: Integer (default 1) or `"positions"`. With
-            `local_losses`, also split the positions of each block's
-            output feature map into patches (this many per spatial axis;
-            `"positions"`: one per position), so that each (patch, channel
-            group) has its own local loss, as Ren et al.'s patch-wise
-            losses. The block's last perturbed layer then uses the
-            derivative of the group its unit reaches: through pooling
-            whose windows do not overlap, a position reaches one position
-            of the block's output. Blocks whose output has no spatial axes
-            (after `Flatten` or global pooling) use channel groups only,
-            and so does a block whose pooling windows overlap.
+            `local_losses`, also split each block's output positions into
+            this many patches per spatial axis, each with its own loss.
+
+        The activity options in full, with what they cost and what they
+        learn: `docs/activity.md`.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -241,21 +200,7 @@ class ForwardGradientModel(_Trainer, keras.Model):
         self.local_heads = []
         self._local_loss_ends = []
         self._local_loss_trackers = []
-        # The step counter keys the direction stream; it is saved with the
-        # model so a reloaded model continues the same stream.
-        self.direction_step = self._counter("direction_step")
-        self.skipped_steps = self._counter("skipped_steps")
-        # Per epoch (reset with the metrics): steps skipped, and steps
-        # whose loss and predictions were finite (the logs average over
-        # those).
-        self._skipped_tracker = keras.metrics.Sum(name="skipped_steps", dtype="float32")
-        self._measured_tracker = keras.metrics.Sum(name="_measured_steps", dtype="float32")
-        # Diagnostics of the estimate, per epoch: the mean |d| and, with
-        # `jvp_clip`, the fraction of directional derivatives it capped.
-        self._abs_d_tracker = keras.metrics.Mean(name="mean_abs_d")
-        self._clipped_tracker = (
-            keras.metrics.Mean(name="clipped_fraction") if self.jvp_clip is not None else None
-        )
+        self._create_training_state()
         # Filled in by the first step (see `keras_fwdgrad.connectivity`).
         self._connectivity_checked = False
         self._disconnected = ()
@@ -263,28 +208,6 @@ class ForwardGradientModel(_Trainer, keras.Model):
             arguments.check_variables(self.model)
             self._build_local_heads()
             self.built = True
-
-    def _diagnostic_trackers(self):
-        return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]
-
-    def _training_only_trackers(self):
-        """The trackers of training-only logs (local losses, diagnostics,
-        skipped steps), which `evaluate` leaves out."""
-        return (
-            self._local_loss_trackers
-            + self._diagnostic_trackers()
-            + [self._skipped_tracker, self._measured_tracker]
-        )
-
-    def _counter(self, name):
-        return self.add_weight(
-            name=name,
-            shape=(),
-            dtype=backend.module().COUNTER_DTYPE,
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
 
     def build(self, input_shape=None):
         if not self.model.built:
@@ -352,7 +275,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
                 f"{self.loss!r}. Received: y=None"
             )
         self._ensure_built(x)
-        return self._forward_gradient(x, y, sample_weight)
+        estimate = self._forward_gradient(x, y, sample_weight)
+        return estimate.loss, estimate.grads
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Exports the wrapped model for inference (see `keras.Model.export`).
@@ -380,22 +304,11 @@ class ForwardGradientModel(_Trainer, keras.Model):
 
     def get_config(self):
         config = super().get_config()
+        config.update({name: getattr(self, name) for name in options.names()})
         config.update(
-            {
-                "model": keras.saving.serialize_keras_object(self.model),
-                "direction": keras.saving.serialize_keras_object(self.direction),
-                "num_directions": self.num_directions,
-                "jvp_clip": self.jvp_clip,
-                "seed": self.seed,
-                "all_reduce": self.all_reduce,
-                "layer_rules": self.layer_rules,
-                "perturbation": self.perturbation,
-                "local_losses": self.local_losses,
-                "orthogonal_directions": self.orthogonal_directions,
-                "active_units_only": self.active_units_only,
-                "local_loss_groups": self.local_loss_groups,
-                "local_loss_patches": self.local_loss_patches,
-            }
+            model=keras.saving.serialize_keras_object(self.model),
+            direction=keras.saving.serialize_keras_object(self.direction),
+            seed=self.seed,
         )
         return config
 
