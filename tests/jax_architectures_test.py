@@ -51,7 +51,7 @@ RTOL_APPLICATION = 1e-4
 MODES = ("eager", "xla")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["eager", pytest.param("xla", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_directional_derivative_matches_jax_grad(case, mode):
     build, data, loss = CASES[case]
@@ -67,6 +67,7 @@ def test_two_fit_steps_move_every_variable_by_minus_lr_g(case):
     assert check_fit_steps(build, data, loss, "xla") < 1e-4
 
 
+@pytest.mark.slow
 def test_keras_applications_mobilenet_v2():
     """`keras.applications.MobileNetV2` (alpha 0.35, default softmax head,
     BatchNormalization, depthwise convolutions) in float32, under
