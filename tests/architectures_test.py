@@ -23,15 +23,15 @@ import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import testing
-from tests.architectures import CASES
-from tests.architectures import MIXED_PRECISION
-from tests.architectures import application
-from tests.architectures import application_data
-from tests.architectures import check_directional_derivative
-from tests.architectures import check_fit_steps
-from tests.architectures import dtype_policy
-from tests.architectures import random_inputs
-from tests.architectures import random_labels
+from tests.model_zoo import CASES
+from tests.model_zoo import MIXED_PRECISION
+from tests.model_zoo import application
+from tests.model_zoo import application_data
+from tests.model_zoo import check_directional_derivative
+from tests.model_zoo import check_fit_steps
+from tests.model_zoo import dtype_policy
+from tests.model_zoo import random_inputs
+from tests.model_zoo import random_labels
 from tests.conftest import ARCHITECTURE_MODES
 from tests.conftest import MODES
 
