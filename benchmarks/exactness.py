@@ -1,6 +1,6 @@
 """Exactness of the forward gradient on models nobody here wrote.
 
-For every architecture of `tests/architectures.py` (and the
+For every architecture of `tests/model_zoo.py` (and the
 `keras.applications` models), the relative error of the directional
 derivative `d` against the tape's `∇f·v`, in eager, graph and XLA modes,
 on both paths (`layer_rules=True` and `False`). Writes a Markdown table and
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras  # noqa: E402
 
 from keras_fwdgrad import testing  # noqa: E402
-from tests import architectures  # noqa: E402
+from tests import model_zoo  # noqa: E402
 
 JAX = keras.backend.backend() == "jax"
 # On JAX, "xla" means `jax.jit` (as "graph" would).
@@ -71,7 +71,7 @@ def main():
     args = parser.parse_args()
     # The architectures build in float32; `application()` builds (and
     # `application_data()` gives inputs) in `APPLICATION_DTYPE`.
-    cases = [(name, *architectures.CASES[name], "float32") for name in sorted(architectures.CASES)]
+    cases = [(name, *model_zoo.CASES[name], "float32") for name in sorted(model_zoo.CASES)]
     apps = ["MobileNetV2"] + (
         ["EfficientNetB0", "ResNet50V2", "DenseNet121"] if args.applications else []
     )
@@ -79,10 +79,10 @@ def main():
         cases.append(
             (
                 name,
-                architectures.application(name),
-                architectures.application_data(),
+                model_zoo.application(name),
+                model_zoo.application_data(),
                 "sparse_categorical_crossentropy",
-                architectures.APPLICATION_DTYPE,
+                model_zoo.APPLICATION_DTYPE,
             )
         )
     results = {}

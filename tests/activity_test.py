@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
+from tests.conftest import ARCHITECTURE_MODES
 
 MODES = {
     "eager": dict(run_eagerly=True),
@@ -78,7 +79,7 @@ def _single_layer_models():
     }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
 @pytest.mark.parametrize("case", list(_single_layer_models()))
 def test_full_basis_gives_the_tape_gradient(case, mode):
     """With as many orthogonal tangents as a layer has pre-activations per
@@ -270,7 +271,7 @@ def _patch_cases():
     }
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
 @pytest.mark.parametrize("case", list(_patch_cases()))
 def test_patches_full_basis_gives_the_block_gradient(case, mode):
     """With `local_loss_patches`, each unit of the block's last perturbed

@@ -23,15 +23,16 @@ import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import testing
-from tests.architectures import CASES
-from tests.architectures import MIXED_PRECISION
-from tests.architectures import application
-from tests.architectures import application_data
-from tests.architectures import check_directional_derivative
-from tests.architectures import check_fit_steps
-from tests.architectures import dtype_policy
-from tests.architectures import random_inputs
-from tests.architectures import random_labels
+from tests.model_zoo import CASES
+from tests.model_zoo import MIXED_PRECISION
+from tests.model_zoo import application
+from tests.model_zoo import application_data
+from tests.model_zoo import check_directional_derivative
+from tests.model_zoo import check_fit_steps
+from tests.model_zoo import dtype_policy
+from tests.model_zoo import random_inputs
+from tests.model_zoo import random_labels
+from tests.conftest import ARCHITECTURE_MODES
 from tests.conftest import MODES
 
 L = keras.layers
@@ -47,7 +48,7 @@ ACCUMULATOR_REFUSES_XLA = {"residual_overlapping_max_pool"}
 
 
 @pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_directional_derivative_matches_tape(case, mode, layer_rules):
     build, data, loss = CASES[case]
@@ -108,11 +109,13 @@ def test_loss_scale_factor_is_undone_before_jvp_clip_and_in_the_update(mode):
         )
 
 
+# Every `keras.applications` model is left out of the fast tier; the three
+# large ones run only on request (`-m heavy`).
 APPLICATIONS = [
-    "MobileNetV2",
-    pytest.param("EfficientNetB0", marks=pytest.mark.heavy),
-    pytest.param("ResNet50V2", marks=pytest.mark.heavy),
-    pytest.param("DenseNet121", marks=pytest.mark.heavy),
+    pytest.param("MobileNetV2", marks=pytest.mark.slow),
+    pytest.param("EfficientNetB0", marks=[pytest.mark.slow, pytest.mark.heavy]),
+    pytest.param("ResNet50V2", marks=[pytest.mark.slow, pytest.mark.heavy]),
+    pytest.param("DenseNet121", marks=[pytest.mark.slow, pytest.mark.heavy]),
 ]
 
 

@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+# Each configuration trains in a process of its own.
+pytestmark = pytest.mark.slow
+
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_script.py")
 
 

@@ -1,7 +1,7 @@
 """Exactness on the JAX backend, on models nobody on this project wrote.
 
 The JAX half of `tests/architectures_test.py`: every architecture of
-`tests/architectures.py` (a transformer encoder, LSTM, GRU, bidirectional
+`tests/model_zoo.py` (a transformer encoder, LSTM, GRU, bidirectional
 and convolutional recurrent layers, grouped, separable, transposed and 3-D
 convolutions, residual and concatenating blocks, two inputs and outputs, a
 subclassed model, raw `jax.numpy` ops, a frozen backbone, regularizers),
@@ -28,15 +28,15 @@ import numpy as np
 import pytest
 
 from keras_fwdgrad import ForwardGradientModel
-from tests.architectures import CASES
-from tests.architectures import MIXED_PRECISION
-from tests.architectures import application
-from tests.architectures import application_data
-from tests.architectures import check_directional_derivative
-from tests.architectures import check_fit_steps
-from tests.architectures import dtype_policy
-from tests.architectures import random_inputs
-from tests.architectures import random_labels
+from tests.model_zoo import CASES
+from tests.model_zoo import MIXED_PRECISION
+from tests.model_zoo import application
+from tests.model_zoo import application_data
+from tests.model_zoo import check_directional_derivative
+from tests.model_zoo import check_fit_steps
+from tests.model_zoo import dtype_policy
+from tests.model_zoo import random_inputs
+from tests.model_zoo import random_labels
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "jax",
@@ -51,7 +51,7 @@ RTOL_APPLICATION = 1e-4
 MODES = ("eager", "xla")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["eager", pytest.param("xla", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_directional_derivative_matches_jax_grad(case, mode):
     build, data, loss = CASES[case]
@@ -67,6 +67,7 @@ def test_two_fit_steps_move_every_variable_by_minus_lr_g(case):
     assert check_fit_steps(build, data, loss, "xla") < 1e-4
 
 
+@pytest.mark.slow
 def test_keras_applications_mobilenet_v2():
     """`keras.applications.MobileNetV2` (alpha 0.35, default softmax head,
     BatchNormalization, depthwise convolutions) in float32, under
