@@ -178,7 +178,9 @@ def configure_method(config, gradient, optimizer, direction=None, **extra):
     return experiments.method("backprop", optimizer=optimizer, **settings)
 
 
-def run_classification(args, *, experiment, title, dataset, build_model, configs, budgets):
+def run_classification(
+    args, *, experiment, title, dataset, build_model, configs, budgets, compare=None
+):
     """Profiles the step costs, trains every method, writes and prints.
 
     Args:
@@ -193,7 +195,10 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
         budgets: Dict `smoke`/`default`/`full` of dicts with `epochs`,
             `seeds`, `train_size`, `test_size`, `val_batches`,
             `eval_every`, `profile_steps`, `profile_repeats`.
+        compare: What trains and compares the methods of one config,
+            called as `experiments.compare_training` is (the default).
     """
+    compare = compare or experiments.compare_training
     name = budget_name(args)
     budget = dict(budgets[name])
     if args.epochs:
@@ -259,7 +264,7 @@ def run_classification(args, *, experiment, title, dataset, build_model, configs
             )
             for d in args.direction
         ] + [configure_method(config, "backprop", args.optimizer)]
-        result = experiments.compare_training(
+        result = compare(
             build_model,
             train,
             val,

@@ -14,10 +14,10 @@ accuracy, and each method's step cost relative to backprop:
   per hidden unit), one direction per step, Adam 1e-3
   (Ren et al., ICLR 2023).
 
-Offline on the MNIST subset shipped with the package (10,000 training and
-2,000 test digits) by default, in about 90 seconds on 2 CPU cores; the full
-60,000/10,000 with `--data-dir` (see `benchmarks/learning.py` for the full
-measurement).
+Prints a line per epoch and method while it trains. Offline on the MNIST
+subset shipped with the package (10,000 training and 2,000 test digits) by
+default, in about 90 seconds on 2 CPU cores; the full 60,000/10,000 with
+`--data-dir` (see `benchmarks/learning.py` for the full measurement).
 
     python examples/mnist_learning.py [--epochs 10] [--data-dir DIR]
 """
@@ -45,7 +45,26 @@ METHODS = {
 }
 
 
-def train(wrapper_args, adam, data, epochs, seed):
+class PrintEpoch(keras.callbacks.Callback):
+    """Prints one line per epoch while a method trains: its training loss,
+    test accuracy and training seconds so far (read from `curve`, which
+    must come before this callback in the list)."""
+
+    def __init__(self, name, curve):
+        super().__init__()
+        self.name = name
+        self.curve = curve
+
+    def on_epoch_end(self, epoch, logs=None):
+        point = self.curve.points[-1]
+        print(
+            f"  {self.name:<28} epoch {point['epoch']:>3}  loss {logs['loss']:.4f}  "
+            f"test accuracy {point['test_accuracy']:.3f}  {point['seconds']:6.1f} s",
+            flush=True,
+        )
+
+
+def train(name, wrapper_args, adam, data, epochs, seed):
     keras.utils.set_random_seed(seed)
     base = architectures.mlp()
     adam = dict(adam)
@@ -69,7 +88,7 @@ def train(wrapper_args, adam, data, epochs, seed):
         batch_size=64,
         epochs=epochs,
         verbose=0,
-        callbacks=[curve],
+        callbacks=[curve, PrintEpoch(name, curve)],
     )
     return curve
 
@@ -88,7 +107,7 @@ def main(argv=None):
     print(f"MNIST ({source}): {n} training, {len(data['x_test'])} test images")
     report = {}
     for name, (wrapper_args, adam) in METHODS.items():
-        curve = train(wrapper_args, adam, data, args.epochs, args.seed)
+        curve = train(name, wrapper_args, adam, data, args.epochs, args.seed)
         report[name] = {
             "curve": curve.points,
             "median_step_seconds": curve.median_step_seconds(),

@@ -172,7 +172,9 @@ def test_tune_table1_smoke(tmp_path):
 
 
 def test_quickstart_trains_and_compares_with_backprop():
-    """`examples/quickstart.py` runs top to bottom and prints both rows."""
+    """`examples/quickstart.py` runs top to bottom, prints both rows, and
+    its forward gradient learns (fixed seeds, one epoch of the bundled
+    10,000 digits)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "quickstart.py"), "--epochs", "1"],
@@ -188,35 +190,55 @@ def test_quickstart_trains_and_compares_with_backprop():
         if line.startswith(("forward gradient", "backprop"))
     }
     assert set(rows) == {"forward gradient", "backprop"}
-    for accuracy, seconds in rows.values():
-        assert 0.0 < float(accuracy) <= 1.0 and float(seconds) > 0
+    # Measured with seed 0: forward gradient 0.832, backprop 0.887. Chance
+    # is 0.1; the papers' weight perturbation, which does not learn on this
+    # budget, stays below 0.5, and a wrong estimate (zero, or the sign
+    # flipped) near or below chance.
+    forward_accuracy, forward_seconds = map(float, rows["forward gradient"])
+    backprop_accuracy, backprop_seconds = map(float, rows["backprop"])
+    assert forward_accuracy > 0.75
+    assert backprop_accuracy > 0.8
+    assert forward_seconds > 0 and backprop_seconds > 0
 
 
 def test_mnist_learning_example_runs(tmp_path):
+    """The main job prints a line per epoch and method while it trains, and
+    backprop and activity perturbation learn (fixed seed, 2 epochs of 1,024
+    bundled digits)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = tmp_path / "learning.json"
-    subprocess.run(
+    stdout = subprocess.run(
         [
             sys.executable,
             os.path.join(EXAMPLES, "mnist_learning.py"),
             "--epochs",
             "2",
             "--train-size",
-            "256",
+            "1024",
             "--out",
             str(out),
         ],
         check=True,
         timeout=600,
         env=env,
-    )
+        capture_output=True,
+        text=True,
+    ).stdout
     report = json.loads(out.read_text())
     assert set(report) == {"backprop", "papers' forward gradient", "activations + local losses"}
-    for r in report.values():
+    for name, r in report.items():
         assert len(r["curve"]) == 2
         assert r["curve"][0]["seconds"] < r["curve"][1]["seconds"]
         assert r["median_step_seconds"] > 0
-        assert 0.0 <= r["summary"]["best_test_accuracy"] <= 1.0
+        lines = [line.split() for line in stdout.splitlines()]
+        epochs = [line for line in lines if " ".join(line).startswith(f"{name} epoch ")]
+        assert len(epochs) == 2 and "accuracy" in epochs[0], stdout
+    best = {name: r["summary"]["best_test_accuracy"] for name, r in report.items()}
+    # Measured with seed 0: backprop 0.803, activations + local losses 0.442,
+    # papers' forward gradient 0.072 (chance is 0.1). A wrong activity
+    # estimate stays near chance.
+    assert best["backprop"] > 0.7
+    assert best["activations + local losses"] > 0.35
 
 
 @pytest.mark.parametrize(
