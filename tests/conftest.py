@@ -26,15 +26,3 @@ def _fresh_keras_state():
     keras.backend.clear_session()
     keras.utils.set_random_seed(1234)
     yield
-
-
-# Slow as a whole, but edited elsewhere at the moment: these two files are
-# marked here until each carries `pytestmark = pytest.mark.slow` itself (then
-# delete this hook). Every other slow test is marked where it is defined.
-_SLOW_FILES_MARKED_HERE = {"examples_test.py", "tuning_test.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in _SLOW_FILES_MARKED_HERE:
-            item.add_marker(pytest.mark.slow)

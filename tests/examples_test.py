@@ -11,6 +11,8 @@ import pytest
 
 from keras_fwdgrad.research import table1
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 

@@ -3,6 +3,7 @@
 an experiment's method, searched by the tuner and saved with the model."""
 
 import inspect
+import os
 
 import keras
 import pytest
@@ -109,3 +110,13 @@ def test_unknown_options_are_refused_by_name():
 
     with pytest.raises(TypeError, match="unknown keyword argument.*'num_direction'"):
         tuning.LearningRateHyperModel(_mlp, num_direction=(1, 2))
+
+
+def test_every_option_is_in_the_readme_options_table():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme[readme.index("## Options") :]
+    table = table[: table.index("\n## ", 1)]
+    missing = [n for n in options.names() if f"| `{n}` |" not in table]
+    assert not missing, f"README's options table lacks {missing}"
