@@ -6,8 +6,71 @@ import numbers
 
 import keras
 
+from keras_fwdgrad import directions
+
 ALL_REDUCE_MODES = ("directional_derivatives", "gradients")
 PERTURBATIONS = ("weights", "activations")
+
+
+def check_model(model):
+    """Raises a `TypeError` unless `model` is a Keras model or layer."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "`model` must be a Keras model or layer. "
+            f"Received: model={model!r} of type {type(model)}"
+        )
+
+
+def checked_options(
+    direction,
+    num_directions,
+    jvp_clip,
+    seed,
+    all_reduce,
+    layer_rules,
+    perturbation,
+    local_losses,
+    orthogonal_directions,
+    active_units_only,
+    local_loss_groups,
+    local_loss_patches,
+):
+    """Checks `ForwardGradientModel`'s forward options and returns them
+    normalized (the direction as a `Direction`, numbers as Python ints and
+    floats, layer names as a list), `seed` left out.
+
+    Raises:
+        ValueError, TypeError: naming the first bad argument.
+    """
+    check_all_reduce(all_reduce)
+    check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules)
+    check_activity_arguments(
+        perturbation,
+        local_losses,
+        orthogonal_directions,
+        active_units_only,
+        local_loss_groups,
+        local_loss_patches,
+    )
+    return {
+        "direction": directions.get(direction),
+        "num_directions": int(num_directions),
+        "jvp_clip": None if jvp_clip is None else float(jvp_clip),
+        "all_reduce": all_reduce,
+        "layer_rules": layer_rules,
+        "perturbation": perturbation,
+        "local_losses": (
+            list(local_losses) if isinstance(local_losses, (list, tuple)) else local_losses
+        ),
+        "orthogonal_directions": orthogonal_directions,
+        "active_units_only": active_units_only,
+        "local_loss_groups": (
+            local_loss_groups if local_loss_groups == "channels" else int(local_loss_groups)
+        ),
+        "local_loss_patches": (
+            local_loss_patches if local_loss_patches == "positions" else int(local_loss_patches)
+        ),
+    }
 
 
 def check_all_reduce(all_reduce):

@@ -110,9 +110,7 @@ class ForwardGradientModel(_Trainer, keras.Model):
         local_loss_patches: Integer (default 1) or `"positions"`. With
             `local_losses`, also split each block's output positions into
             this many patches per spatial axis, each with its own loss.
-
-        The activity options in full, with what they cost and what they
-        learn: `docs/activity.md`.
+            The activity options in full: `docs/activity.md`.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
     Example:
@@ -120,17 +118,13 @@ class ForwardGradientModel(_Trainer, keras.Model):
     ```python
     base = keras.Sequential([
         keras.Input((784,)),
-        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(256, activation="relu"),
         keras.layers.Dense(10, activation="softmax"),
     ])
-    model = ForwardGradientModel(base, direction="gaussian", seed=0)
-    model.compile(
-        optimizer=keras.optimizers.SGD(2e-4, momentum=0.9, nesterov=True),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=True,
-    )
-    model.fit(x_train, y_train, batch_size=64, epochs=5)
+    model = ForwardGradientModel(
+        base, perturbation="activations", local_losses="auto", local_loss_groups="channels")
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train, y_train, batch_size=64, epochs=10)
     ```
 
     Reference:
@@ -160,42 +154,27 @@ class ForwardGradientModel(_Trainer, keras.Model):
         **kwargs,
     ):
         backend.check()
-        arguments.check_all_reduce(all_reduce)
-        if not isinstance(model, keras.layers.Layer):
-            raise TypeError(
-                "`model` must be a Keras model or layer. "
-                f"Received: model={model!r} of type {type(model)}"
-            )
-        arguments.check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules)
-        arguments.check_activity_arguments(
-            perturbation,
-            local_losses,
-            orthogonal_directions,
-            active_units_only,
-            local_loss_groups,
-            local_loss_patches,
+        arguments.check_model(model)
+        checked = arguments.checked_options(
+            direction=direction,
+            num_directions=num_directions,
+            jvp_clip=jvp_clip,
+            seed=seed,
+            all_reduce=all_reduce,
+            layer_rules=layer_rules,
+            perturbation=perturbation,
+            local_losses=local_losses,
+            orthogonal_directions=orthogonal_directions,
+            active_units_only=active_units_only,
+            local_loss_groups=local_loss_groups,
+            local_loss_patches=local_loss_patches,
         )
-        direction = directions_module.get(direction)
         super().__init__(**kwargs)
         self.model = model
-        self.direction = direction
-        self.num_directions = int(num_directions)
-        self.jvp_clip = None if jvp_clip is None else float(jvp_clip)
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
-        self.all_reduce = all_reduce
-        self.layer_rules = layer_rules
-        self.perturbation = perturbation
-        self.local_losses = (
-            list(local_losses) if isinstance(local_losses, (list, tuple)) else local_losses
-        )
-        self.orthogonal_directions = orthogonal_directions
-        self.active_units_only = active_units_only
-        self.local_loss_groups = (
-            local_loss_groups if local_loss_groups == "channels" else int(local_loss_groups)
-        )
-        self.local_loss_patches = (
-            local_loss_patches if local_loss_patches == "positions" else int(local_loss_patches)
-        )
+        # One attribute per forward option, named as the argument.
+        for name, value in checked.items():
+            setattr(self, name, value)
         self._check_backend_arguments()
         self.local_heads = []
         self._local_loss_ends = []
@@ -287,9 +266,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
         return self.model.export(filepath, format=format, **kwargs)
 
     def summary(self, *args, **kwargs):
-        """Prints the wrapped model's summary (see `keras.Model.summary`):
-        its layers and parameters. The wrapper's two step counters and any
-        `local_heads` are training-only and not counted."""
+        """Prints the wrapped model's summary (`keras.Model.summary`); the
+        training-only step counters and `local_heads` are not counted."""
         return self.model.summary(*args, **kwargs)
 
     def save(self, filepath, *args, **kwargs):
