@@ -31,7 +31,8 @@ self-attention) carries its tangent to every use.
 A softmax or sigmoid output keeps the tangent of its logits
 (`logits_tangent`), since Keras' cross-entropies read those logits. Where
 TensorFlow's own forward mode is known to be wrong for a layer that falls
-back to the per-layer path (`inexact_reason`), the pass raises instead.
+back to the per-layer path (`keras_fwdgrad.backend.forward_mode_fixes`),
+the pass raises instead.
 
 `ForwardGradientModel` uses these rules when `supports(model)` holds and
 `layer_rules=True` (the default), and `tf.autodiff.ForwardAccumulator` over
@@ -44,8 +45,9 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import tangents as tangents_module
+from keras_fwdgrad.backend import forward_mode_fixes
+from keras_fwdgrad.backend.forward_mode_fixes import grouped_convolution
 from keras_fwdgrad.tangents import to_dense
-from keras_fwdgrad.ops import grouped_convolution
 from keras_fwdgrad.ops import jvp
 
 L = keras.layers
@@ -391,39 +393,12 @@ def _jvp_keeping_logits(fn, primals, duals):
     return y, y_dot
 
 
-def inexact_reason(layer, graph):
-    """Why TensorFlow's own forward-mode derivative of `layer` is wrong, or
-    `None` when it is exact.
-
-    TensorFlow 2.21 computes the forward-mode derivative of max-pooling
-    with overlapping windows wrongly under XLA, without any error. (Its
-    wrong derivative of the nested XLA function through which Keras runs
-    grouped convolutions is avoided for every path by
-    `_compat.exact_convolutions`.)
-
-    Args:
-        layer: A Keras layer.
-        graph: Whether the step runs as a graph (`tf.function`).
-
-    Returns:
-        A string saying what is wrong, or `None`.
-    """
-    if not graph:
-        return None
-    if isinstance(layer, _MAX_POOLS) and _compat.in_xla_context():
-        if any(s < p for s, p in zip(layer.strides, layer.pool_size)):
-            return (
-                "TensorFlow's forward-mode derivative of max-pooling with "
-                "overlapping windows is wrong under XLA"
-            )
-    return None
-
-
 def check_exact(layer, fix):
     """Raises a `ValueError` naming `layer` if TensorFlow's own forward-mode
-    derivative of it is wrong here (see `inexact_reason`); `fix` says what
-    to change."""
-    reason = inexact_reason(layer, graph=not tf.executing_eagerly())
+    derivative of it is wrong here (see
+    `keras_fwdgrad.backend.forward_mode_fixes.inexact_reason`); `fix` says
+    what to change."""
+    reason = forward_mode_fixes.inexact_reason(layer, graph=not tf.executing_eagerly())
     if reason is not None:
         raise ValueError(
             f"Cannot compute an exact forward-mode derivative of layer "
@@ -609,7 +584,6 @@ def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
 
 
 _CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
-_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
 
 
 def convolution(layer):

@@ -133,37 +133,3 @@ def forward_gradient(directional_derivatives, directions):
     if num_directions > 1:
         grads = [g / num_directions for g in grads]
     return grads
-
-
-_DATA_FORMATS = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
-
-
-def grouped_convolution(x, kernel, strides, padding, dilations):
-    """A channels-last (grouped) convolution, computed group by group.
-
-    Keras runs grouped convolutions through a nested XLA-compiled function,
-    whose forward-mode derivative TensorFlow 2.21 gets wrong in a
-    `tf.function`; `tf.nn.convolution` on each group is exact.
-
-    Args:
-        x: Channels-last input, `[batch, *spatial, groups * c]`.
-        kernel: `[*window, c, filters]`, `filters` divisible by the groups.
-        strides, dilations: Ints or lists, as for `tf.nn.convolution`.
-        padding: `"valid"` or `"same"` (any case).
-
-    Returns:
-        The convolution, channels last.
-    """
-    groups = x.shape[-1] // kernel.shape[-2]
-    outputs = [
-        tf.nn.convolution(
-            a,
-            k,
-            strides=strides,
-            padding=padding.upper(),
-            data_format=_DATA_FORMATS[len(x.shape)],
-            dilations=dilations,
-        )
-        for a, k in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
-    ]
-    return outputs[0] if groups == 1 else tf.concat(outputs, axis=-1)
