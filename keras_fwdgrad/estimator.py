@@ -35,17 +35,6 @@ def uses_layer_rules(model):
     return model.layer_rules and layer_rules.supports(model.model)
 
 
-def _check_accumulator_is_exact(model):
-    """Raises where TensorFlow's forward mode over the whole model would be
-    silently wrong (see `forward_mode_fixes.inexact_reason`)."""
-    if layer_rules.supports(model.model):
-        fix = ". Use `layer_rules=True` (the default), which computes it exactly"
-    else:
-        fix = ". Compile with `run_eagerly=True` (or `jit_compile=False` for max-pooling)"
-    for layer in _compat.all_layers(model.model):
-        layer_rules.check_exact(layer, fix)
-
-
 def _rules_pass(model, x, y, sample_weight, vs):
     """One pass through `keras_fwdgrad.layer_rules` carrying the K
     directions `vs` at once.
@@ -176,7 +165,7 @@ def estimate(model, x, y, sample_weight, xla=False):
     disconnected = _disconnected_variables(model, x, y, sample_weight)
     with (
         forward_mode_fixes.recurrences_unrolled(model.model),
-        forward_mode_fixes.exact_convolutions(),
+        forward_mode_fixes.exact_keras_ops(),
     ):
         try:
             loss, y_pred, ds, vs = _passes(model, x, y, sample_weight, xla)
@@ -210,7 +199,7 @@ def _activity_passes(model, x, y, sample_weight):
     results = []
     with (
         forward_mode_fixes.recurrences_unrolled(model.model),
-        forward_mode_fixes.exact_convolutions(),
+        forward_mode_fixes.exact_keras_ops(),
     ):
         for k in range(model.num_directions):
             restore(k)
@@ -252,8 +241,6 @@ def _passes(model, x, y, sample_weight, xla):
 
     losses, ds, vs = [], [], []
     rules = uses_layer_rules(model)
-    if not rules:
-        _check_accumulator_is_exact(model)
     if rules and model.num_directions > 1 and layer_rules.supports_batched_tangents(model.model):
         # All K directions in one pass: the primal runs once.
         vs = [draw(k) for k in range(model.num_directions)]

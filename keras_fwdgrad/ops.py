@@ -16,6 +16,8 @@ from keras_fwdgrad.tangents import to_dense
 if backend.name() == "tensorflow":
     import tensorflow as tf
 
+    from keras_fwdgrad.backend import forward_mode_fixes
+
 _HINT = (
     "TensorFlow computes forward-mode derivatives from the registered "
     "gradient of each op, and this op has none it can use. Replace the "
@@ -51,7 +53,9 @@ def jvp(fn, variables, tangents):
     the variables' values as primals (a `keras.StatelessScope` maps the
     variables to them). Either way the directional derivative comes out of
     the same single forward pass as the outputs, and no gradient tape or
-    backward pass is used.
+    backward pass is used. On TensorFlow, the Keras ops whose forward-mode
+    derivative TensorFlow gets wrong run through exact equivalents
+    meanwhile (`keras_fwdgrad.backend.forward_mode_fixes.exact_keras_ops`).
 
     Args:
         fn: Callable with no arguments returning a tensor or a nested
@@ -72,8 +76,9 @@ def jvp(fn, variables, tangents):
         return backend.module().jvp(fn, variables, tangents)
     primals = [_backing_variable(v) for v in variables]
     try:
-        with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
-            outputs = fn()
+        with forward_mode_fixes.exact_keras_ops():
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+                outputs = fn()
     except (LookupError, NotImplementedError, TypeError) as e:
         if isinstance(e, TypeError) and "gradient" not in str(e).lower():
             raise

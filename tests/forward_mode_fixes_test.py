@@ -80,8 +80,9 @@ def test_exact_convolutions_gives_the_grouped_convolution_jvp(mode):
 
 def test_tensorflow_overlapping_max_pool_jvp_is_still_wrong_under_xla():
     """TensorFlow's forward-mode derivative of max-pooling with overlapping
-    windows is wrong under XLA (relative error 1.3e-2 here). Refused by
-    `forward_mode_fixes.inexact_reason` and `check_traced_ops`."""
+    windows is wrong under XLA (relative error 1.3e-2 here). Fix:
+    `forward_mode_fixes.exact_max_pooling` (and `check_traced_ops`, which
+    refuses raw `tf.nn.max_pool*` ops it does not reach)."""
     x, tangent = _normal(4, 13, 3), _normal(4, 13, 3, seed=1)
     fn = lambda: tf.nn.max_pool1d(x, 3, 2, "SAME")  # noqa: E731
     ref = _tape(fn, x, tangent)
@@ -118,3 +119,73 @@ def test_recurrences_unrolled_gives_the_recurrent_jvp(mode):
 
     np.testing.assert_allclose(float(_run(mode, fixed)), ref, rtol=RTOL, atol=ATOL)
     assert not layer.unroll
+
+
+POOLS = {
+    "1d_same": ((4, 13, 3), 3, 2, "same"),
+    "2d_same": ((2, 12, 12, 3), 3, 2, "same"),
+    "2d_valid_rectangular": ((2, 9, 8, 2), (3, 2), (2, 1), "valid"),
+    "3d_valid": ((2, 7, 7, 7, 2), 3, 2, "valid"),
+    "3d_same_mixed": ((2, 7, 8, 6, 2), (3, 2, 3), (2, 1, 2), "same"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(POOLS))
+def test_exact_max_pool_is_max_pooling_with_an_exact_jvp(case, mode):
+    """The values of `tf.nn.max_pool` bit for bit, and a JVP equal to the
+    tape's, with overlapping windows in every mode."""
+    shape, pool, strides, padding = POOLS[case]
+    x, tangent = _normal(*shape), _normal(*shape, seed=1)
+    fn = lambda: forward_mode_fixes.exact_max_pool(x, pool, strides, padding)  # noqa: E731
+    data_format = {3: "NWC", 4: "NHWC", 5: "NDHWC"}[len(shape)]
+    native = lambda: tf.nn.max_pool(x, pool, strides, padding.upper(), data_format)  # noqa: E731
+    y, expected = _run(mode, lambda: (fn(), native()))
+    np.testing.assert_array_equal(y, expected)
+    ref = _tape(native, x, tangent)
+    d = float(_run(mode, lambda: _jvp(fn, x, tangent)))
+    assert abs(ref) > 1.0
+    np.testing.assert_allclose(d, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_max_pool_on_ties_follows_the_gradient(mode):
+    """With tied maxima (and all-negative windows next to padding), the
+    tangent is the Jacobian that TensorFlow's gradient defines (it routes
+    to the first maximal element) times the input tangent."""
+    x = tf.constant([[[3.0], [3.0], [-1.0], [-5.0], [-1.0], [-1.0]]])
+    x_dot = tf.constant([[[10.0], [20.0], [30.0], [40.0], [50.0], [60.0]]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.nn.max_pool1d(x, 3, 2, "SAME")
+    ref = tf.einsum("aobcid,cid->abo", tape.jacobian(y, x), x_dot)
+
+    def fixed():
+        with tf.autodiff.ForwardAccumulator(x, x_dot) as acc:
+            y = forward_mode_fixes.exact_max_pool(x, 3, 2, "same")
+        return acc.jvp(y)
+
+    np.testing.assert_array_equal(_run(mode, fixed).numpy().ravel(), ref.numpy().ravel())
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda f: keras.layers.MaxPooling1D(3, 2, padding="same", data_format=f),
+        lambda f: keras.layers.MaxPooling2D(3, 2, padding="same", data_format=f),
+        lambda f: keras.layers.MaxPooling3D(3, 2, data_format=f),
+    ],
+    ids=["1d", "2d", "3d"],
+)
+def test_exact_max_pooling_fixes_keras_layers_under_xla(layer, data_format):
+    layer = layer(data_format)
+    shape = {1: (4, 9, 3), 2: (2, 9, 9, 3), 3: (2, 5, 7, 7, 7)}[len(layer.pool_size)]
+    x, tangent = _normal(*shape), _normal(*shape, seed=1)
+    ref = _tape(lambda: layer(x), x, tangent)
+
+    def fixed():
+        with forward_mode_fixes.exact_max_pooling():
+            return _jvp(lambda: layer(x), x, tangent)
+
+    np.testing.assert_allclose(float(_run("xla", fixed)), ref, rtol=RTOL, atol=ATOL)

@@ -14,6 +14,7 @@ TensorFlow attributes the fixes use are read through `keras_fwdgrad._compat`.
 """
 
 import contextlib
+import itertools
 
 import keras
 import tensorflow as tf
@@ -102,52 +103,144 @@ def exact_convolutions():
         yield
 
 
-# Max-pooling layers, whose forward-mode derivative TensorFlow gets wrong
-# under XLA when their windows overlap.
-_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
+def _as_tuple(value, rank):
+    return (value,) * rank if isinstance(value, int) else tuple(value)
 
 
-def inexact_reason(layer, graph):
-    """Why TensorFlow's own forward-mode derivative of `layer` is wrong, or
-    `None` when it is exact.
+def _size(t, axis):
+    """The static size of `t` along `axis`, or its dynamic one."""
+    size = t.shape[axis]
+    return tf.shape(t)[axis] if size is None else size
 
-    TensorFlow computes the forward-mode derivative of max-pooling with
-    overlapping windows wrongly under XLA, without any error. (Its wrong
-    derivative of the nested XLA function through which Keras runs grouped
-    convolutions is avoided for every path by `exact_convolutions`.)
+
+def exact_max_pool(x, pool_size, strides, padding):
+    """Max-pooling whose forward-mode derivative is exact under XLA.
+
+    Computes channels-last max-pooling (1-D, 2-D or 3-D, any window,
+    stride and padding) as a gather: each window's maximum is located with
+    `tf.argmax` over its elements (the first one on ties, as TensorFlow's
+    gradient picks) and then read from the input. The values are those of
+    `tf.nn.max_pool`; the forward-mode derivative is the tangent read at
+    the same positions, which TensorFlow computes exactly in every mode.
+    TensorFlow's own forward-mode derivative of max-pooling with
+    overlapping windows is wrong under XLA, without any error.
 
     Found on TensorFlow 2.21.0. Shown fixed by
     `tests/forward_mode_fixes_test.py::test_tensorflow_overlapping_max_pool_jvp_is_still_wrong_under_xla`
     failing.
 
     Args:
-        layer: A Keras layer.
-        graph: Whether the step runs as a graph (`tf.function`).
+        x: Floating channels-last input, `[batch, *spatial, channels]`.
+        pool_size: Int or tuple, the window size along each spatial axis.
+        strides: Int or tuple, the stride along each spatial axis.
+        padding: `"valid"` or `"same"` (any case).
 
     Returns:
-        A string saying what is wrong, or `None`.
+        The pooled tensor, `[batch, *pooled spatial, channels]`.
     """
-    if not graph:
-        return None
-    if isinstance(layer, _MAX_POOLS) and _compat.in_xla_context():
-        if any(s < p for s, p in zip(layer.strides, layer.pool_size)):
-            return (
-                "TensorFlow's forward-mode derivative of max-pooling with "
-                "overlapping windows is wrong under XLA"
+    rank = len(x.shape) - 2
+    pool = _as_tuple(pool_size, rank)
+    strides = _as_tuple(strides, rank)
+    pads, outs = [(0, 0)], []
+    for axis, (k, s) in enumerate(zip(pool, strides)):
+        n = _size(x, 1 + axis)
+        if padding.upper() == "SAME":
+            out = -(-n // s)
+            total = (
+                tf.maximum((out - 1) * s + k - n, 0)
+                if tf.is_tensor(n)
+                else max((out - 1) * s + k - n, 0)
             )
-    return None
+            pads.append((total // 2, total - total // 2))
+        else:
+            out = (n - k) // s + 1
+            pads.append((0, 0))
+        outs.append(out)
+    pads.append((0, 0))
+    # Padding never wins the maximum, as in max-pooling itself.
+    padded = tf.pad(x, pads, constant_values=float("-inf"))
+    shape = tf.shape(padded)
+    primal = tf.stop_gradient(padded)
+    windows = []
+    for offset in itertools.product(*(range(k) for k in pool)):
+        index = tuple(slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, outs, strides))
+        windows.append(primal[(slice(None),) + index])
+    # [batch, *out, channels]: the position of each window's maximum in
+    # the window, row-major.
+    which = tf.argmax(tf.stack(windows, axis=-1), axis=-1, output_type=tf.int32)
+    # Its index in the flattened padded input.
+    index = tf.zeros_like(which) + tf.reshape(tf.range(shape[0]), [-1] + [1] * (rank + 1))
+    inner = len(windows)
+    for axis in range(rank):
+        inner //= pool[axis]
+        start = tf.range(outs[axis]) * strides[axis]
+        start = tf.reshape(start, [1] * (axis + 1) + [-1] + [1] * (rank - axis))
+        index = index * shape[1 + axis] + start + (which // inner) % pool[axis]
+    index = index * shape[-1] + tf.range(shape[-1])
+    return tf.gather(tf.reshape(padded, [-1]), index)
+
+
+def _exact_max_pool_under_xla(original):
+    """Keras' TensorFlow `max_pool`, with overlapping windows computed by
+    `exact_max_pool` under XLA."""
+
+    def max_pool(inputs, pool_size, strides=None, padding="valid", data_format=None):
+        rank = len(inputs.shape) - 2
+        pool = _as_tuple(pool_size, rank)
+        step = pool if strides is None else _as_tuple(strides, rank)
+        overlapping = any(s < k for k, s in zip(pool, step))
+        if not (overlapping and inputs.dtype.is_floating and _compat.in_xla_context()):
+            return original(inputs, pool_size, strides, padding, data_format)
+        data_format = data_format or keras.config.image_data_format()
+        x = inputs
+        if data_format == "channels_first":
+            x = tf.transpose(x, [0, *range(2, rank + 2), 1])
+        y = exact_max_pool(x, pool, step, padding)
+        if data_format == "channels_first":
+            y = tf.transpose(y, [0, rank + 1, *range(1, rank + 1)])
+        return y
+
+    return max_pool
+
+
+@contextlib.contextmanager
+def exact_max_pooling():
+    """While a forward-mode pass is traced, runs `keras.ops.max_pool` (and
+    so every Keras `MaxPooling` layer) with overlapping windows through
+    `exact_max_pool` under XLA.
+
+    TensorFlow's forward-mode derivative of max-pooling with overlapping
+    windows is wrong under XLA, without any error. Elsewhere, and for
+    windows that do not overlap, Keras' own `max_pool` runs.
+
+    Found on TensorFlow 2.21.0 (Keras 3.15.1). Shown fixed by
+    `tests/forward_mode_fixes_test.py::test_tensorflow_overlapping_max_pool_jvp_is_still_wrong_under_xla`
+    failing.
+    """
+    with _compat.keras_tensorflow_nn_replaced("max_pool", _exact_max_pool_under_xla):
+        yield
+
+
+@contextlib.contextmanager
+def exact_keras_ops():
+    """`exact_convolutions` and `exact_max_pooling` together: while a
+    forward-mode pass is traced, every Keras op whose forward-mode
+    derivative TensorFlow gets wrong runs through an exact equivalent."""
+    with exact_convolutions(), exact_max_pooling():
+        yield
 
 
 # The ops TensorFlow's forward mode builds for max-pooling (the gradient of
-# its gradient), which XLA computes wrongly for overlapping windows. The
-# layer rules never build them.
+# its gradient), which XLA computes wrongly for overlapping windows. Neither
+# the layer rules nor `exact_max_pool` build them.
 _MAX_POOL_JVP_OPS = ("MaxPoolGradGrad", "MaxPoolGradGradV2", "MaxPool3DGradGrad")
 
 
 def check_traced_ops():
     """Raises if the XLA graph being traced holds TensorFlow's forward-mode
-    derivative of max-pooling with overlapping windows (for example from
-    `tf.nn.max_pool2d` in your own layer), which XLA gets wrong.
+    derivative of max-pooling with overlapping windows, which XLA gets
+    wrong: from `tf.nn.max_pool2d` or another raw TensorFlow op in your own
+    layer, which `exact_max_pooling` does not reach.
 
     Found on TensorFlow 2.21.0. Shown fixed by
     `tests/forward_mode_fixes_test.py::test_tensorflow_overlapping_max_pool_jvp_is_still_wrong_under_xla`
@@ -171,8 +264,9 @@ def check_traced_ops():
                 f"Cannot compute an exact forward-mode derivative of op "
                 f"`{node.name}` ({node.op}): TensorFlow's forward-mode "
                 "derivative of max-pooling with overlapping windows is wrong "
-                "under XLA. Use a `keras.layers.MaxPooling1D`/`MaxPooling2D` "
-                "layer in a model the layer rules run, or compile with "
+                "under XLA. Use `keras.ops.max_pool` or a "
+                "`keras.layers.MaxPooling1D`/`2D`/`3D` layer, whose "
+                "derivative is computed exactly, or compile with "
                 "`jit_compile=False`."
             )
 
