@@ -189,3 +189,21 @@ def test_exact_max_pooling_fixes_keras_layers_under_xla(layer, data_format):
             return _jvp(lambda: layer(x), x, tangent)
 
     np.testing.assert_allclose(float(_run("xla", fixed)), ref, rtol=RTOL, atol=ATOL)
+
+
+def test_exact_max_pooling_compiles_float64_under_xla():
+    """TensorFlow cannot compile its forward-mode derivative of
+    max-pooling in float64 under XLA, for any window; `exact_max_pooling`
+    can."""
+    layer = keras.layers.MaxPooling2D(2, dtype="float64")
+    x = tf.cast(_normal(2, 6, 6, 3), "float64")
+    tangent = tf.cast(_normal(2, 6, 6, 3, seed=1), "float64")
+    ref = _tape(lambda: layer(x), x, tangent)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="MaxPoolGradGrad"):
+        _run("xla", lambda: _jvp(lambda: layer(x), x, tangent))
+
+    def fixed():
+        with forward_mode_fixes.exact_max_pooling():
+            return _jvp(lambda: layer(x), x, tangent)
+
+    np.testing.assert_allclose(float(_run("xla", fixed)), ref, rtol=1e-12)

@@ -181,15 +181,14 @@ def exact_max_pool(x, pool_size, strides, padding):
 
 
 def _exact_max_pool_under_xla(original):
-    """Keras' TensorFlow `max_pool`, with overlapping windows computed by
-    `exact_max_pool` under XLA."""
+    """Keras' TensorFlow `max_pool`, computed by `exact_max_pool` under
+    XLA."""
 
     def max_pool(inputs, pool_size, strides=None, padding="valid", data_format=None):
         rank = len(inputs.shape) - 2
         pool = _as_tuple(pool_size, rank)
         step = pool if strides is None else _as_tuple(strides, rank)
-        overlapping = any(s < k for k, s in zip(pool, step))
-        if not (overlapping and inputs.dtype.is_floating and _compat.in_xla_context()):
+        if not (inputs.dtype.is_floating and _compat.in_xla_context()):
             return original(inputs, pool_size, strides, padding, data_format)
         data_format = data_format or keras.config.image_data_format()
         x = inputs
@@ -206,12 +205,12 @@ def _exact_max_pool_under_xla(original):
 @contextlib.contextmanager
 def exact_max_pooling():
     """While a forward-mode pass is traced, runs `keras.ops.max_pool` (and
-    so every Keras `MaxPooling` layer) with overlapping windows through
-    `exact_max_pool` under XLA.
+    so every Keras `MaxPooling` layer) through `exact_max_pool` under XLA.
 
     TensorFlow's forward-mode derivative of max-pooling with overlapping
-    windows is wrong under XLA, without any error. Elsewhere, and for
-    windows that do not overlap, Keras' own `max_pool` runs.
+    windows is wrong under XLA, without any error; for any window, XLA
+    cannot compile it in float64 (no `MaxPoolGradGrad` kernel). Outside
+    XLA, Keras' own `max_pool` runs.
 
     Found on TensorFlow 2.21.0 (Keras 3.15.1). Shown fixed by
     `tests/forward_mode_fixes_test.py::test_tensorflow_overlapping_max_pool_jvp_is_still_wrong_under_xla`
