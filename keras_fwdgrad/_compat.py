@@ -16,8 +16,6 @@ if keras.backend.backend() == "tensorflow":
     # The TensorFlow-only helpers below are called on that backend only.
     import tensorflow as tf
 
-    from keras_fwdgrad.ops import grouped_convolution
-
 # Op types whose output Keras' TensorFlow cross-entropies replace by the
 # op's input (`keras/src/backend/tensorflow/nn.py::_get_logits`).
 _LOGITS_OP_TYPES = ("Softmax", "Sigmoid")
@@ -265,63 +263,39 @@ class BuildsFromOneReplica:
             self._symbolic_build(data_batch=data_batch)
 
 
-def _group_by_group_conv(original):
-    """Keras' TensorFlow `conv`, with grouped and channels-first 3-D
-    convolutions computed group by group in channels-last layout."""
-
-    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-        data_format = data_format or keras.config.image_data_format()
-        channels_last = data_format == "channels_last"
-        channels = inputs.shape[-1] if channels_last else inputs.shape[1]
-        rank = len(inputs.shape)
-        if channels == kernel.shape[-2] and (channels_last or rank != 5):
-            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
-        x = inputs
-        if not channels_last:
-            x = tf.transpose(x, [0, *range(2, rank), 1])
-        y = grouped_convolution(x, kernel, strides, padding, dilation_rate)
-        if not channels_last:
-            y = tf.transpose(y, [0, rank - 1, *range(1, rank - 1)])
-        return y
-
-    return conv
-
-
-_CONV_LOCK = threading.Lock()
-_CONV_DEPTH = [0, None]
+_NN_LOCK = threading.Lock()
+_NN_SWAPS = {}
 
 
 @contextlib.contextmanager
-def exact_convolutions():
-    """While a forward-mode pass is traced, runs `keras.ops.conv` (and so
-    every Keras `Conv` layer) without a nested XLA-compiled function.
+def keras_tensorflow_nn_replaced(name, make_replacement):
+    """While the context is active, makes `keras.ops.<name>` (and so every
+    Keras layer that calls it) run `make_replacement(original)`.
 
-    Keras' TensorFlow backend runs grouped convolutions, and channels-first
-    3-D ones, through a `tf.function(jit_compile=True)` nested in the step;
-    TensorFlow 2.21's forward-mode derivative through it is wrong in a
-    `tf.function`, without any error. This swaps
-    `keras.src.backend.tensorflow.nn.conv` (Keras 3.15.1) for one that
-    computes them group by group with `tf.nn.convolution` (the same values)
-    and restores it afterwards; replica threads share one swap.
+    Swaps the function `name` of Keras' TensorFlow backend module
+    `keras.src.backend.tensorflow.nn` (Keras 3.15.1), which `keras.ops`
+    looks up at each call, and restores it afterwards; replica threads
+    tracing at once share one swap.
     """
     try:
         from keras.src.backend.tensorflow import nn as tf_nn
     except ImportError as e:  # pragma: no cover
         raise _missing("keras.src.backend.tensorflow.nn", e) from e
-    _attribute(tf_nn, "conv", "keras.src.backend.tensorflow.nn.conv")
-    with _CONV_LOCK:
-        if _CONV_DEPTH[0] == 0:
-            _CONV_DEPTH[1] = tf_nn.conv
-            tf_nn.conv = _group_by_group_conv(tf_nn.conv)
-        _CONV_DEPTH[0] += 1
+    _attribute(tf_nn, name, f"keras.src.backend.tensorflow.nn.{name}")
+    with _NN_LOCK:
+        swap = _NN_SWAPS.setdefault(name, [0, None])
+        if swap[0] == 0:
+            swap[1] = getattr(tf_nn, name)
+            setattr(tf_nn, name, make_replacement(swap[1]))
+        swap[0] += 1
     try:
         yield
     finally:
-        with _CONV_LOCK:
-            _CONV_DEPTH[0] -= 1
-            if _CONV_DEPTH[0] == 0:
-                tf_nn.conv = _CONV_DEPTH[1]
-                _CONV_DEPTH[1] = None
+        with _NN_LOCK:
+            swap[0] -= 1
+            if swap[0] == 0:
+                setattr(tf_nn, name, swap[1])
+                del _NN_SWAPS[name]
 
 
 def watch(accumulator, tensor, tangent):

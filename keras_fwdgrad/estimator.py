@@ -9,9 +9,6 @@ derivatives under a strategy, clips them and forms the forward gradient.
 and never changes its weights.
 """
 
-import contextlib
-
-import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
@@ -22,6 +19,7 @@ from keras_fwdgrad import layer_rules
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
 from keras_fwdgrad import trainer
+from keras_fwdgrad.backend.tensorflow import forward_mode_fixes
 from keras_fwdgrad.ops import clip_directional_derivative
 from keras_fwdgrad.ops import forward_gradient
 from keras_fwdgrad.ops import jvp
@@ -36,17 +34,6 @@ def sample_directions(model, k=0, structured=False):
 
 def uses_layer_rules(model):
     return model.layer_rules and layer_rules.supports(model.model)
-
-
-def _check_accumulator_is_exact(model):
-    """Raises where TensorFlow's forward mode over the whole model would be
-    silently wrong (see `layer_rules.inexact_reason`)."""
-    if layer_rules.supports(model.model):
-        fix = ". Use `layer_rules=True` (the default), which computes it exactly"
-    else:
-        fix = ". Compile with `run_eagerly=True` (or `jit_compile=False` for max-pooling)"
-    for layer in _compat.all_layers(model.model):
-        layer_rules.check_exact(layer, fix)
 
 
 def _rules_pass(model, x, y, sample_weight, vs):
@@ -171,7 +158,10 @@ def estimate(model, x, y, sample_weight, xla=False):
     if model.perturbation == "activations":
         return _activity_passes(model, x, y, sample_weight)
     disconnected = _disconnected_variables(model, x, y, sample_weight)
-    with _recurrences_unrolled(model.model), _compat.exact_convolutions():
+    with (
+        forward_mode_fixes.recurrences_unrolled(model.model),
+        forward_mode_fixes.exact_keras_ops(),
+    ):
         try:
             loss, y_pred, ds, vs = _passes(model, x, y, sample_weight, xla)
         except ValueError as e:
@@ -185,7 +175,7 @@ def estimate(model, x, y, sample_weight, xla=False):
                 "fixed time dimension, or compile with `run_eagerly=True`. "
                 f"Original error: {e}"
             ) from e
-    _check_traced_ops()
+    forward_mode_fixes.check_traced_ops()
     d = tf.stack(ds)
     if distribute.reduces_directional_derivatives(model):
         d = distribute.all_reduce_directional_derivatives(d, loss)
@@ -202,11 +192,14 @@ def _activity_passes(model, x, y, sample_weight):
     """The K passes of `keras_fwdgrad.activity`, averaged."""
     restore = _state_restorer(model)
     results = []
-    with _recurrences_unrolled(model.model), _compat.exact_convolutions():
+    with (
+        forward_mode_fixes.recurrences_unrolled(model.model),
+        forward_mode_fixes.exact_keras_ops(),
+    ):
         for k in range(model.num_directions):
             restore(k)
             results.append(activity.estimate(model, x, y, sample_weight, k))
-    _check_traced_ops()
+    forward_mode_fixes.check_traced_ops()
     losses, y_preds, ds, grads, local = zip(*results)
     grads = [_mean(gs) for gs in zip(*grads)]
     local = [_mean(ls) for ls in zip(*local)]
@@ -234,40 +227,6 @@ def _state_restorer(model):
     return restore
 
 
-# The ops TensorFlow's forward mode builds for max-pooling (the gradient of
-# its gradient), which XLA computes wrongly for overlapping windows. The
-# layer rules never build them.
-_MAX_POOL_JVP_OPS = ("MaxPoolGradGrad", "MaxPoolGradGradV2", "MaxPool3DGradGrad")
-
-
-def _check_traced_ops():
-    """Raises if the XLA graph being traced holds TensorFlow's forward-mode
-    derivative of max-pooling with overlapping windows (for example from
-    `tf.nn.max_pool2d` in your own layer), which XLA gets wrong."""
-    if not _compat.in_xla_context():
-        return
-    graph_def = tf.compat.v1.get_default_graph().as_graph_def()
-    # TensorFlow builds forward-mode derivatives in nested functions.
-    nodes = list(graph_def.node)
-    for function in graph_def.library.function:
-        nodes.extend(function.node_def)
-    for node in nodes:
-        if node.op not in _MAX_POOL_JVP_OPS:
-            continue
-        ksize = list(node.attr["ksize"].list.i)
-        strides = list(node.attr["strides"].list.i)
-        # `MaxPoolGradGradV2` takes them as inputs: assume they overlap.
-        if not ksize or any(s < k for k, s in zip(ksize, strides)):
-            raise ValueError(
-                f"Cannot compute an exact forward-mode derivative of op "
-                f"`{node.name}` ({node.op}): TensorFlow's forward-mode "
-                "derivative of max-pooling with overlapping windows is wrong "
-                "under XLA. Use a `keras.layers.MaxPooling1D`/`MaxPooling2D` "
-                "layer in a model the layer rules run, or compile with "
-                "`jit_compile=False`."
-            )
-
-
 def _passes(model, x, y, sample_weight, xla):
     restore = _state_restorer(model)
 
@@ -277,8 +236,6 @@ def _passes(model, x, y, sample_weight, xla):
 
     losses, ds, vs = [], [], []
     rules = uses_layer_rules(model)
-    if not rules:
-        _check_accumulator_is_exact(model)
     if rules and model.num_directions > 1 and layer_rules.supports_batched_tangents(model.model):
         # All K directions in one pass: the primal runs once.
         vs = [draw(k) for k in range(model.num_directions)]
@@ -297,29 +254,3 @@ def _passes(model, x, y, sample_weight, xla):
         ds.append(d)
         vs.append(v)
     return _mean(losses), y_pred, ds, vs
-
-
-@contextlib.contextmanager
-def _recurrences_unrolled(model):
-    """Unrolls `model`'s recurrent layers while a graph is traced.
-
-    TensorFlow (2.21) cannot differentiate the `while_loop` of a recurrent
-    layer in forward mode inside a `tf.function` (its loop state is a
-    `variant` tensor); an unrolled loop is a chain of ordinary ops. Eagerly
-    the loop runs step by step and needs no unrolling.
-    """
-    if tf.executing_eagerly():
-        yield
-        return
-    rolled = [
-        layer
-        for layer in _compat.all_layers(model)
-        if isinstance(layer, keras.layers.RNN) and not layer.unroll
-    ]
-    for layer in rolled:
-        layer.unroll = True
-    try:
-        yield
-    finally:
-        for layer in rolled:
-            layer.unroll = False

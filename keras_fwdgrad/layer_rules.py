@@ -30,8 +30,8 @@ self-attention) carries its tangent to every use.
 
 A softmax or sigmoid output keeps the tangent of its logits
 (`logits_tangent`), since Keras' cross-entropies read those logits. Where
-TensorFlow's own forward mode is known to be wrong for a layer that falls
-back to the per-layer path (`inexact_reason`), the pass raises instead.
+TensorFlow's own forward mode is wrong for a layer that falls back to the
+per-layer path, `keras_fwdgrad.backend.tensorflow.forward_mode_fixes` makes it exact.
 
 `ForwardGradientModel` uses these rules when `supports(model)` holds and
 `layer_rules=True` (the default), and `tf.autodiff.ForwardAccumulator` over
@@ -44,8 +44,8 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import tangents as tangents_module
+from keras_fwdgrad.backend.tensorflow.forward_mode_fixes import grouped_convolution
 from keras_fwdgrad.tangents import to_dense
-from keras_fwdgrad.ops import grouped_convolution
 from keras_fwdgrad.ops import jvp
 
 L = keras.layers
@@ -301,7 +301,6 @@ def _dual_node(op, args, kwargs, tangents, tangent_of, training, num_tangents):
             duals.append(to_dense(t))
     if not primals:
         return op(*args, **kwargs), None
-    _check_exact(op)
     return _jvp_keeping_logits(lambda: op(*args, **kwargs), primals, duals)
 
 
@@ -318,7 +317,6 @@ def _generic(layer, x, x_dot, tangent_of, training):
         tangents.append(x_dot)
     if not primals:
         return layer(x, training=training), None
-    _check_exact(layer)
     return _jvp_keeping_logits(lambda: layer(x, training=training), primals, tangents)
 
 
@@ -389,55 +387,6 @@ def _jvp_keeping_logits(fn, primals, duals):
     if logits is not y:
         _keep_logits_tangent(y, logits, logits_dot)
     return y, y_dot
-
-
-def inexact_reason(layer, graph):
-    """Why TensorFlow's own forward-mode derivative of `layer` is wrong, or
-    `None` when it is exact.
-
-    TensorFlow 2.21 computes the forward-mode derivative of max-pooling
-    with overlapping windows wrongly under XLA, without any error. (Its
-    wrong derivative of the nested XLA function through which Keras runs
-    grouped convolutions is avoided for every path by
-    `_compat.exact_convolutions`.)
-
-    Args:
-        layer: A Keras layer.
-        graph: Whether the step runs as a graph (`tf.function`).
-
-    Returns:
-        A string saying what is wrong, or `None`.
-    """
-    if not graph:
-        return None
-    if isinstance(layer, _MAX_POOLS) and _compat.in_xla_context():
-        if any(s < p for s, p in zip(layer.strides, layer.pool_size)):
-            return (
-                "TensorFlow's forward-mode derivative of max-pooling with "
-                "overlapping windows is wrong under XLA"
-            )
-    return None
-
-
-def check_exact(layer, fix):
-    """Raises a `ValueError` naming `layer` if TensorFlow's own forward-mode
-    derivative of it is wrong here (see `inexact_reason`); `fix` says what
-    to change."""
-    reason = inexact_reason(layer, graph=not tf.executing_eagerly())
-    if reason is not None:
-        raise ValueError(
-            f"Cannot compute an exact forward-mode derivative of layer "
-            f"{layer.name!r} ({type(layer).__name__}): {reason}{fix}."
-        )
-
-
-def _check_exact(layer):
-    check_exact(
-        layer,
-        ", and the layer rules do not cover this configuration. Train with "
-        "`run_eagerly=True` (or `jit_compile=False` for max-pooling), or "
-        "change the layer's configuration",
-    )
 
 
 def _linear(layer, x, x_dot):
@@ -609,7 +558,6 @@ def _dense(layer, x, x_dot, tangent_of, training, num_tangents=1):
 
 
 _CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
-_MAX_POOLS = (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)
 
 
 def convolution(layer):
@@ -692,7 +640,8 @@ def _max_pool(layer, x, x_dot, tangent_of, training, num_tangents=1):
     TensorFlow's own forward-mode derivative of max-pooling is wrong under
     XLA when windows overlap (TF 2.21), so this rule covers every 1-D and
     2-D channels-last pooling; 3-D and channels-first pooling use the
-    generic path.
+    generic path, where `keras_fwdgrad.backend.tensorflow.forward_mode_fixes` makes
+    it exact.
     """
     if x_dot is None or layer.data_format != "channels_last":
         return None

@@ -16,6 +16,8 @@ from keras_fwdgrad.tangents import to_dense
 if backend.name() == "tensorflow":
     import tensorflow as tf
 
+    from keras_fwdgrad.backend.tensorflow import forward_mode_fixes
+
 _HINT = (
     "TensorFlow computes forward-mode derivatives from the registered "
     "gradient of each op, and this op has none it can use. Replace the "
@@ -51,7 +53,9 @@ def jvp(fn, variables, tangents):
     the variables' values as primals (a `keras.StatelessScope` maps the
     variables to them). Either way the directional derivative comes out of
     the same single forward pass as the outputs, and no gradient tape or
-    backward pass is used.
+    backward pass is used. On TensorFlow, the Keras ops whose forward-mode
+    derivative TensorFlow gets wrong run through exact equivalents
+    meanwhile (`keras_fwdgrad.backend.tensorflow.forward_mode_fixes.exact_keras_ops`).
 
     Args:
         fn: Callable with no arguments returning a tensor or a nested
@@ -72,8 +76,9 @@ def jvp(fn, variables, tangents):
         return backend.module().jvp(fn, variables, tangents)
     primals = [_backing_variable(v) for v in variables]
     try:
-        with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
-            outputs = fn()
+        with forward_mode_fixes.exact_keras_ops():
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+                outputs = fn()
     except (LookupError, NotImplementedError, TypeError) as e:
         if isinstance(e, TypeError) and "gradient" not in str(e).lower():
             raise
@@ -133,37 +138,3 @@ def forward_gradient(directional_derivatives, directions):
     if num_directions > 1:
         grads = [g / num_directions for g in grads]
     return grads
-
-
-_DATA_FORMATS = {3: "NWC", 4: "NHWC", 5: "NDHWC"}
-
-
-def grouped_convolution(x, kernel, strides, padding, dilations):
-    """A channels-last (grouped) convolution, computed group by group.
-
-    Keras runs grouped convolutions through a nested XLA-compiled function,
-    whose forward-mode derivative TensorFlow 2.21 gets wrong in a
-    `tf.function`; `tf.nn.convolution` on each group is exact.
-
-    Args:
-        x: Channels-last input, `[batch, *spatial, groups * c]`.
-        kernel: `[*window, c, filters]`, `filters` divisible by the groups.
-        strides, dilations: Ints or lists, as for `tf.nn.convolution`.
-        padding: `"valid"` or `"same"` (any case).
-
-    Returns:
-        The convolution, channels last.
-    """
-    groups = x.shape[-1] // kernel.shape[-2]
-    outputs = [
-        tf.nn.convolution(
-            a,
-            k,
-            strides=strides,
-            padding=padding.upper(),
-            data_format=_DATA_FORMATS[len(x.shape)],
-            dilations=dilations,
-        )
-        for a, k in zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
-    ]
-    return outputs[0] if groups == 1 else tf.concat(outputs, axis=-1)
