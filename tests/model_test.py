@@ -245,23 +245,6 @@ def test_evaluate_and_predict_match_base_model():
     )
 
 
-def test_same_seed_same_run_and_other_seed_differs():
-    x, y = data()
-
-    def train(seed):
-        keras.utils.set_random_seed(0)
-        base = mlp()
-        model = ForwardGradientModel(base, seed=seed)
-        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=SCCE, jit_compile=True)
-        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
-        return weights_of(base)
-
-    a, b, c = train(11), train(11), train(12)
-    for wa, wb in zip(a, b):
-        np.testing.assert_array_equal(wa, wb)
-    assert any(not np.allclose(wa, wc) for wa, wc in zip(a, c))
-
-
 def test_config_round_trip():
     model = ForwardGradientModel(
         mlp(), direction="rademacher", num_directions=2, jvp_clip=1.0, seed=9, name="fg"
@@ -270,12 +253,6 @@ def test_config_round_trip():
     assert isinstance(clone.direction, directions.Rademacher)
     assert (clone.num_directions, clone.jvp_clip, clone.seed, clone.name) == (2, 1.0, 9, "fg")
     assert len(clone.model.layers) == len(model.model.layers)
-
-
-def test_seed_none_draws_and_keeps_a_seed():
-    model = ForwardGradientModel(mlp())
-    assert isinstance(model.seed, int)
-    assert ForwardGradientModel.from_config(model.get_config()).seed == model.seed
 
 
 def test_save_load_predict_and_resume(tmp_path):
