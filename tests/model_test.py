@@ -1,7 +1,6 @@
 """Tests of `ForwardGradientModel`: training, the update rule worked by
-hand, clipping, the NaN guard, saving and resuming, and argument errors."""
+hand, clipping, saving and resuming, and its Keras wiring."""
 
-import glob
 import math
 import os
 
@@ -11,33 +10,15 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
-from keras_fwdgrad import GradientCosine
 from keras_fwdgrad import directions
 from tests.conftest import MODES
 from tests.conftest import compile_kwargs
+from tests.helpers import SCCE
+from tests.helpers import data
+from tests.helpers import mlp
+from tests.helpers import weights_of
 
 L = keras.layers
-SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _data(n=256, features=10, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, features)).astype("float32")
-    w = rng.normal(size=(features, classes))
-    y = np.argmax(x @ w, axis=1)
-    return x, y
-
-
-def _mlp(features=10, hidden=8, classes=3, batch_norm=False):
-    layers = [keras.Input((features,)), L.Dense(hidden, activation="tanh")]
-    if batch_norm:
-        layers.append(L.BatchNormalization())
-    layers.append(L.Dense(classes))
-    return keras.Sequential(layers)
-
-
-def _weights(model):
-    return [np.array(v) for v in model.trainable_variables]
 
 
 def _seed_of_step(seed, step, k=None):
@@ -80,8 +61,8 @@ def test_fit_lowers_loss(mode, optimizer, clipnorm):
     ratio of final to initial loss was 0.80; a model that does not learn
     stays near 1.
     """
-    x, y = _data()
-    model = ForwardGradientModel(_mlp(hidden=4), seed=1)
+    x, y = data()
+    model = ForwardGradientModel(mlp(hidden=4), seed=1)
     model.compile(
         optimizer=OPTIMIZERS[optimizer](clipnorm),
         loss=SCCE,
@@ -106,30 +87,30 @@ def test_one_sgd_step_is_w_minus_lr_d_v(mode, direction, layer_rules):
     """One SGD step moves the weights by exactly -lr * d * v, with v drawn
     from the documented stream (seed, step) and d = ∇f·v from a tape, with
     the layer rules and with `tf.autodiff.ForwardAccumulator`."""
-    x, y = _data(n=16)
-    base = _mlp()
+    x, y = data(n=16)
+    base = mlp()
     model = ForwardGradientModel(base, direction=direction, seed=42, layer_rules=layer_rules)
     assert model.uses_layer_rules == layer_rules
     lr = 0.1
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=SCCE, **compile_kwargs(mode))
-    w0 = _weights(base)
+    w0 = weights_of(base)
     shapes = [w.shape for w in w0]
     v = _sample(direction, shapes, _seed_of_step(42, 0), mode)
     d, _ = _tape_directional_derivative(base, x, y, v)
     model.train_on_batch(x, y)
-    for w_before, w_after, t in zip(w0, _weights(base), v):
+    for w_before, w_after, t in zip(w0, weights_of(base), v):
         np.testing.assert_allclose(w_after, w_before - lr * d * t.numpy(), rtol=1e-5, atol=1e-6)
     assert int(model.direction_step) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_num_directions_averages_and_jvp_clip_clamps(mode):
-    x, y = _data(n=16)
-    base = _mlp()
+    x, y = data(n=16)
+    base = mlp()
     k, clip, lr = 3, 0.05, 0.1
     model = ForwardGradientModel(base, num_directions=k, jvp_clip=clip, seed=7)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=SCCE, **compile_kwargs(mode))
-    w0 = _weights(base)
+    w0 = weights_of(base)
     shapes = [w.shape for w in w0]
     expected = [np.zeros_like(w) for w in w0]
     clipped = 0
@@ -142,7 +123,7 @@ def test_num_directions_averages_and_jvp_clip_clamps(mode):
             e += d * t.numpy() / k
     assert clipped > 0, "the test must exercise the clamp"
     model.train_on_batch(x, y)
-    for w_before, w_after, e in zip(w0, _weights(base), expected):
+    for w_before, w_after, e in zip(w0, weights_of(base), expected):
         np.testing.assert_allclose(w_after, w_before - lr * e, rtol=1e-5, atol=1e-6)
 
 
@@ -151,12 +132,12 @@ def test_num_directions_averages_and_jvp_clip_clamps(mode):
     [{"clipnorm": 0.5}, {"global_clipnorm": 0.5}, {"clipvalue": 0.01}],
 )
 def test_optimizer_clipping_applies_to_forward_gradient(clip_kwargs):
-    x, y = _data(n=16)
-    base = _mlp()
+    x, y = data(n=16)
+    base = mlp()
     model = ForwardGradientModel(base, seed=3)
     lr = 0.1
     model.compile(optimizer=keras.optimizers.SGD(lr, **clip_kwargs), loss=SCCE)
-    w0 = _weights(base)
+    w0 = weights_of(base)
     v = directions.Gaussian().sample([w.shape for w in w0], _seed_of_step(3, 0))
     d, _ = _tape_directional_derivative(base, x, y, v)
     g = [d * t.numpy() for t in v]
@@ -168,46 +149,46 @@ def test_optimizer_clipping_applies_to_forward_gradient(clip_kwargs):
     else:
         g = [np.clip(gi, -0.01, 0.01) for gi in g]
     model.train_on_batch(x, y)
-    for w_before, w_after, gi in zip(w0, _weights(base), g):
+    for w_before, w_after, gi in zip(w0, weights_of(base), g):
         np.testing.assert_allclose(w_after, w_before - lr * gi, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_gradient_method_does_not_apply_or_advance():
-    x, y = _data(n=16)
-    base = _mlp()
+    x, y = data(n=16)
+    base = mlp()
     model = ForwardGradientModel(base, seed=5)
     model.compile(optimizer="sgd", loss=SCCE)
-    w0 = _weights(base)
+    w0 = weights_of(base)
     loss, grads = model.forward_gradient(x, y)
     v = directions.Gaussian().sample([w.shape for w in w0], _seed_of_step(5, 0))
     d, _ = _tape_directional_derivative(base, x, y, v)
     np.testing.assert_allclose(float(loss), float(SCCE(y, base(x))), rtol=1e-6)
     for g, t in zip(grads, v):
         np.testing.assert_allclose(g, d * t.numpy(), rtol=1e-5, atol=1e-6)
-    for a, b in zip(w0, _weights(base)):
+    for a, b in zip(w0, weights_of(base)):
         np.testing.assert_array_equal(a, b)
     assert int(model.direction_step) == 0
 
 
 def test_forward_gradient_requires_compile():
-    model = ForwardGradientModel(_mlp())
+    model = ForwardGradientModel(mlp())
     with pytest.raises(ValueError, match="compile"):
-        model.forward_gradient(*_data(n=4))
+        model.forward_gradient(*data(n=4))
 
 
 def test_forward_gradient_without_targets_is_a_clear_error():
-    model = ForwardGradientModel(_mlp())
+    model = ForwardGradientModel(mlp())
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x, _ = _data(n=4)
+    x, _ = data(n=4)
     with pytest.raises(ValueError, match="needs the targets `y`"):
         model.forward_gradient(x)
 
 
 def test_learning_rate_schedule_paper_decay():
-    x, y = _data(n=64)
+    x, y = data(n=64)
     eta0, k = 0.01, 1e-4
     schedule = keras.optimizers.schedules.ExponentialDecay(eta0, 1, math.exp(-k))
-    model = ForwardGradientModel(_mlp(), seed=0)
+    model = ForwardGradientModel(mlp(), seed=0)
     model.compile(optimizer=keras.optimizers.SGD(schedule), loss=SCCE)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert int(model.optimizer.iterations) == 4
@@ -218,8 +199,8 @@ def test_learning_rate_schedule_paper_decay():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_norm_statistics_update(mode):
-    x, y = _data(n=64)
-    base = _mlp(batch_norm=True)
+    x, y = data(n=64)
+    base = mlp(batch_norm=True)
     model = ForwardGradientModel(base, seed=0)
     model.compile(optimizer="sgd", loss=SCCE, **compile_kwargs(mode))
     bn = base.layers[1]
@@ -231,7 +212,7 @@ def test_batch_norm_statistics_update(mode):
 def test_multiple_directions_share_one_forward_state(mode):
     """With K passes, BatchNormalization statistics are updated once and
     every pass sees the same dropout mask (same as K = 1)."""
-    x, y = _data(n=32)
+    x, y = data(n=32)
 
     def run(k):
         keras.utils.set_random_seed(0)
@@ -253,8 +234,8 @@ def test_multiple_directions_share_one_forward_state(mode):
 
 
 def test_evaluate_and_predict_match_base_model():
-    x, y = _data(n=64)
-    base = _mlp(batch_norm=True)
+    x, y = data(n=64)
+    base = mlp(batch_norm=True)
     model = ForwardGradientModel(base)
     model.compile(optimizer="sgd", loss=SCCE)
     base.compile(loss=SCCE)
@@ -264,169 +245,9 @@ def test_evaluate_and_predict_match_base_model():
     )
 
 
-def test_same_seed_same_run_and_other_seed_differs():
-    x, y = _data()
-
-    def train(seed):
-        keras.utils.set_random_seed(0)
-        base = _mlp()
-        model = ForwardGradientModel(base, seed=seed)
-        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=SCCE, jit_compile=True)
-        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
-        return _weights(base)
-
-    a, b, c = train(11), train(11), train(12)
-    for wa, wb in zip(a, b):
-        np.testing.assert_array_equal(wa, wb)
-    assert any(not np.allclose(wa, wc) for wa, wc in zip(a, c))
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_non_finite_step_changes_nothing(mode):
-    x, y = _data(n=32)
-    base = _mlp(batch_norm=True)
-    model = ForwardGradientModel(base, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=SCCE, **compile_kwargs(mode))
-    model.train_on_batch(x, y)  # Builds everything and takes one real step.
-    state = [np.array(v) for v in base.variables + model.optimizer.variables]
-    x_bad = x.copy()
-    x_bad[0, 0] = np.nan
-    logs = model.train_on_batch(x_bad, y, return_dict=True)
-    assert math.isnan(logs["loss"])
-    assert logs["skipped_steps"] == 1
-    after = [np.array(v) for v in base.variables + model.optimizer.variables]
-    for a, b in zip(state, after):
-        np.testing.assert_array_equal(a, b)
-    # The stream moves on and the next finite step trains as usual; the
-    # logs count this call's skipped steps, the model its lifetime's.
-    logs = model.train_on_batch(x, y, return_dict=True)
-    assert logs["skipped_steps"] == 0
-    assert int(model.skipped_steps) == 1
-    assert int(model.optimizer.iterations) == 2
-    assert int(model.direction_step) == 3
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_epoch_logs_stay_finite_and_count_skipped_steps_per_epoch(mode, tmp_path):
-    """One NaN batch out of four, two epochs: the epoch logs (history and
-    CSVLogger) average the three finite steps, `skipped_steps` is 1 per
-    epoch, and the model's lifetime counter is 2."""
-    x, y = _data(n=32)
-    x[8, 0] = np.nan  # in the second of four batches of 8
-    model = ForwardGradientModel(_mlp(), seed=0)
-    model.compile(
-        optimizer=keras.optimizers.SGD(1e-3),
-        loss=SCCE,
-        metrics=["accuracy"],
-        **compile_kwargs(mode),
-    )
-    path = str(tmp_path / "log.csv")
-    # The loss of each batch as the step measures it: at the weights before
-    # its update (the MLP has no dropout or BatchNormalization).
-    batch_losses = []
-    measure = keras.callbacks.LambdaCallback(
-        on_train_batch_begin=lambda batch, logs: batch_losses.append(
-            float(SCCE(y[8 * batch : 8 * batch + 8], model.model(x[8 * batch : 8 * batch + 8])))
-        )
-    )
-    history = model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=2,
-        shuffle=False,
-        verbose=0,
-        callbacks=[measure, keras.callbacks.CSVLogger(path)],
-    )
-    assert history.history["skipped_steps"] == [1, 1]
-    assert int(model.skipped_steps) == 2
-    for key in ("loss", "accuracy"):
-        assert all(math.isfinite(v) for v in history.history[key]), history.history
-    with open(path) as f:
-        rows = f.read().strip().splitlines()
-    assert "nan" not in rows[1].lower() and "nan" not in rows[2].lower()
-    # Each epoch logs the mean loss of its three finite batches (measured:
-    # within 6e-8 relative; float32 means of eight terms, rtol 1e-5). Losses
-    # measured after each update differ by 1e-3 relative, and counting the
-    # skipped batch as 0 gives 1.000 instead of 1.333.
-    assert len(batch_losses) == 8 and math.isnan(batch_losses[1])
-    for epoch in range(2):
-        finite = [batch_losses[4 * epoch + i] for i in (0, 2, 3)]
-        np.testing.assert_allclose(history.history["loss"][epoch], np.mean(finite), rtol=1e-5)
-
-
-def test_skipped_steps_is_logged_as_a_float_per_epoch(capsys):
-    x, y = _data(n=32)
-    x[8, 0] = np.nan
-    model = ForwardGradientModel(_mlp(), seed=0)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
-    capsys.readouterr()
-    history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=2)
-    # Like every Keras metric: a float per epoch, one bad batch each.
-    assert history.history["skipped_steps"] == [1.0, 1.0]
-    assert "skipped_steps: 1.0000" in capsys.readouterr().out
-    assert int(model.skipped_steps) == 2
-
-
-def test_epoch_with_no_finite_step_logs_nan():
-    x, y = _data(n=16)
-    x[:, 0] = np.nan
-    model = ForwardGradientModel(_mlp(), seed=0)
-    model.compile(optimizer="sgd", loss=SCCE, metrics=["accuracy"])
-    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert math.isnan(history.history["loss"][0])
-    assert math.isnan(history.history["accuracy"][0])
-    assert history.history["skipped_steps"] == [2]
-
-
-def test_infinite_directional_derivative_is_skipped():
-    class Exploding(directions.Direction):
-        def sample(self, shapes, seed, dtype="float32"):
-            return [tf.fill(s, float("inf")) for s in shapes]
-
-    x, y = _data(n=16)
-    base = _mlp()
-    model = ForwardGradientModel(base, direction=Exploding())
-    model.compile(optimizer="sgd", loss=SCCE)
-    w0 = _weights(base)
-    expected = float(SCCE(y, base(x)))
-    logs = model.train_on_batch(x, y, return_dict=True)
-    # Only the derivative is infinite: the loss is logged as measured.
-    np.testing.assert_allclose(logs["loss"], expected, rtol=1e-6)
-    assert logs["skipped_steps"] == 1
-    for a, b in zip(w0, _weights(base)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_terminate_on_nan_stops_only_when_no_step_is_finite():
-    """A skipped batch leaves the weights and the logs finite, so
-    `TerminateOnNaN` lets training go on; when every step so far is
-    non-finite the logs are NaN and it stops training."""
-    x, y = _data(n=128)
-    x[70, 0] = np.nan
-    base = _mlp()
-    model = ForwardGradientModel(base, seed=0)
-    model.compile(optimizer="sgd", loss=SCCE)
-    fit = dict(
-        batch_size=32, shuffle=False, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
-    )
-    history = model.fit(x, y, epochs=5, **fit)
-    assert len(history.history["loss"]) == 5
-    assert history.history["skipped_steps"] == [1] * 5
-    assert all(np.all(np.isfinite(w)) for w in _weights(base))
-    x[:, 0] = np.nan
-    before = _weights(base)
-    history = model.fit(x, y, epochs=5, **fit)
-    assert len(history.history["loss"]) == 1
-    assert math.isnan(history.history["loss"][0])
-    # Every step of that epoch was skipped: no weight moved.
-    for a, b in zip(before, _weights(base)):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_config_round_trip():
     model = ForwardGradientModel(
-        _mlp(), direction="rademacher", num_directions=2, jvp_clip=1.0, seed=9, name="fg"
+        mlp(), direction="rademacher", num_directions=2, jvp_clip=1.0, seed=9, name="fg"
     )
     clone = ForwardGradientModel.from_config(model.get_config())
     assert isinstance(clone.direction, directions.Rademacher)
@@ -434,21 +255,15 @@ def test_config_round_trip():
     assert len(clone.model.layers) == len(model.model.layers)
 
 
-def test_seed_none_draws_and_keeps_a_seed():
-    model = ForwardGradientModel(_mlp())
-    assert isinstance(model.seed, int)
-    assert ForwardGradientModel.from_config(model.get_config()).seed == model.seed
-
-
 def test_save_load_predict_and_resume(tmp_path):
     """A saved model reloads with equal predictions and settings, and
     resuming from it gives the same weights as never stopping."""
-    x, y = _data()
+    x, y = data()
 
     def new_model():
         keras.utils.set_random_seed(0)
         model = ForwardGradientModel(
-            _mlp(batch_norm=True), direction="rademacher", seed=21, jvp_clip=5.0
+            mlp(batch_norm=True), direction="rademacher", seed=21, jvp_clip=5.0
         )
         model.compile(
             optimizer=keras.optimizers.SGD(0.02, momentum=0.9, nesterov=True),
@@ -480,91 +295,22 @@ def test_save_load_predict_and_resume(tmp_path):
 
 
 def test_weights_load_into_fresh_instance(tmp_path):
-    model = ForwardGradientModel(_mlp(), seed=0)
+    model = ForwardGradientModel(mlp(), seed=0)
     path = os.path.join(tmp_path, "fg.weights.h5")
     model.save_weights(path)
-    fresh = ForwardGradientModel(_mlp(), seed=0)
+    fresh = ForwardGradientModel(mlp(), seed=0)
     fresh.load_weights(path)
     for a, b in zip(model.weights, fresh.weights):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
 def test_unbuilt_sequential_base_builds_on_fit():
-    x, y = _data(n=32)
+    x, y = data(n=32)
     base = keras.Sequential([L.Dense(4, activation="relu"), L.Dense(3)])
     model = ForwardGradientModel(base, seed=0)
     model.compile(optimizer="sgd", loss=SCCE)
     model.fit(x, y, epochs=1, verbose=0)
     assert base.built
-
-
-# Bad input.
-
-
-def test_rejects_non_keras_model():
-    with pytest.raises(TypeError, match="`model` must be a Keras model or layer"):
-        ForwardGradientModel(lambda x: x)
-
-
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
-def test_rejects_bad_num_directions(value):
-    with pytest.raises(ValueError, match="`num_directions` must be a positive integer"):
-        ForwardGradientModel(_mlp(), num_directions=value)
-
-
-@pytest.mark.parametrize("value", [0, -1.0, float("inf")])
-def test_rejects_non_positive_jvp_clip(value):
-    with pytest.raises(ValueError, match="`jvp_clip` must be a positive"):
-        ForwardGradientModel(_mlp(), jvp_clip=value)
-
-
-def test_rejects_non_numeric_jvp_clip_and_seed():
-    with pytest.raises(TypeError, match="`jvp_clip`"):
-        ForwardGradientModel(_mlp(), jvp_clip="1")
-    with pytest.raises(TypeError, match="`seed`"):
-        ForwardGradientModel(_mlp(), seed=1.5)
-
-
-@pytest.mark.parametrize("seed", [2**70, 2**63, -(2**63) - 1])
-def test_rejects_seed_outside_int64(seed):
-    with pytest.raises(ValueError, match="`seed` must fit in a signed 64-bit integer"):
-        ForwardGradientModel(_mlp(), seed=seed)
-    # The largest allowed seed is accepted.
-    ForwardGradientModel(_mlp(), seed=2**63 - 1)
-
-
-def test_rejects_unknown_direction():
-    with pytest.raises(ValueError, match="`direction` must be one of"):
-        ForwardGradientModel(_mlp(), direction="sobol")
-
-
-def test_rejects_unsupported_backend(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
-    with pytest.raises(ValueError, match=r"supports the Keras backends \('tensorflow', 'jax'\)"):
-        ForwardGradientModel(_mlp())
-
-
-def test_rejects_model_without_trainable_variables():
-    base = keras.Sequential([keras.Input((3,)), L.Flatten()])
-    with pytest.raises(ValueError, match="no trainable variables"):
-        ForwardGradientModel(base)
-    frozen = _mlp()
-    frozen.trainable = False
-    with pytest.raises(ValueError, match="no trainable variables"):
-        ForwardGradientModel(frozen)
-
-
-def test_rejects_non_floating_trainable_variable():
-    class IntLayer(L.Layer):
-        def build(self, input_shape):
-            self.w = self.add_weight(shape=(), dtype="int32", initializer="ones")
-
-        def call(self, x):
-            return x * tf.cast(self.w, x.dtype)
-
-    base = keras.Sequential([keras.Input((3,)), IntLayer(), L.Dense(2)])
-    with pytest.raises(TypeError, match="floating dtype"):
-        ForwardGradientModel(base)
 
 
 def test_fit_reports_layer_without_forward_mode_rule():
@@ -578,16 +324,16 @@ def test_fit_reports_layer_without_forward_mode_rule():
 
 
 def test_layer_rules_argument_and_config():
-    model = ForwardGradientModel(_mlp(), layer_rules=False, seed=1)
+    model = ForwardGradientModel(mlp(), layer_rules=False, seed=1)
     assert model.get_config()["layer_rules"] is False
     assert ForwardGradientModel.from_config(model.get_config()).layer_rules is False
-    assert ForwardGradientModel(_mlp(), seed=1).layer_rules is True
+    assert ForwardGradientModel(mlp(), seed=1).layer_rules is True
     with pytest.raises(TypeError, match="`layer_rules` must be a bool"):
-        ForwardGradientModel(_mlp(), layer_rules="yes")
+        ForwardGradientModel(mlp(), layer_rules="yes")
 
 
 def test_all_reduce_argument_and_config():
-    model = ForwardGradientModel(_mlp(), all_reduce="gradients", seed=1)
+    model = ForwardGradientModel(mlp(), all_reduce="gradients", seed=1)
     assert model.get_config()["all_reduce"] == "gradients"
     restored = ForwardGradientModel.from_config(model.get_config())
     assert restored.all_reduce == "gradients"
@@ -595,18 +341,18 @@ def test_all_reduce_argument_and_config():
     assert model.all_reduce_bytes_per_step() == 0
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert model.all_reduce_bytes_per_step(num_replicas=8) == 4 * params + 4
-    default = ForwardGradientModel(_mlp(), num_directions=3, seed=1)
+    default = ForwardGradientModel(mlp(), num_directions=3, seed=1)
     assert default.all_reduce_bytes_per_step(num_replicas=8) == 3 * 4
     with pytest.raises(ValueError, match="`all_reduce` must be one of"):
-        ForwardGradientModel(_mlp(), all_reduce="allgather")
+        ForwardGradientModel(mlp(), all_reduce="allgather")
 
 
 def test_deployment_goes_through_the_wrapped_model(tmp_path):
     """`export()` serves the wrapped model after `fit`, `summary()` counts
     only its parameters, its weights move into a fresh copy through
     `model.model`, and a legacy `.h5` file is refused with a message."""
-    x, y = _data(n=32)
-    base = _mlp()
+    x, y = data(n=32)
+    base = mlp()
     model = ForwardGradientModel(base, seed=0)
     model.compile(optimizer="sgd", loss=SCCE)
     model.fit(x, y, epochs=1, verbose=0)
@@ -625,81 +371,9 @@ def test_deployment_goes_through_the_wrapped_model(tmp_path):
 
     weights = str(tmp_path / "base.weights.h5")
     model.model.save_weights(weights)
-    fresh = _mlp()
+    fresh = mlp()
     fresh.load_weights(weights)
     np.testing.assert_allclose(fresh.predict(x, verbose=0), expected, rtol=1e-6)
 
     with pytest.raises(ValueError, match="legacy HDF5"):
         model.save(str(tmp_path / "model.h5"))
-
-
-def test_diagnostics_in_history_and_tensorboard(tmp_path):
-    """`mean_abs_d` and, with `jvp_clip`, `clipped_fraction` reach the
-    history and TensorBoard's event files. With a cap far below the
-    typical |d| nearly every derivative is capped; without `jvp_clip`
-    there is no `clipped_fraction`."""
-    x, y = _data(n=64)
-    model = ForwardGradientModel(_mlp(), seed=0, jvp_clip=1e-4)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
-    logdir = str(tmp_path / "tb")
-    history = model.fit(
-        x, y, batch_size=16, epochs=2, verbose=0, callbacks=[keras.callbacks.TensorBoard(logdir)]
-    )
-    assert history.history["clipped_fraction"][-1] > 0.9
-    # Capped derivatives have |d| = 1e-4 exactly.
-    assert 1e-4 * 0.99 < history.history["mean_abs_d"][-1] < 1e-4 * 1.01
-    tags = set()
-    for path in glob.glob(os.path.join(logdir, "train", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(v.tag for v in event.summary.value)
-    assert {"epoch_mean_abs_d", "epoch_clipped_fraction", "epoch_skipped_steps"} <= tags
-
-    plain = ForwardGradientModel(_mlp(), seed=0)
-    plain.compile(optimizer=keras.optimizers.SGD(1e-3), loss=SCCE)
-    logs = plain.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    assert "clipped_fraction" not in logs and logs["mean_abs_d"][0] > 0
-    assert set(plain.evaluate(x, y, verbose=0, return_dict=True)) == {"loss"}
-
-
-def test_gradient_cosine_callback():
-    """With one parameter the forward gradient is `g v²`, so its cosine
-    with the true gradient is exactly 1; on the MLP it is the cosine of
-    `forward_gradient()` with the tape's gradient, logged once per epoch,
-    and training state is untouched by the measurement (BatchNormalization
-    statistics are put back)."""
-    x, y = _data(n=32)
-    single = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
-    model = ForwardGradientModel(single, seed=0)
-    model.compile(optimizer="sgd", loss="mse")
-    xs, ys = x[:, :1], y[:, None].astype("float32")
-    cosine = GradientCosine(xs, ys, every=1)
-    history = model.fit(xs, ys, batch_size=8, epochs=1, verbose=0, callbacks=[cosine])
-    np.testing.assert_allclose(cosine.values, 1.0, rtol=1e-6)
-    assert history.history["gradient_cosine"] == [pytest.approx(1.0)]
-
-    base = _mlp(batch_norm=True)
-    model = ForwardGradientModel(base, seed=0)
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=SCCE)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    stats = [v.numpy() for v in base.non_trainable_variables]
-    cosine = GradientCosine(x, y, every=2)
-    cosine.set_model(model)
-    value = cosine.measure()
-    for before, var in zip(stats, base.non_trainable_variables):
-        np.testing.assert_array_equal(before, var.numpy())
-    # The same cosine worked from the public pieces: one direction's
-    # estimate `(∇f·v) v` (the stream does not advance) and the tape's
-    # gradient of the loss in training mode, in float64 (rtol 1e-5). With
-    # one direction it is |cos(v, ∇f)| > 0, of order sqrt(2 / (π n)) for
-    # n = 131 parameters (0.070); measured: 0.0699 from both.
-    _, estimate = model.forward_gradient(x, y)
-    with tf.GradientTape() as tape:
-        loss = SCCE(y, base(x, training=True))
-    true = tape.gradient(loss, base.trainable_variables)
-    a = np.concatenate([np.ravel(g) for g in estimate]).astype("float64")
-    b = np.concatenate([np.ravel(g) for g in true]).astype("float64")
-    expected = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-    assert expected > 0
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
-    with pytest.raises(ValueError, match="`every` must be a positive integer"):
-        GradientCosine(x, y, every=0)
