@@ -64,6 +64,7 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import layer_rules
+from keras_fwdgrad.layer_rules import graph
 from keras_fwdgrad.ops import clip_directional_derivative
 
 _PERTURBED = (
@@ -154,34 +155,10 @@ class LocalHead(keras.layers.Layer):
         return config
 
 
-def _is_sequential(model):
-    return isinstance(model, keras.Sequential)
-
-
-def _flat_layers(model):
-    """The layers of `model` in call order, nested `Sequential` and
-    functional models expanded."""
-    if _is_sequential(model):
-        layers = model.layers
-    elif _compat.is_functional(model):
-        layers = [op for op in model.operations if isinstance(op, keras.layers.Layer)]
-    else:
-        return [model]
-    out = []
-    for layer in layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if _is_sequential(layer) or _compat.is_functional(layer):
-            out.extend(_flat_layers(layer))
-        else:
-            out.append(layer)
-    return out
-
-
 def check_model(base):
     """Raises unless activity perturbation can run `base`: a `Sequential`
     or functional model with one output tensor."""
-    if not (_is_sequential(base) or _compat.is_functional(base)):
+    if not graph.is_container(base):
         raise ValueError(
             '`perturbation="activations"` needs a `keras.Sequential` or '
             "functional `keras.Model(inputs, outputs)`, so that it can reach "
@@ -193,7 +170,7 @@ def check_model(base):
             '`perturbation="activations"` supports models with one output. '
             f"Received: model={base.name!r} with {len(tf.nest.flatten(base.outputs))} outputs"
         )
-    for layer in _flat_layers(base):
+    for layer in graph.flat_layers(base):
         if getattr(layer, "activity_regularizer", None) is not None:
             raise ValueError(
                 '`perturbation="activations"` does not support activity '
@@ -220,7 +197,7 @@ def block_ends(base, local_losses):
     ends at the model's output)."""
     if local_losses is None:
         return []
-    layers = _flat_layers(base)
+    layers = graph.flat_layers(base)
     names = [layer.name for layer in layers]
     if local_losses in ("auto", "layers"):
         last_dense = max(
@@ -256,10 +233,10 @@ def block_ends(base, local_losses):
 
 def make_heads(base, ends):
     """One `LocalHead` per block end, built for the block's output."""
-    layers = {layer.name: layer for layer in _flat_layers(base)}
+    layers = {layer.name: layer for layer in graph.flat_layers(base)}
     output = tf.nest.flatten(base.outputs)[0]
     units = output.shape[-1]
-    last = _flat_layers(base)[-1]
+    last = graph.flat_layers(base)[-1]
     activation = getattr(last, "activation", None)
     if activation not in (keras.activations.softmax, keras.activations.sigmoid):
         activation = None
@@ -404,27 +381,7 @@ class _Pass:
         return y
 
     def run(self, base, x):
-        if _is_sequential(base):
-            for layer in base.layers:
-                if isinstance(layer, keras.layers.InputLayer):
-                    continue
-                if _is_sequential(layer) or _compat.is_functional(layer):
-                    x = self.run(layer, x)
-                else:
-                    x = self.call_layer(layer, (x,), {})
-            return x
-        inputs = _compat.standardize_inputs(base, x)
-
-        def operation_fn(op):
-            def call(*args, **kwargs):
-                if _is_sequential(op) or _compat.is_functional(op):
-                    return self.run(op, args[0])
-                return self.call_layer(op, args, kwargs)
-
-            return call
-
-        outputs = _compat.run_through_graph(base, inputs, operation_fn)
-        return tf.nest.flatten(outputs)[0]
+        return graph.run(base, x, self.call_layer)
 
     def head_outputs(self):
         outputs = []
@@ -567,7 +524,7 @@ def estimate(model, x, y, sample_weight, k):
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads)
     perturbed_ids = set()
-    for layer in _flat_layers(model.model) + list(heads):
+    for layer in graph.flat_layers(model.model) + list(heads):
         if perturbed(layer):
             inner = layer.dense if isinstance(layer, LocalHead) else layer
             perturbed_ids.update(id(v) for v in inner.trainable_variables)
@@ -852,7 +809,7 @@ def _with_regularizers(variables, grads):
 
 def check_num_directions(model):
     if model.orthogonal_directions:
-        for layer in _flat_layers(model.model):
+        for layer in graph.flat_layers(model.model):
             if perturbed(layer) and model.num_directions > _units(layer):
                 raise ValueError(
                     "`orthogonal_directions=True` needs `num_directions` at most "
@@ -865,7 +822,7 @@ def check_num_directions(model):
 def check_local_loss_groups(model):
     groups = model.local_loss_groups
     patches = model.local_loss_patches
-    layers = {layer.name: layer for layer in _flat_layers(model.model)}
+    layers = {layer.name: layer for layer in graph.flat_layers(model.model)}
     for name in model._local_loss_ends:
         shape = layers[name].output.shape
         if patches not in (1, "positions"):

@@ -1,0 +1,93 @@
+"""The walk through a Keras model's graph, node by node.
+
+The layer rules (`keras_fwdgrad.layer_rules.dual`) and activity
+perturbation (`keras_fwdgrad.activity`) both run a `keras.Sequential` or
+functional model one node at a time, to carry a tangent beside each
+activation or to perturb a layer's pre-activations. `run` is that walk,
+written once: it calls `call(op, args, kwargs)` for every node in call
+order, with nested `Sequential` and functional models walked the same way.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_fwdgrad import _compat
+
+
+def is_sequential(layer):
+    return isinstance(layer, keras.Sequential)
+
+
+def is_functional(layer):
+    return _compat.is_functional(layer)
+
+
+def is_container(layer):
+    """Whether `run` walks into `layer` (a `Sequential` or functional
+    model) rather than calling it as one node."""
+    return is_sequential(layer) or is_functional(layer)
+
+
+def flat_layers(model):
+    """The layers of `model` in call order, nested `Sequential` and
+    functional models expanded, input layers left out."""
+    if is_sequential(model):
+        layers = model.layers
+    elif is_functional(model):
+        layers = [op for op in model.operations if isinstance(op, keras.layers.Layer)]
+    else:
+        return [model]
+    out = []
+    for layer in layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if is_container(layer):
+            out.extend(flat_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def run(model, x, call, on_inputs=None):
+    """Runs `model` on `x` node by node.
+
+    Args:
+        model: A `keras.Sequential` or functional model with one output
+            tensor.
+        x: Its input (a tensor, or the structure a functional model takes).
+        call: `call(op, args, kwargs)` computes one node: a layer (or
+            another operation of a functional graph) that is not itself a
+            `Sequential` or functional model, with the arguments the graph
+            passes it (a `Sequential` model's layer gets `args=(x,)`).
+            It returns the node's output.
+        on_inputs: Optional `on_inputs(x, inputs)`, called with the
+            flattened inputs a functional model runs on after Keras
+            standardizes them (a cast to the input's dtype makes new
+            tensors), so that a caller keyed on tensors can follow them.
+
+    Returns:
+        The model's output tensor.
+    """
+    if is_sequential(model):
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            if is_container(layer):
+                x = run(layer, x, call, on_inputs)
+            else:
+                x = call(layer, (x,), {})
+        return x
+    inputs = _compat.standardize_inputs(model, x)
+    if on_inputs is not None:
+        on_inputs(tf.nest.flatten(x), tf.nest.flatten(inputs))
+
+    def operation_fn(op):
+        def node(*args, **kwargs):
+            if is_container(op):
+                return run(op, args[0], call, on_inputs)
+            return call(op, args, kwargs)
+
+        return node
+
+    outputs = _compat.run_through_graph(model, inputs, operation_fn)
+    return tf.nest.flatten(outputs)[0]
