@@ -80,22 +80,7 @@ def compare_training(
             trace = measures.TrainingTrace(val, loss=loss, eval_every=eval_every)
             # `train` is a dataset that shuffles itself.
             model.fit(train, epochs=epochs, callbacks=[trace], shuffle=False, verbose=0)
-            tested = model.evaluate(test, verbose=0, return_dict=True)
-            forward = spec["gradient"] == "forward"
-            run = {
-                "label": spec["label"],
-                "seed": int(seed),
-                "steps": len(trace.step_times),
-                "eval_steps": list(trace.eval_steps),
-                "eval_times": trace.eval_times(),
-                "val_loss": [float(v) for v in trace.val_losses],
-                "ms_per_step": 1000.0 * trace.median_step_s(),
-                "compile_s": trace.compile_s,
-                "compile_excluded": trace.compile_excluded,
-                "skipped_steps": int(model.skipped_steps.numpy()) if forward else 0,
-                "test_loss": float(tested["loss"]),
-                "test_accuracy": float(tested["accuracy"]),
-            }
+            run = experiments.record_run(spec, seed, trace, model, test)
             runs.append(run)
             print(
                 f"  seed {seed} {spec['label']:<22} steps {run['steps']:>6} "

@@ -21,56 +21,41 @@ def check_model(model):
         )
 
 
-def checked_options(
-    direction,
-    num_directions,
-    jvp_clip,
-    seed,
-    all_reduce,
-    layer_rules,
-    perturbation,
-    local_losses,
-    orthogonal_directions,
-    active_units_only,
-    local_loss_groups,
-    local_loss_patches,
-):
+def checked_options(given):
     """Checks `ForwardGradientModel`'s forward options and returns them
     normalized (the direction as a `Direction`, numbers as Python ints and
-    floats, layer names as a list), `seed` left out.
+    floats, layer names as a list).
+
+    Args:
+        given: A dict with every forward option (`keras_fwdgrad.options`)
+            and `seed`.
+
+    Returns:
+        A dict with every forward option, `seed` left out.
 
     Raises:
         ValueError, TypeError: naming the first bad argument.
     """
-    check_all_reduce(all_reduce)
-    check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules)
+    g = given
+    check_all_reduce(g["all_reduce"])
+    check_estimator_arguments(g["num_directions"], g["jvp_clip"], g["seed"], g["layer_rules"])
     check_activity_arguments(
-        perturbation,
-        local_losses,
-        orthogonal_directions,
-        active_units_only,
-        local_loss_groups,
-        local_loss_patches,
+        g["perturbation"],
+        g["local_losses"],
+        g["orthogonal_directions"],
+        g["active_units_only"],
+        g["local_loss_groups"],
+        g["local_loss_patches"],
     )
-    return {
-        "direction": directions.get(direction),
-        "num_directions": int(num_directions),
-        "jvp_clip": None if jvp_clip is None else float(jvp_clip),
-        "all_reduce": all_reduce,
-        "layer_rules": layer_rules,
-        "perturbation": perturbation,
-        "local_losses": (
-            list(local_losses) if isinstance(local_losses, (list, tuple)) else local_losses
-        ),
-        "orthogonal_directions": orthogonal_directions,
-        "active_units_only": active_units_only,
-        "local_loss_groups": (
-            local_loss_groups if local_loss_groups == "channels" else int(local_loss_groups)
-        ),
-        "local_loss_patches": (
-            local_loss_patches if local_loss_patches == "positions" else int(local_loss_patches)
-        ),
-    }
+    out = {k: v for k, v in g.items() if k != "seed"}
+    out["direction"] = directions.get(g["direction"])
+    out["num_directions"] = int(g["num_directions"])
+    out["jvp_clip"] = None if g["jvp_clip"] is None else float(g["jvp_clip"])
+    if isinstance(g["local_losses"], (list, tuple)):
+        out["local_losses"] = list(g["local_losses"])
+    for name, word in (("local_loss_groups", "channels"), ("local_loss_patches", "positions")):
+        out[name] = g[name] if g[name] == word else int(g[name])
+    return out
 
 
 def check_all_reduce(all_reduce):

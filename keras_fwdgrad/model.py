@@ -155,20 +155,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
     ):
         backend.check()
         arguments.check_model(model)
-        checked = arguments.checked_options(
-            direction=direction,
-            num_directions=num_directions,
-            jvp_clip=jvp_clip,
-            seed=seed,
-            all_reduce=all_reduce,
-            layer_rules=layer_rules,
-            perturbation=perturbation,
-            local_losses=local_losses,
-            orthogonal_directions=orthogonal_directions,
-            active_units_only=active_units_only,
-            local_loss_groups=local_loss_groups,
-            local_loss_patches=local_loss_patches,
-        )
+        given = locals()
+        checked = arguments.checked_options({k: given[k] for k in options.names() + ("seed",)})
         super().__init__(**kwargs)
         self.model = model
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)

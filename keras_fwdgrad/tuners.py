@@ -18,7 +18,7 @@ try:
     import keras_tuner
 except ImportError as e:  # pragma: no cover - exercised without the extra.
     raise ImportError(
-        "keras_fwdgrad.tuners needs KerasTuner: "
+        "keras_fwdgrad.tuning and keras_fwdgrad.tuners need KerasTuner: "
         "pip install 'keras-fwdgrad[tuning]' (or pip install keras-tuner)"
     ) from e
 

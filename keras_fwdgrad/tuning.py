@@ -44,13 +44,8 @@ from keras_fwdgrad import options
 from keras_fwdgrad import tuners
 from keras_fwdgrad.model import ForwardGradientModel
 
-try:
-    import keras_tuner
-except ImportError as e:  # pragma: no cover - exercised without the extra.
-    raise ImportError(
-        "keras_fwdgrad.tuning needs KerasTuner: "
-        "pip install 'keras-fwdgrad[tuning]' (or pip install keras-tuner)"
-    ) from e
+# `tuners` raises an `ImportError` saying what to install without KerasTuner.
+import keras_tuner  # noqa: E402
 
 GRADIENTS = ("forward", "backprop")
 TUNERS = tuple(tuners.TUNERS)

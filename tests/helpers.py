@@ -1,5 +1,7 @@
-"""The small data, model and loss that the tests of `ForwardGradientModel`,
-its trainer, its arguments, its callbacks and its direction stream share."""
+"""The small data, models and loss that several test files share: a
+classification set and MLP (the tests of `ForwardGradientModel`, its
+trainer, arguments, callbacks and direction stream) and a linear
+regression (the tuning and search tests)."""
 
 import keras
 import numpy as np
@@ -30,3 +32,23 @@ def mlp(features=10, hidden=8, classes=3, batch_norm=False):
 def weights_of(model):
     """The trainable weights of `model` as NumPy arrays."""
     return [np.array(v) for v in model.trainable_variables]
+
+
+# Features of the linear regression.
+FEATURES = 100
+
+
+def linear():
+    """A linear model of `FEATURES` inputs, unbuilt weights drawn fresh."""
+    return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
+
+
+def regression(n, seed):
+    """Noise-free linear targets as a `tf.data.Dataset` of batches of 32;
+    one true weight vector for all splits."""
+    import tensorflow as tf
+
+    w = np.random.default_rng(99).normal(size=(FEATURES, 1)) / np.sqrt(FEATURES)
+    x = np.random.default_rng(seed).normal(size=(n, FEATURES)).astype("float32")
+    y = (x @ w).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(32)

@@ -1,34 +1,25 @@
 """Tests of `keras_fwdgrad.research.searches`: Table I from one search per
 gradient type, the best retrained and tested, written as CSV and Markdown."""
 
-import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 
 pytest.importorskip("keras_tuner")
 
 from keras_fwdgrad.research import searches  # noqa: E402
 
+from tests import helpers  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-FEATURES = 100
-
-
-def _linear():
-    return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
-
-
-def _regression(n, seed):
-    w = np.random.default_rng(99).normal(size=(FEATURES, 1)) / np.sqrt(FEATURES)
-    x = np.random.default_rng(seed).normal(size=(n, FEATURES)).astype("float32")
-    return tf.data.Dataset.from_tensor_slices((x, (x @ w).astype("float32"))).batch(32)
 
 
 def test_compare_searches_and_table(tmp_path):
-    train, val, test = _regression(128, 0), _regression(64, 1), _regression(64, 2)
+    train, val, test = (
+        helpers.regression(128, 0),
+        helpers.regression(64, 1),
+        helpers.regression(64, 2),
+    )
     rows = searches.compare_searches(
-        _linear,
+        helpers.linear,
         train,
         val,
         test,

@@ -6,34 +6,21 @@ import itertools
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 keras_tuner = pytest.importorskip("keras_tuner")
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad import tuning  # noqa: E402
 
+from tests import helpers  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-FEATURES = 100
-
-
-def _linear():
-    return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
-
-
-def _regression(n, seed):
-    """Noise-free linear targets; one true weight vector for all splits."""
-    w = np.random.default_rng(99).normal(size=(FEATURES, 1)) / np.sqrt(FEATURES)
-    x = np.random.default_rng(seed).normal(size=(n, FEATURES)).astype("float32")
-    y = (x @ w).astype("float32")
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
 
 
 def _hypermodel(gradient, **kwargs):
     # Learning rates 1e-3, 1e-2, 1e-1, 1.
     return tuning.LearningRateHyperModel(
-        _linear,
+        helpers.linear,
         gradient=gradient,
         optimizer="sgd",
         loss="mse",
@@ -52,7 +39,7 @@ def test_separate_searches_find_different_learning_rates(tmp_path):
     for n = 101 parameters (Gaussian directions), so its stable learning
     rate is about 2/(2·103) ≈ 0.01: 0.1 and 1 diverge and its best is at
     least ten times smaller than backprop's."""
-    train, val = _regression(512, 0), _regression(256, 1)
+    train, val = helpers.regression(512, 0), helpers.regression(256, 1)
     best = {}
     for gradient in ("forward", "backprop"):
         tuner = tuning.make_tuner(_hypermodel(gradient), directory=str(tmp_path))
@@ -65,7 +52,7 @@ def test_separate_searches_find_different_learning_rates(tmp_path):
 
 
 def test_best_model_is_retrievable_and_evaluates_to_its_score(tmp_path):
-    train, val = _regression(256, 0), _regression(128, 1)
+    train, val = helpers.regression(256, 0), helpers.regression(128, 1)
     tuner = tuning.make_tuner(_hypermodel("forward"), directory=str(tmp_path))
     tuner.search(train, validation_data=val, epochs=2, verbose=0)
     model = tuner.get_best_models(1)[0]
@@ -76,7 +63,7 @@ def test_best_model_is_retrievable_and_evaluates_to_its_score(tmp_path):
 
 
 def test_search_resumes_without_redoing_trials(tmp_path):
-    train, val = _regression(128, 0), _regression(64, 1)
+    train, val = helpers.regression(128, 0), helpers.regression(64, 1)
     calls = []
 
     class Counting(tuning.LearningRateHyperModel):
@@ -87,7 +74,7 @@ def test_search_resumes_without_redoing_trials(tmp_path):
 
     first = tuning.make_tuner(
         Counting(
-            _linear,
+            helpers.linear,
             gradient="backprop",
             loss="mse",
             metrics=(),
@@ -104,7 +91,7 @@ def test_search_resumes_without_redoing_trials(tmp_path):
     best = first.get_best_hyperparameters(1)[0].values
     again = tuning.make_tuner(
         Counting(
-            _linear,
+            helpers.linear,
             gradient="backprop",
             loss="mse",
             metrics=(),
@@ -131,7 +118,7 @@ def test_search_resumes_without_redoing_trials(tmp_path):
     ],
 )
 def test_search_space_has_table_i_columns(optimizer, names):
-    hm = tuning.LearningRateHyperModel(_linear, gradient="forward", optimizer=optimizer)
+    hm = tuning.LearningRateHyperModel(helpers.linear, gradient="forward", optimizer=optimizer)
     hp = keras_tuner.HyperParameters()
     model = hm.build(hp)
     assert set(hp.values) == names
@@ -151,20 +138,20 @@ def test_search_space_has_table_i_columns(optimizer, names):
 
 def test_argument_errors():
     with pytest.raises(ValueError, match="`gradient` must be one of"):
-        tuning.LearningRateHyperModel(_linear, gradient="reverse")
+        tuning.LearningRateHyperModel(helpers.linear, gradient="reverse")
     with pytest.raises(ValueError, match="`optimizer` must be one of"):
-        tuning.LearningRateHyperModel(_linear, optimizer="rmsprop")
+        tuning.LearningRateHyperModel(helpers.linear, optimizer="rmsprop")
     with pytest.raises(ValueError, match="`learning_rate_range`"):
-        tuning.LearningRateHyperModel(_linear, learning_rate_range=(1e-1, 1e-3))
+        tuning.LearningRateHyperModel(helpers.linear, learning_rate_range=(1e-1, 1e-3))
     with pytest.raises(ValueError, match="`decay_values` must list"):
-        tuning.LearningRateHyperModel(_linear, decay_values=())
+        tuning.LearningRateHyperModel(helpers.linear, decay_values=())
     with pytest.raises(TypeError, match="`build_model` must be a function"):
-        tuning.LearningRateHyperModel(_linear())
+        tuning.LearningRateHyperModel(helpers.linear())
     with pytest.raises(ValueError, match="`tuner` must be one of"):
-        tuning.make_tuner(tuning.LearningRateHyperModel(_linear), tuner="hyperband")
+        tuning.make_tuner(tuning.LearningRateHyperModel(helpers.linear), tuner="hyperband")
 
 
-def _backprop(build_model=_linear, learning_rate_range=(1e-2, 1e-1)):
+def _backprop(build_model=helpers.linear, learning_rate_range=(1e-2, 1e-1)):
     return tuning.LearningRateHyperModel(
         build_model,
         gradient="backprop",
@@ -179,7 +166,7 @@ def _backprop(build_model=_linear, learning_rate_range=(1e-2, 1e-1)):
 def test_changed_search_space_gets_its_own_folder(tmp_path):
     """A narrower learning-rate range in the same directory is a new
     search: its best learning rate lies in its own range."""
-    train, val = _regression(128, 0), _regression(64, 1)
+    train, val = helpers.regression(128, 0), helpers.regression(64, 1)
     wide = tuning.make_tuner(_hypermodel("backprop"), directory=str(tmp_path))
     wide.search(train, validation_data=val, epochs=2, verbose=0)
     assert wide.get_best_hyperparameters(1)[0]["learning_rate"] == pytest.approx(0.1)
@@ -197,7 +184,7 @@ def test_changed_search_space_gets_its_own_folder(tmp_path):
     ["epochs", "model", "data"],
 )
 def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
-    train, val = _regression(128, 0), _regression(64, 1)
+    train, val = helpers.regression(128, 0), helpers.regression(64, 1)
     first = tuning.make_tuner(_backprop(), directory=str(tmp_path), project_name="p")
     first.search(train, validation_data=val, epochs=1, verbose=0)
     hypermodel, epochs, data = _backprop(), 1, train
@@ -206,11 +193,11 @@ def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
     elif change == "model":
 
         def _wider():
-            return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(4)])
+            return keras.Sequential([keras.Input((helpers.FEATURES,)), keras.layers.Dense(4)])
 
         hypermodel = _backprop(_wider)
     else:
-        data = _regression(256, 0)
+        data = helpers.regression(256, 0)
     again = tuning.make_tuner(hypermodel, directory=str(tmp_path), project_name="p")
     with pytest.raises(ValueError, match="made with other settings") as e:
         again.search(data, validation_data=val, epochs=epochs, verbose=0)
@@ -227,9 +214,9 @@ def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
 
 
 def test_trial_count_is_printed_before_the_search(tmp_path, capsys):
-    train, val = _regression(64, 0), _regression(32, 1)
+    train, val = helpers.regression(64, 0), helpers.regression(32, 1)
     hypermodel = tuning.LearningRateHyperModel(
-        _linear,
+        helpers.linear,
         gradient="forward",
         optimizer="adam",
         loss="mse",
@@ -250,7 +237,7 @@ def test_trial_count_is_printed_before_the_search(tmp_path, capsys):
     # The default grids of the README: 5 learning rates × 3 decays, × 2 for
     # Nesterov's momentum, × 2 × 2 for Adam's β's.
     sizes = [
-        tuning.LearningRateHyperModel(_linear, optimizer=o).grid_size()[0]
+        tuning.LearningRateHyperModel(helpers.linear, optimizer=o).grid_size()[0]
         for o in ("sgd", "nesterov", "adam")
     ]
     assert sizes == [15, 30, 60]
@@ -259,7 +246,7 @@ def test_trial_count_is_printed_before_the_search(tmp_path, capsys):
 def test_forward_options_are_searchable():
     """Every searched option reaches the trial's model and optimizer."""
     hypermodel = tuning.LearningRateHyperModel(
-        _linear,
+        helpers.linear,
         gradient="forward",
         optimizer="sgd",
         loss="mse",
@@ -345,13 +332,13 @@ def test_local_loss_options_are_searchable():
 
 def test_forward_option_errors():
     with pytest.raises(ValueError, match="`num_directions` must list"):
-        tuning.LearningRateHyperModel(_linear, num_directions=())
+        tuning.LearningRateHyperModel(helpers.linear, num_directions=())
     with pytest.raises(ValueError, match="`jvp_clip` lists a value twice"):
-        tuning.LearningRateHyperModel(_linear, jvp_clip=(1.0, 1.0))
+        tuning.LearningRateHyperModel(helpers.linear, jvp_clip=(1.0, 1.0))
     with pytest.raises(ValueError, match="`direction` applies to the forward gradient only"):
         tuning.LearningRateHyperModel(
-            _linear, gradient="backprop", direction=("gaussian", "lowrank_rademacher")
+            helpers.linear, gradient="backprop", direction=("gaussian", "lowrank_rademacher")
         )
     # Clipping is the optimizer's: backprop searches it too.
-    hm = tuning.LearningRateHyperModel(_linear, gradient="backprop", clipnorm=(None, 1.0))
+    hm = tuning.LearningRateHyperModel(helpers.linear, gradient="backprop", clipnorm=(None, 1.0))
     assert hm.grid_size()[1]["clipnorm"] == 2

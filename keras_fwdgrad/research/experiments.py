@@ -185,25 +185,7 @@ def compare_training(
                 shuffle=False,  # `train` is a dataset: it shuffles itself.
                 verbose=0,
             )
-            run = {
-                "label": spec["label"],
-                "seed": int(seed),
-                "steps": len(trace.step_times),
-                "eval_steps": list(trace.eval_steps),
-                "eval_times": trace.eval_times(),
-                "val_loss": [float(v) for v in trace.val_losses],
-                "ms_per_step": 1000.0 * trace.median_step_s(),
-                "compile_s": trace.compile_s,
-                "compile_excluded": trace.compile_excluded,
-                "skipped_steps": int(model.skipped_steps.numpy())
-                if spec["gradient"] == "forward"
-                else 0,
-            }
-            if test is not None:
-                values = model.evaluate(test, verbose=0, return_dict=True)
-                run["test_loss"] = float(values["loss"])
-                if "accuracy" in values:
-                    run["test_accuracy"] = float(values["accuracy"])
+            run = record_run(spec, seed, trace, model, test)
             runs.append(run)
             if verbose:
                 print(
@@ -214,6 +196,45 @@ def compare_training(
                     flush=True,
                 )
     return {"runs": runs, "summary": summarize(runs, labels)}
+
+
+def record_run(spec, seed, trace, model, test=None):
+    """One run's record for `summarize`: the validation curve and step
+    times of `trace`, the skipped steps and, with `test`, the test loss
+    and accuracy.
+
+    Args:
+        spec: The method (from `method()`).
+        seed: The run's seed.
+        trace: The run's `measures.TrainingTrace`.
+        model: The trained model (a `ForwardGradientModel` for forward
+            methods).
+        test: Optional test dataset, evaluated once.
+
+    Returns:
+        A dict: `label`, `seed`, `steps`, `eval_steps`, `eval_times`,
+        `val_loss`, `ms_per_step`, `compile_s`, `compile_excluded`,
+        `skipped_steps`, and with `test` `test_loss` (and `test_accuracy`
+        when the model has that metric).
+    """
+    run = {
+        "label": spec["label"],
+        "seed": int(seed),
+        "steps": len(trace.step_times),
+        "eval_steps": list(trace.eval_steps),
+        "eval_times": trace.eval_times(),
+        "val_loss": [float(v) for v in trace.val_losses],
+        "ms_per_step": 1000.0 * trace.median_step_s(),
+        "compile_s": trace.compile_s,
+        "compile_excluded": trace.compile_excluded,
+        "skipped_steps": int(model.skipped_steps.numpy()) if spec["gradient"] == "forward" else 0,
+    }
+    if test is not None:
+        values = model.evaluate(test, verbose=0, return_dict=True)
+        run["test_loss"] = float(values["loss"])
+        if "accuracy" in values:
+            run["test_accuracy"] = float(values["accuracy"])
+    return run
 
 
 def _mean_std(values):

@@ -14,20 +14,10 @@ import keras
 
 from keras_fwdgrad import tuning
 from keras_fwdgrad.research import experiments
+from keras_fwdgrad.research import table1
 
-TABLE_COLUMNS = (
-    "gradient",
-    "model",
-    "dataset",
-    "optimizer",
-    "learning_rate",
-    "decay",
-    "momentum",
-    "beta_1",
-    "beta_2",
-    "epochs",
-    "test_loss",
-)
+# Table I's columns (`table1.COLUMNS`), with the dataset after the model.
+TABLE_COLUMNS = table1.COLUMNS[:2] + ("dataset",) + table1.COLUMNS[2:]
 
 
 def compare_searches(

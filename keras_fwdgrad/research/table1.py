@@ -28,7 +28,8 @@ paper["learning_rate"], paper["test_loss"]  # (0.0005, 0.283)
 MODELS = ("mlp", "cnn", "vgg")
 DATASETS = {"mlp": "mnist", "cnn": "mnist", "vgg": "cifar10"}
 
-_KEYS = (
+# The columns, as the paper prints them.
+COLUMNS = (
     "gradient",
     "model",
     "optimizer",
@@ -56,7 +57,7 @@ _TABLE = (
     ("forward", "vgg", "sgd", 0.000433, 1e-6, 0.0, 0.0, 0.0, 100, 6.955),
     ("backprop", "vgg", "sgd", 0.01, 1e-4, 0.0, 0.0, 0.0, 100, 1.685),
 )
-ROWS = tuple(dict(zip(_KEYS, values), dataset=DATASETS[values[1]]) for values in _TABLE)
+ROWS = tuple(dict(zip(COLUMNS, values), dataset=DATASETS[values[1]]) for values in _TABLE)
 
 
 def row(model, gradient, optimizer):
