@@ -5,6 +5,9 @@ regression (the tuning and search tests)."""
 
 import keras
 import numpy as np
+import tensorflow as tf
+
+from keras_fwdgrad import directions
 
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -46,9 +49,35 @@ def linear():
 def regression(n, seed):
     """Noise-free linear targets as a `tf.data.Dataset` of batches of 32;
     one true weight vector for all splits."""
-    import tensorflow as tf
-
     w = np.random.default_rng(99).normal(size=(FEATURES, 1)) / np.sqrt(FEATURES)
     x = np.random.default_rng(seed).normal(size=(n, FEATURES)).astype("float32")
     y = (x @ w).astype("float32")
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+
+
+# The direction stream worked by hand, on TensorFlow.
+
+
+def seed_of_step(seed, step, k=None):
+    """The TensorFlow seed of direction `k` of step `step`, as the model
+    folds it."""
+    key = tf.constant([seed, step], tf.int64)
+    if k is not None:
+        key = tf.random.experimental.stateless_fold_in(key, k)
+    return key
+
+
+def sample_direction(direction, shapes, key, mode):
+    """Draws a direction as the model does in `mode` (the shipped families
+    give the same bits in every mode, a custom one need not)."""
+    fn = lambda: directions.get(direction).sample(shapes, key)  # noqa: E731
+    return fn() if mode != "xla" else tf.function(fn, jit_compile=True)()
+
+
+def tape_directional_derivative(model, x, y, v):
+    """`∇f·v` of the mean sparse cross-entropy by `tf.GradientTape`, and
+    the gradient."""
+    with tf.GradientTape() as tape:
+        loss = SCCE(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    return float(sum(tf.reduce_sum(g * t) for g, t in zip(grads, v))), grads

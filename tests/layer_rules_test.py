@@ -8,9 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
-from keras_fwdgrad import directions
 from keras_fwdgrad import layer_rules
-from keras_fwdgrad import tangents
 from keras_fwdgrad import testing
 from tests.conftest import ARCHITECTURE_MODES
 from tests.conftest import MODES
@@ -405,17 +403,6 @@ def test_several_directions_step_equals_the_accumulator_step(case, direction):
         results.append([v.numpy() for v in base.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_words_computed_after_a_tensor_are_unchanged(mode):
-    """The scheduling dependency adds zero: the words come back bit for bit
-    whatever the tensor holds (NaN and infinities included)."""
-    words = directions.random_bits(5, tf.constant([1, 2]))
-    tensor = tf.constant([[np.nan, np.inf], [-np.inf, 3.0]])
-    out = _run(mode, lambda: tangents.computed_after(words, tensor))
-    assert out.dtype == tf.uint32
-    np.testing.assert_array_equal(out, words)
 
 
 def test_layer_without_forward_mode_derivative_is_named():
