@@ -155,6 +155,7 @@ class ForwardGradientModel(_Trainer, keras.Model):
     ):
         backend.check()
         arguments.check_model(model)
+        # The forward options are the signature's arguments (`options`).
         given = locals()
         checked = arguments.checked_options({k: given[k] for k in options.names() + ("seed",)})
         super().__init__(**kwargs)

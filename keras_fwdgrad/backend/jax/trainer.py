@@ -200,12 +200,10 @@ class JAXTrainer(trainer.Trainer):
             state_mapping=list(zip(self.metrics_variables, metrics))
         ) as scope:
             logs = self._step_logs(x, y, sample_weight, estimate, skipped)
-        metrics = [
-            variable.value
-            if scope.get_current_value(variable) is None
-            else scope.get_current_value(variable)
-            for variable in self.metrics_variables
-        ]
+        metrics = []
+        for variable in self.metrics_variables:
+            value = scope.get_current_value(variable)
+            metrics.append(variable.value if value is None else value)
         return logs, (trainable, non_trainable, optimizer_variables, metrics)
 
     def test_step(self, state, data):
