@@ -172,8 +172,7 @@ def main():
         "--jit-compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="XLA (default); --no-jit-compile for convolutional models with "
-        "activity perturbation on CPU",
+        help="XLA (default); --no-jit-compile to train without it",
     )
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
     args = p.parse_args()
