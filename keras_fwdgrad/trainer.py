@@ -32,6 +32,12 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 
 
+def all_finite(tensors):
+    """Whether every value of every tensor in `tensors` (`None` skipped)
+    is finite, as a boolean scalar tensor."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors if t is not None]))
+
+
 class Estimate(NamedTuple):
     """One step's forward-gradient estimate.
 
@@ -132,7 +138,7 @@ class Trainer:
         """
         loss = self._unscaled_loss(estimate.loss)
         leaves = keras.tree.flatten([loss, estimate.y_pred])
-        measured = ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in leaves]))
+        measured = all_finite(leaves)
         weight = ops.cast(measured, "float32")
 
         def kept(t):

@@ -88,7 +88,7 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
             # the guarded update's `cond`, they are not moved into its
             # branch by Grappler, where XLA:CPU runs a convolution's
             # filter gradient element by element (about 50 × slower).
-            finite = tf.logical_and(finite, _all_finite(estimate.grads))
+            finite = tf.logical_and(finite, trainer.all_finite(estimate.grads))
         if not self.optimizer.built:
             self.optimizer.build(variables)
         grads = self._scaled_for_optimizer(estimate.grads)
@@ -104,7 +104,3 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
     def test_step(self, data):
         logs = self._without_training_logs(super().test_step(data))
         return distribute.multi_worker_logs(self.distribute_strategy, logs)
-
-
-def _all_finite(tensors):
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
