@@ -36,11 +36,14 @@ the other groups' tangents (and of the head's own). A convolution's
 input tangent is convolved explicitly (`layer_rules.convolution`), since
 TensorFlow's forward mode through a convolution is slow under XLA.
 
-Variables of other layers (`BatchNormalization`, `Embedding`, your own
-layers) are perturbed as weights, in the same pass, with the block's
-whole-batch directional derivative. Layers that mix examples (for now:
-`BatchNormalization`) make every derivative in their block a whole-batch
-one, which stays unbiased.
+Every other layer with trainable variables (`EinsumDense`, `Embedding`,
+normalization, `MultiHeadAttention`, LoRA-enabled layers, your own) takes
+the general rule: its call is recorded on a tape of its own trainable
+variables, its output gets a per-example tangent, and its estimate is that
+tape's reverse pass with cotangent `d_n u_n` (docs/activity.md, "The
+general rule"). Layers that mix examples (for now: `BatchNormalization`)
+make every derivative in their block a whole-batch one, which stays
+unbiased.
 
 The tangents are `tf.random.stateless_normal` draws keyed by the model's
 seed and step counter. TensorFlow's XLA kernel of that op draws other
@@ -185,7 +188,7 @@ def perturbed(layer):
     running in one dtype."""
     if type(layer) is LocalHead:
         return True
-    if type(layer) not in _PERTURBED:
+    if type(layer) not in _PERTURBED or not layer.trainable_variables:
         return False
     if isinstance(layer, keras.layers.Dense):
         return layer_rules.runs_plain(layer)
@@ -279,6 +282,9 @@ class _Record:
     z: object
     u: object
     block: int
+    # The general rule: `vjp(cotangent)` is the reverse pass through the
+    # layer's recorded call, one gradient per trainable variable.
+    vjp: object = None
 
 
 class _Pass:
@@ -293,7 +299,6 @@ class _Pass:
         self.block = 0
         self.records = []
         self.block_outputs = []
-        self.owner_block = {}
         self.mixing_blocks = set()
         self.acc = None
         # id(tensor) -> (tensor, record, strides): outputs that still have
@@ -324,15 +329,14 @@ class _Pass:
     def call_layer(self, layer, args, kwargs):
         if isinstance(layer, _MIXES_EXAMPLES):
             self.mixing_blocks.add(self.block)
-        for v in layer.trainable_variables:
-            self.owner_block.setdefault(id(v), self.block)
-        if (
+        closed_form = (
             perturbed(layer)
             and len(args) == 1
             and not set(kwargs) - {"training"}
             and tf.is_tensor(args[0])
             and args[0].dtype == layer.compute_dtype
-        ):
+        )
+        if closed_form:
             x = args[0]
             tx = None
             if not isinstance(layer, (keras.layers.Dense, LocalHead)):
@@ -356,10 +360,13 @@ class _Pass:
             self.record_outputs[id(y)] = (y, self.records[-1])
             if _channels_last(layer, len(z.shape)) and _elementwise(activation):
                 self.aligned[id(y)] = (y, self.records[-1], (1,) * (len(z.shape) - 2))
+        elif layer.trainable_variables:
+            y = self.call_general(layer, args, kwargs)
         else:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
+        if not closed_form:
             source = self.aligned.get(id(args[0])) if args else None
             if (
                 source is not None
@@ -380,6 +387,45 @@ class _Pass:
             y = tf.stop_gradient(y)
         return y
 
+    def call_general(self, layer, args, kwargs):
+        """The general rule: `layer`'s call is recorded on a tape of its
+        own trainable variables (its inputs, and the tangents they carry,
+        are constants for it), and its output gets this pass's tangent."""
+        if "training" in _compat.call_context_args(layer):
+            kwargs = {**kwargs, "training": True}
+        values = [v.value for v in layer.trainable_variables]
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(values)
+            y = layer(*args, **kwargs)
+        if not tf.is_tensor(y) or not y.dtype.is_floating:
+            raise ValueError(
+                '`perturbation="activations"` perturbs the output of every '
+                "layer with trainable variables, which must be one floating "
+                f"tensor. Received: layer {layer.name!r} of type "
+                f"{type(layer).__name__} returned "
+                f"{type(y).__name__ if not tf.is_tensor(y) else y.dtype.name}. "
+                'Use `perturbation="weights"` for this model, or make the '
+                "layer's trainable variables non-trainable (`layer.trainable "
+                "= False`)."
+            )
+
+        def vjp(cotangent):
+            grads = tape.gradient(
+                y,
+                values,
+                output_gradients=tf.cast(cotangent, y.dtype),
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            # An embedding's gradient comes as `tf.IndexedSlices`.
+            return [tf.convert_to_tensor(g) for g in grads]
+
+        u = self.tangent(y, len(self.records))
+        zero = tf.zeros_like(y)
+        _compat.watch(self.acc, zero, u)
+        out = y + zero
+        self.records.append(_Record(layer, None, out, u, self.block, vjp=vjp))
+        return out
+
     def run(self, base, x):
         return graph.run(base, x, self.call_layer)
 
@@ -387,8 +433,6 @@ class _Pass:
         outputs = []
         for block, (head, h) in enumerate(zip(self.heads, self.block_outputs)):
             self.block = block
-            for v in head.trainable_variables:
-                self.owner_block.setdefault(id(v), block)
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
@@ -523,23 +567,6 @@ def estimate(model, x, y, sample_weight, k):
     ends = model._local_loss_ends
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads)
-    perturbed_ids = set()
-    for layer in graph.flat_layers(model.model) + list(heads):
-        if perturbed(layer):
-            inner = layer.dense if isinstance(layer, LocalHead) else layer
-            perturbed_ids.update(id(v) for v in inner.trainable_variables)
-    # Variables of other layers are perturbed as weights.
-    weight_vars = [v for v in variables if id(v) not in perturbed_ids]
-    weight_seed = backend.fold_in(step_seed, 2_000_003)
-    weight_seed = backend.fold_in(weight_seed, k)
-    weight_tangents = [
-        tf.random.stateless_normal(
-            tf.shape(v.value),
-            backend.fold_in(weight_seed, i),
-            dtype=v.value.dtype,
-        )
-        for i, v in enumerate(weight_vars)
-    ]
     _compat.clear_losses(model.model)
     compute_dtype = model.model.compute_dtype
     x = tf.nest.map_structure(
@@ -550,7 +577,7 @@ def estimate(model, x, y, sample_weight, k):
         ),
         x,
     )
-    with tf.autodiff.ForwardAccumulator([v.value for v in weight_vars], weight_tangents) as acc:
+    with tf.autodiff.ForwardAccumulator([], []) as acc:
         p.acc = acc
         y_pred = p.run(model.model, x)
         head_preds = p.head_outputs()
@@ -604,6 +631,12 @@ def estimate(model, x, y, sample_weight, k):
         else:
             dn = d[r.block]
         u = r.u
+        if len(dn.shape) == 1:
+            dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
+        if r.vjp is not None:
+            for v, g in zip(r.layer.trainable_variables, r.vjp(tf.cast(dn, u.dtype) * u)):
+                grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
+            continue
         activation = (
             r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
         )
@@ -611,8 +644,6 @@ def estimate(model, x, y, sample_weight, k):
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
             u = u * tf.cast(r.z > 0, u.dtype)
-        if len(dn.shape) == 1:
-            dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
         dn = tf.cast(dn, u.dtype)
         g_z = dn * u
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
@@ -624,10 +655,16 @@ def estimate(model, x, y, sample_weight, k):
         for v, g in zip(params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)):
             # A layer called several times adds up its calls' estimates.
             grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
-    for v, t in zip(weight_vars, weight_tangents):
-        block = p.owner_block.get(id(v), len(heads))
-        grads[id(v)] = tf.cast(batch_d[block], t.dtype) * t
-    grads = [grads.get(id(v), tf.zeros_like(v.value)) for v in variables]
+    missing = [v.path for v in variables if id(v) not in grads]
+    if missing:
+        # A trainable variable that no layer call of the pass reads.
+        raise ValueError(
+            '`perturbation="activations"` found no layer call that uses '
+            f"the trainable variables {missing}: every trainable variable "
+            "must belong to a layer the model calls. Make the others "
+            "non-trainable."
+        )
+    grads = [grads[id(v)] for v in variables]
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
     return loss, y_pred, d, grads, local

@@ -88,9 +88,13 @@ class ForwardGradientModel(_Trainer, keras.Model):
             `"activations"`: perturb the pre-activations of every `Dense`
             and `Conv1D/2D/3D` layer with one Gaussian tangent per example
             and unit, and form each kernel's estimate as the layer-local
-            product of its input with `d_n u_n` (Ren et al., 2023); other
-            layers' variables are perturbed as weights in the same pass.
-            Needs a `keras.Sequential` or functional model with one output.
+            product of its input with `d_n u_n` (Ren et al., 2023). Every
+            other layer with trainable variables (`EinsumDense`,
+            `Embedding`, normalization, `MultiHeadAttention`, LoRA-enabled
+            layers, your own) gets its output perturbed the same way, and
+            its variables' estimate from a reverse pass through that one
+            layer with cotangent `d_n u_n`. Needs a `keras.Sequential` or
+            functional model with one output.
         local_losses: With `perturbation="activations"`: `None` (default,
             one loss), `"auto"` (a block ends after each hidden `Dense` and
             each pooling layer), `"layers"` (after every perturbed layer but

@@ -1,0 +1,281 @@
+"""Activity perturbation's general rule: every layer with trainable
+variables (`EinsumDense`, `Embedding`, normalization, `MultiHeadAttention`,
+LoRA-enabled layers, your own layers) gets its output perturbed and its
+variables' estimate from a reverse pass through that one layer."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fwdgrad import ForwardGradientModel
+from tests.conftest import ARCHITECTURE_MODES
+
+LOSS = "sparse_categorical_crossentropy"
+COMPILE = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(jit_compile=False),
+    "xla": dict(jit_compile=True),
+}
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad_tests")
+class Scale(keras.layers.Layer):
+    """A layer nobody ships: `tanh(x·w + b)` with one `w` and `b` per
+    channel."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+        self.b = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return keras.ops.tanh(x * self.w + self.b)
+
+
+def _frozen_softmax(units=3):
+    return keras.layers.Dense(units, activation="softmax", trainable=False)
+
+
+def _lora_dense():
+    layer = keras.layers.Dense(3, activation="tanh")
+    layer.build((None, 4))
+    layer.enable_lora(2)
+    # LoRA starts with `lora_b = 0`; a non-zero one tests both factors.
+    layer.lora_kernel_b.assign(np.full((2, 3), 0.3, "float32"))
+    return layer
+
+
+def _one_layer_models():
+    """Models whose only trainable layer is of the kind named, with few
+    output units per example, and a frozen softmax head: `(layers, x,
+    units)`."""
+    rng = np.random.default_rng(0)
+    x4 = rng.normal(size=(5, 4)).astype("float32")
+    mha_in = keras.Input((2, 3))
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
+    mha_out = _frozen_softmax()(keras.layers.Flatten()(mha(mha_in, mha_in)))
+    return {
+        "einsum_dense": (
+            [
+                keras.Input((3, 4)),
+                keras.layers.EinsumDense("abc,cd->abd", (3, 2), bias_axes="d"),
+                keras.layers.Flatten(),
+                _frozen_softmax(),
+            ],
+            rng.normal(size=(5, 3, 4)).astype("float32"),
+            6,
+        ),
+        "embedding": (
+            [
+                keras.Input((3,), dtype="int32"),
+                keras.layers.Embedding(5, 2),
+                keras.layers.Flatten(),
+                _frozen_softmax(),
+            ],
+            rng.integers(0, 5, size=(5, 3)).astype("int32"),
+            6,
+        ),
+        "layer_normalization": (
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(4, trainable=False),
+                keras.layers.LayerNormalization(),
+                _frozen_softmax(),
+            ],
+            x4,
+            4,
+        ),
+        "lora_dense": ([keras.Input((4,)), _lora_dense(), _frozen_softmax()], x4, 3),
+        "custom": ([keras.Input((4,)), Scale(), _frozen_softmax()], x4, 4),
+        "multi_head_attention": (
+            keras.Model(mha_in, mha_out),
+            rng.normal(size=(5, 2, 3)).astype("float32"),
+            6,
+        ),
+    }
+
+
+def _tape_gradient(base, x, y):
+    with tf.GradientTape() as tape:
+        value = tf.reduce_mean(keras.losses.get(LOSS)(y, base(x, training=True)))
+    return [
+        tf.convert_to_tensor(g).numpy() for g in tape.gradient(value, base.trainable_variables)
+    ]
+
+
+def _build(case):
+    keras.utils.set_random_seed(0)
+    layers, x, units = _one_layer_models()[case]
+    base = layers if isinstance(layers, keras.Model) else keras.Sequential(layers)
+    y = np.random.default_rng(1).integers(0, 3, size=(len(x),))
+    return base, x, y, units
+
+
+@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
+@pytest.mark.parametrize("case", list(_one_layer_models()))
+def test_full_basis_gives_the_tape_gradient(case, mode):
+    """With as many orthogonal tangents as the layer has outputs per
+    example, the estimate is exact: each example's directional
+    derivatives recover its loss's derivative at the layer's output, and
+    the reverse pass through the layer alone turns that into the tape's
+    gradient of the layer's variables (rtol=atol=1e-4, float32)."""
+    base, x, y, units = _build(case)
+    expected = _tape_gradient(base, x, y)
+    assert expected, "the model must have trainable variables"
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        num_directions=units,
+        orthogonal_directions=True,
+        seed=3,
+    )
+    model.compile(optimizer="sgd", loss=LOSS, **COMPILE[mode])
+    if mode == "eager":
+        _, grads = model.forward_gradient(x, y)
+    else:
+        _, grads = tf.function(model.forward_gradient, jit_compile=mode == "xla")(x, y)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_full_basis_check_can_fail():
+    """The check above rejects an estimate with too few directions: with
+    half the basis the custom layer's estimate is off by more than the
+    tolerance."""
+    base, x, y, units = _build("custom")
+    expected = _tape_gradient(base, x, y)
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        num_directions=units // 2,
+        orthogonal_directions=True,
+        seed=3,
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    _, grads = tf.function(model.forward_gradient)(x, y)
+    with pytest.raises(AssertionError):
+        for g, e in zip(grads, expected):
+            np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+
+
+def _encoder(batch_norm=True):
+    """Every layer kind of the general rule in one model: token
+    embeddings, self-attention with a residual, layer and batch
+    normalization, a LoRA feed-forward layer, a custom layer, and the
+    closed-form `Dense` head."""
+    tokens = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(6, 4)(tokens)
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
+    h = keras.layers.Add()([h, attention(h, h)])
+    h = keras.layers.LayerNormalization()(h)
+    feed_forward = keras.layers.Dense(4, activation="relu")
+    h = feed_forward(h)
+    if batch_norm:
+        h = keras.layers.BatchNormalization(momentum=0.0)(h)
+    h = Scale()(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    outputs = keras.layers.Dense(3, activation="softmax")(h)
+    model = keras.Model(tokens, outputs)
+    feed_forward.enable_lora(2)
+    feed_forward.lora_kernel_b.assign(np.full((2, 4), 0.3, "float32"))
+    return model
+
+
+NUM_SAMPLES = {"eager": 200, "graph": 3000, "xla": 3000}
+Z = 5.0
+
+
+def _z_scores(model, x, y, true, mode):
+    """|mean − true| / standard error, per component, of the estimates of
+    `NUM_SAMPLES[mode]` steps."""
+
+    def draw(i):
+        model.direction_step.assign(tf.cast(i, tf.int64))
+        _, grads = model.forward_gradient(x, y)
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
+    n = NUM_SAMPLES[mode]
+    if mode != "eager":
+        draw = tf.function(draw, jit_compile=mode == "xla")
+    samples = np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
+    # The floor: attention's key bias has a gradient that is zero by
+    # symmetry (softmax ignores a shift shared by all keys), so its
+    # estimates are float32 rounding, of order 1e-10, whose mean need not
+    # be exactly zero.
+    se = np.maximum(samples.std(0) / np.sqrt(n), 1e-8)
+    return np.abs(samples.mean(0) - true) / se
+
+
+@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
+def test_every_layer_kind_is_unbiased_together(mode):
+    """Probabilistic, fixed seed: in one model holding every kind, the
+    mean of 3,000 estimates (eagerly 200: each eager draw runs the model
+    op by op) is within 5 standard errors
+    (estimated from the same samples) of the tape gradient in every
+    component (a false alarm has probability below 1e-4 over the model's
+    components). Batch normalization mixes the examples of its block, so
+    that block uses the whole batch's directional derivative."""
+    base = _encoder()
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 6, size=(8, 4)).astype("int32")
+    y = rng.integers(0, 3, size=(8,))
+    true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
+    model = ForwardGradientModel(base, perturbation="activations", seed=1)
+    model.compile(optimizer="sgd", loss=LOSS)
+    z = _z_scores(model, x, y, true, mode)
+    assert np.max(z) < Z, np.sort(z)[-10:]
+    if mode == "graph":
+        # The negative control: the same samples against a reference off
+        # by half are rejected.
+        wrong = _z_scores(model, x, y, true * 1.5, mode)
+        assert np.max(wrong) > Z
+
+
+def test_a_layer_with_several_outputs_is_named():
+    inputs = keras.Input((3, 2))
+    outputs, state = keras.layers.GRU(2, return_state=True)(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Concatenate()([outputs, state])))
+    model = ForwardGradientModel(base, perturbation="activations")
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="layer 'gru'.*one floating tensor|one floating.*'gru'"):
+        model.forward_gradient(np.zeros((2, 3, 2), "float32"), np.zeros((2, 2), "float32"))
+
+
+def _token_task():
+    """Each class draws its 4 tokens from its own pair: 256 examples."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, size=(256,)).astype("int32")
+    x = (2 * y[:, None] + rng.integers(0, 2, size=(256, 4))).astype("int32")
+    return x, y
+
+
+def test_fit_trains_the_encoder():
+    """`fit` runs the general rule (no step skipped) and lowers the loss of
+    the encoder on a task it can learn. Measured with these seeds: from
+    1.06 to 0.80 in 4 epochs of Adam(3e-3) (backprop: 0.49)."""
+    keras.utils.set_random_seed(0)
+    x, y = _token_task()
+    model = ForwardGradientModel(_encoder(), perturbation="activations", seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=LOSS)
+    before = model.evaluate(x, y, verbose=0)
+    history = model.fit(x, y, batch_size=32, epochs=4, verbose=0).history
+    after = model.evaluate(x, y, verbose=0)
+    assert history["skipped_steps"] == [0.0] * 4
+    assert after < 0.9 * before, (before, after)
+
+
+def test_fit_with_local_losses_logs_each_block():
+    """With `local_losses="auto"` the encoder's blocks end after the LoRA
+    feed-forward layer and after the pooling; each head's loss is logged
+    and finite."""
+    keras.utils.set_random_seed(0)
+    x, y = _token_task()
+    model = ForwardGradientModel(
+        _encoder(), perturbation="activations", local_losses="auto", seed=0
+    )
+    assert len(model._local_loss_ends) == 2
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS)
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    assert history["skipped_steps"] == [0.0]
+    for name in ("loss", "local_loss_0", "local_loss_1"):
+        assert np.isfinite(history[name][0]), (name, history)
