@@ -13,14 +13,16 @@ target in place of a loss). Every optimizer is Adam with a cosine decay over
 the method's epochs and no clipping unless the table says so
 (`global_clipnorm`, the norm over all variables).
 
-`--model cnn` (the papers' MNIST CNN) and `--model vgg` (the second
-paper's CIFAR-10 VGG) run the same measurement; `--epochs`, `--train-size`
+`--model cnn` (the papers' MNIST CNN), `--model vgg` (the second
+paper's CIFAR-10 VGG) and `--model encoder` (a 2-block transformer encoder
+on MNIST rows as 28 tokens, `architectures.mnist_encoder`) run the same
+measurement; `--epochs`, `--train-size`
 and `--test-size` set a reduced budget for them on a CPU.
 
 Usage:
     python benchmarks/learning.py --data-dir ../shared/data \
         [--methods backprop,weights,activations_k1,...] [--seeds 0,1] \
-        [--model mlp|cnn|vgg] [--epochs N] [--train-size N] [--test-size N]
+        [--model mlp|cnn|vgg|encoder] [--epochs N] [--train-size N] [--test-size N]
 """
 
 import argparse
@@ -99,6 +101,11 @@ METHODS = {
         dict(learning_rate=1e-3),
         10,
     ),
+    "activations_one_loss": (
+        dict(perturbation="activations"),
+        dict(learning_rate=1e-3),
+        10,
+    ),
     "activations_k4_all_units": (
         dict(
             perturbation="activations",
@@ -133,6 +140,7 @@ def run(
         "mlp": architectures.mlp,
         "cnn": architectures.mnist_cnn,
         "vgg": architectures.cifar10_vgg,
+        "encoder": architectures.mnist_encoder,
     }[model_name]()
     steps = len(data["x_train"]) // batch_size
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -163,7 +171,7 @@ def main():
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs-scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=None, help="the same for every method")
-    p.add_argument("--model", choices=("mlp", "cnn", "vgg"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn", "vgg", "encoder"), default="mlp")
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=None, help="overrides every method's")

@@ -116,6 +116,18 @@ def all_layers(model):
     return list(flatten(include_self=False))
 
 
+def node_tensors(layer):
+    """`(inputs, outputs)`: the symbolic tensors of every call of `layer`
+    in a functional graph, flattened: `Layer._inbound_nodes` and
+    `Node.input_tensors`/`output_tensors` (Keras 3.15.1)."""
+    nodes = _attribute(layer, "_inbound_nodes", "Layer._inbound_nodes")
+    inputs, outputs = [], []
+    for node in nodes:
+        inputs += list(_attribute(node, "input_tensors", "Node.input_tensors"))
+        outputs += list(_attribute(node, "output_tensors", "Node.output_tensors"))
+    return inputs, outputs
+
+
 def _attribute(obj, name, where):
     try:
         return getattr(obj, name)

@@ -208,9 +208,16 @@ def block_ends(base, local_losses):
             default=len(layers),
         )
 
+        residual = local_losses == "auto" and any(
+            isinstance(layer, keras.layers.Add) for layer in layers
+        )
+        merge_ends = _residual_ends(layers) if residual else set()
+
         def ends_here(layer):
             if local_losses == "layers":
                 return perturbed(layer)
+            if residual:
+                return layer.name in merge_ends or isinstance(layer, _POOLING)
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
         ends = [
@@ -232,6 +239,44 @@ def block_ends(base, local_losses):
             )
     # In call order, once each.
     return [n for n in names if n in set(ends)]
+
+
+# Layers that end a residual block in place of the merge they follow
+# (post-normalization transformers, ResNet's activation after the add).
+_AFTER_MERGE = (
+    keras.layers.LayerNormalization,
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+)
+
+
+def _consumers(layers, layer):
+    """The layers of `layers` that take an output of `layer`."""
+    outputs = _compat.node_tensors(layer)[1]
+    return [
+        other
+        for other in layers
+        if any(t is o for t in _compat.node_tensors(other)[0] for o in outputs)
+    ]
+
+
+def _residual_ends(layers):
+    """The names of the layers that end a residual block: each `Add`, or
+    the normalization or activation layers that follow it alone (its
+    output's only consumer, one after the other)."""
+    ends = set()
+    for layer in layers:
+        if not isinstance(layer, keras.layers.Add):
+            continue
+        end = layer
+        while True:
+            after = _consumers(layers, end)
+            if len(after) != 1 or not isinstance(after[0], _AFTER_MERGE):
+                break
+            end = after[0]
+        ends.add(end.name)
+    return ends
 
 
 def make_heads(base, ends):

@@ -279,3 +279,31 @@ def test_fit_with_local_losses_logs_each_block():
     assert history["skipped_steps"] == [0.0]
     for name in ("loss", "local_loss_0", "local_loss_1"):
         assert np.isfinite(history[name][0]), (name, history)
+
+
+def test_auto_blocks_end_at_residual_merges():
+    """In a model with residual `Add` merges, `local_losses="auto"` ends a
+    block after each merge, or after the normalization or activation that
+    alone follows it (post-normalization transformer blocks, ResNet's
+    block output), and after pooling; no hidden `Dense` inside a residual
+    branch ends one."""
+    inputs = keras.Input((6, 8))
+    h = inputs
+    for i in range(2):
+        a = keras.layers.MultiHeadAttention(2, 4, name=f"attention_{i}")(h, h)
+        h = keras.layers.LayerNormalization(name=f"norm_{i}")(keras.layers.Add()([h, a]))
+    f = keras.layers.Dense(8)(keras.layers.Dense(16, activation="relu")(h))
+    # Pre-normalization: the merge's output also feeds the next merge, so
+    # the block ends at the merge itself.
+    merged = keras.layers.Add(name="pre_norm_merge")([h, f])
+    g = keras.layers.Dense(8)(keras.layers.LayerNormalization()(merged))
+    h = keras.layers.Add()([merged, g])
+    h = keras.layers.ReLU(name="block_out")(h)
+    pooled = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    base = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(pooled))
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto")
+    assert model._local_loss_ends == ["norm_0", "norm_1", "pre_norm_merge", "block_out", "pool"]
+    # Each head pools its block's sequence output.
+    assert [tuple(head.compute_output_shape((None, 6, 8))) for head in model.local_heads] == [
+        (None, 3)
+    ] * 5

@@ -76,3 +76,35 @@ def deep_mlp(depth, width=1024, input_shape=(28, 28, 1), num_classes=10):
     layers += [L.Dense(width, activation="relu", use_bias=False) for _ in range(depth)]
     layers.append(L.Dense(num_classes, use_bias=False))
     return keras.Sequential(layers, name=f"deep_mlp_{depth}")
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned vector per sequence position (`[length, width]`) to
+    a `[batch, length, width]` input."""
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            shape=tuple(input_shape[1:]), initializer="random_normal", name="embeddings"
+        )
+
+    def call(self, x):
+        return x + keras.ops.cast(self.embeddings, x.dtype)
+
+
+def mnist_encoder(input_shape=(28, 28, 1), num_classes=10, width=64, blocks=2, heads=4):
+    """A small post-normalization transformer encoder on MNIST rows as 28
+    tokens: a `Dense` row projection and learned positions, then `blocks`
+    of self-attention and a feed-forward layer (`2·width`, ReLU), each with
+    a residual `Add` and `LayerNormalization`, then the mean over tokens
+    and `Dense(num_classes)`."""
+    inputs = keras.Input(input_shape)
+    h = L.Reshape((input_shape[0], -1))(inputs)
+    h = PositionEmbedding()(L.Dense(width)(h))
+    for _ in range(blocks):
+        attention = L.MultiHeadAttention(heads, width // heads)(h, h)
+        h = L.LayerNormalization()(L.Add()([h, attention]))
+        feed_forward = L.Dense(width)(L.Dense(2 * width, activation="relu")(h))
+        h = L.LayerNormalization()(L.Add()([h, feed_forward]))
+    outputs = L.Dense(num_classes)(L.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, outputs, name="mnist_encoder")
