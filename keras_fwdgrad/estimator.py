@@ -12,7 +12,7 @@ and never changes its weights.
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
-from keras_fwdgrad import activity
+from keras_fwdgrad.backend.tensorflow import activity
 from keras_fwdgrad import connectivity
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import layer_rules

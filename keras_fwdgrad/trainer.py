@@ -7,7 +7,6 @@ thin subclass of `Trainer` here. The contract between them:
 
 What each backend's trainer provides (and `model.py` calls):
 - `_check_backend_arguments()`: raises for options the backend lacks.
-- `_build_local_heads()`: builds activity perturbation's local heads.
 - `_forward_gradient(x, y, sample_weight)`: one `Estimate`, nothing
   applied, the direction stream not advanced.
 - `_reference_gradient(x, y)`: the loss and its gradient over the wrapped
@@ -16,7 +15,8 @@ What each backend's trainer provides (and `model.py` calls):
 - `uses_layer_rules`, `all_reduce_bytes_per_step(num_replicas=None)`.
 - Keras' `train_step` and `test_step`.
 
-What `Trainer` gives them, written once in `keras.ops`: the step's logs
+What `Trainer` gives them, written once in `keras.ops`: activity
+perturbation's local heads (`_build_local_heads`), the step's logs
 (the epoch's loss and metrics leave out non-finite steps; diagnostics;
 skipped steps), the loss scale of a mixed-precision optimizer, and the
 logs `evaluate` leaves out.
@@ -29,6 +29,7 @@ import keras
 from keras import ops
 
 from keras_fwdgrad import _compat
+from keras_fwdgrad import activity
 from keras_fwdgrad import backend
 
 
@@ -91,6 +92,20 @@ class Trainer:
             trainable=False,
             aggregation="only_first_replica",
         )
+
+    def _build_local_heads(self):
+        """With `perturbation="activations"`: checks the model and builds
+        the blocks' heads and their loss trackers (once)."""
+        if self.perturbation != "activations" or self.local_heads:
+            return
+        activity.check_model(self.model)
+        self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
+        self.local_heads = activity.make_heads(self.model, self._local_loss_ends)
+        self._local_loss_trackers = [
+            keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
+        ]
+        activity.check_num_directions(self)
+        activity.check_local_loss_groups(self)
 
     def _diagnostic_trackers(self):
         return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]

@@ -1,22 +1,21 @@
 """Activity perturbation's general rule: every layer with trainable
 variables (`EinsumDense`, `Embedding`, normalization, `MultiHeadAttention`,
 LoRA-enabled layers, your own layers) gets its output perturbed and its
-variables' estimate from a reverse pass through that one layer."""
+variables' estimate from a reverse pass through that one layer.
+
+Runs on both backends (CI runs it on TensorFlow and on JAX); the reference
+is the backend's reverse mode (`keras_fwdgrad.testing.tape_gradients`)."""
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import backend
+from keras_fwdgrad import testing
 from tests.conftest import ARCHITECTURE_MODES
 
 LOSS = "sparse_categorical_crossentropy"
-COMPILE = {
-    "eager": dict(run_eagerly=True),
-    "graph": dict(jit_compile=False),
-    "xla": dict(jit_compile=True),
-}
 
 
 @keras.saving.register_keras_serializable(package="keras_fwdgrad_tests")
@@ -95,12 +94,21 @@ def _one_layer_models():
     }
 
 
+def _wrapped(base, **options):
+    model = ForwardGradientModel(base, perturbation="activations", **options)
+    model.compile(optimizer="sgd", loss=LOSS)
+    return model
+
+
 def _tape_gradient(base, x, y):
-    with tf.GradientTape() as tape:
-        value = tf.reduce_mean(keras.losses.get(LOSS)(y, base(x, training=True)))
-    return [
-        tf.convert_to_tensor(g).numpy() for g in tape.gradient(value, base.trainable_variables)
-    ]
+    """The backend's reverse-mode gradient of the compiled loss."""
+    _, grads = testing.tape_gradients(_wrapped(base), x, y)
+    return grads
+
+
+def _forward_gradient(model, x, y, mode):
+    _, grads = backend.run(lambda: model.forward_gradient(x, y), mode)
+    return [np.asarray(g) for g in grads]
 
 
 def _build(case):
@@ -122,20 +130,9 @@ def test_full_basis_gives_the_tape_gradient(case, mode):
     base, x, y, units = _build(case)
     expected = _tape_gradient(base, x, y)
     assert expected, "the model must have trainable variables"
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        num_directions=units,
-        orthogonal_directions=True,
-        seed=3,
-    )
-    model.compile(optimizer="sgd", loss=LOSS, **COMPILE[mode])
-    if mode == "eager":
-        _, grads = model.forward_gradient(x, y)
-    else:
-        _, grads = tf.function(model.forward_gradient, jit_compile=mode == "xla")(x, y)
-    for g, e in zip(grads, expected):
-        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+    model = _wrapped(base, num_directions=units, orthogonal_directions=True, seed=3)
+    for g, e in zip(_forward_gradient(model, x, y, mode), expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_full_basis_check_can_fail():
@@ -144,18 +141,10 @@ def test_full_basis_check_can_fail():
     tolerance."""
     base, x, y, units = _build("custom")
     expected = _tape_gradient(base, x, y)
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        num_directions=units // 2,
-        orthogonal_directions=True,
-        seed=3,
-    )
-    model.compile(optimizer="sgd", loss=LOSS)
-    _, grads = tf.function(model.forward_gradient)(x, y)
+    model = _wrapped(base, num_directions=units // 2, orthogonal_directions=True, seed=3)
     with pytest.raises(AssertionError):
-        for g, e in zip(grads, expected):
-            np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=1e-4)
+        for g, e in zip(_forward_gradient(model, x, y, "graph"), expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def _encoder(batch_norm=True):
@@ -185,24 +174,43 @@ NUM_SAMPLES = {"eager": 200, "graph": 3000, "xla": 3000}
 Z = 5.0
 
 
-def _z_scores(model, x, y, true, mode):
-    """|mean − true| / standard error, per component, of the estimates of
-    `NUM_SAMPLES[mode]` steps."""
+def _samples(model, x, y, n, mode):
+    """`n` estimates, flattened: those of steps `0 … n-1` of the model's
+    direction stream."""
+    if backend.name() == "jax":
+        import jax
+
+        def draw(step):
+            # The step counter, read from a stateless scope: one compiled
+            # function draws every step's estimate.
+            scope = [(model.direction_step, step)]
+            with keras.StatelessScope(state_mapping=scope):
+                _, grads = model.forward_gradient(x, y)
+            return keras.ops.concatenate([keras.ops.reshape(g, [-1]) for g in grads])
+
+        steps = np.arange(n, dtype="int64")
+        if mode == "eager":
+            return np.stack([np.asarray(draw(s)) for s in steps])
+        return np.asarray(jax.jit(lambda s: jax.lax.map(draw, s))(steps))
+    import tensorflow as tf
 
     def draw(i):
         model.direction_step.assign(tf.cast(i, tf.int64))
         _, grads = model.forward_gradient(x, y)
         return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
-    n = NUM_SAMPLES[mode]
     if mode != "eager":
         draw = tf.function(draw, jit_compile=mode == "xla")
-    samples = np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
+    return np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
+
+
+def _z_scores(samples, true):
+    """|mean − true| / standard error, per component."""
     # The floor: attention's key bias has a gradient that is zero by
     # symmetry (softmax ignores a shift shared by all keys), so its
     # estimates are float32 rounding, of order 1e-10, whose mean need not
     # be exactly zero.
-    se = np.maximum(samples.std(0) / np.sqrt(n), 1e-8)
+    se = np.maximum(samples.std(0) / np.sqrt(len(samples)), 1e-8)
     return np.abs(samples.mean(0) - true) / se
 
 
@@ -220,15 +228,13 @@ def test_every_layer_kind_is_unbiased_together(mode):
     x = rng.integers(0, 6, size=(8, 4)).astype("int32")
     y = rng.integers(0, 3, size=(8,))
     true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
-    model = ForwardGradientModel(base, perturbation="activations", seed=1)
-    model.compile(optimizer="sgd", loss=LOSS)
-    z = _z_scores(model, x, y, true, mode)
+    samples = _samples(_wrapped(base, seed=1), x, y, NUM_SAMPLES[mode], mode)
+    z = _z_scores(samples, true)
     assert np.max(z) < Z, np.sort(z)[-10:]
-    if mode == "graph":
+    if mode != "eager":
         # The negative control: the same samples against a reference off
-        # by half are rejected.
-        wrong = _z_scores(model, x, y, true * 1.5, mode)
-        assert np.max(wrong) > Z
+        # by half are rejected (200 eager samples are too few to).
+        assert np.max(_z_scores(samples, true * 1.5)) > Z
 
 
 def test_a_layer_with_several_outputs_is_named():

@@ -33,9 +33,10 @@ A softmax or sigmoid output keeps the tangent of its logits
 TensorFlow's own forward mode is wrong for a layer that falls back to the
 per-layer path, `keras_fwdgrad.backend.tensorflow.forward_mode_fixes` makes it exact.
 
-The package, one job a module: `graph` walks a model node by node (shared
-with activity perturbation), `rules` holds the per-layer rules, `dual`
-carries the tangents through a model with them, and `logits` keeps the
+The package, one job a module (the walk through a model node by node,
+shared with activity perturbation, is `keras_fwdgrad.graph`): `rules`
+holds the per-layer rules, `dual` carries the tangents through a model
+with them, and `logits` keeps the
 tangent of the logits a cross-entropy reads.
 
 `ForwardGradientModel` uses these rules when `supports(model)` holds and
@@ -51,4 +52,4 @@ from keras_fwdgrad.layer_rules.dual import supports_batched_tangents
 from keras_fwdgrad.layer_rules.logits import logits_tangent
 from keras_fwdgrad.layer_rules.rules import activation_jvp
 from keras_fwdgrad.layer_rules.rules import convolution
-from keras_fwdgrad.layer_rules.rules import runs_plain
+from keras_fwdgrad.graph import runs_plain

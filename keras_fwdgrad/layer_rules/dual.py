@@ -2,7 +2,7 @@
 
 `dual_call(layer, x, x_dot, ...)` runs a layer or a model (`keras.Sequential`
 or functional, nested ones included, walked by
-`keras_fwdgrad.layer_rules.graph`) and carries the tangent of every
+`keras_fwdgrad.graph`) and carries the tangent of every
 activation beside it: a layer's rule where it has one
 (`keras_fwdgrad.layer_rules.rules`), rules for the merges `Add`,
 `Subtract`, `Average` and `Concatenate`, and otherwise the layer's exact
@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
-from keras_fwdgrad.layer_rules import graph
+from keras_fwdgrad import graph
 from keras_fwdgrad.layer_rules import rules
 from keras_fwdgrad.layer_rules.logits import jvp_keeping_logits
 from keras_fwdgrad.tangents import to_dense

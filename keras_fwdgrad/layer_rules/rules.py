@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
+from keras_fwdgrad.graph import runs_plain
 from keras_fwdgrad import tangents as tangents_module
 from keras_fwdgrad.backend.tensorflow.forward_mode_fixes import grouped_convolution
 from keras_fwdgrad.layer_rules.logits import keep_logits_tangent
@@ -66,16 +67,6 @@ def add(a, b):
     if b is None:
         return a
     return a + b
-
-
-def runs_plain(layer):
-    """Whether the layer's `call` is the stock one (no LoRA, no
-    quantization) and computes in its variables' dtype."""
-    return (
-        not getattr(layer, "lora_enabled", False)
-        and getattr(layer, "quantization_mode", None) is None
-        and layer.compute_dtype == layer.variable_dtype
-    )
 
 
 def _plain(layer, x):

@@ -14,8 +14,9 @@ Differences from the TensorFlow backend
 - JAX differentiates every op in forward mode, so no layer rules are
   needed: `layer_rules` is accepted and ignored (`uses_layer_rules` is
   `False`).
-- `perturbation="activations"` (and so local losses) is TensorFlow-only
-  for now and raises a `ValueError` here.
+- `perturbation="activations"` runs `keras_fwdgrad.backend.jax.activity`
+  (the same estimator, through `jax.jvp` and one `jax.vjp` per layer);
+  `local_loss_groups` and `local_loss_patches` are TensorFlow-only.
 - There is no `tf.distribute`; `all_reduce` has no effect.
 - Derivatives are JAX's own: an op that JAX differentiates as zero
   (`jnp.round`, `jax.lax.stop_gradient`) gives zero, as `jax.grad` does,
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import keras
 
 from keras_fwdgrad import ops
+from keras_fwdgrad.backend.jax import activity
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
 from keras_fwdgrad import trainer
@@ -44,16 +46,8 @@ class JAXTrainer(trainer.Trainer):
     """The backend-specific half of `ForwardGradientModel` on JAX."""
 
     def _check_backend_arguments(self):
-        if self.perturbation != "weights":
-            raise ValueError(
-                '`perturbation="activations"` is available on the TensorFlow '
-                'backend only; on JAX use `perturbation="weights"` or set '
-                "`KERAS_BACKEND=tensorflow`. "
-                f"Received: perturbation={self.perturbation!r} with backend='jax'"
-            )
-
-    def _build_local_heads(self):
-        pass
+        if self.perturbation == "activations":
+            activity.check_options(self)
 
     @property
     def uses_layer_rules(self):
@@ -86,7 +80,12 @@ class JAXTrainer(trainer.Trainer):
             `keras_fwdgrad.trainer.Estimate` (loss unscaled) and the state
             after the forward pass.
         """
-        trainable, non_trainable, _, _ = state
+        trainable, non_trainable, _, metrics = state
+        if self.perturbation == "activations":
+            estimate, non_trainable = self._activity_estimate(
+                trainable, non_trainable, x, y, sample_weight
+            )
+            return estimate, non_trainable, metrics
         step = non_trainable[self._state_index(self.direction_step)]
         num = self.num_directions
         vs = [[tangents.to_dense(t) for t in stream.sample(self, step, k)] for k in range(num)]
@@ -108,6 +107,27 @@ class JAXTrainer(trainer.Trainer):
             g if u else jnp.zeros_like(g) for g, u in zip(ops.forward_gradient(list(d), vs), used)
         ]
         return trainer.Estimate(loss, y_pred, d, grads), non_trainable, metrics
+
+    def _activity_estimate(self, trainable, non_trainable, x, y, sample_weight):
+        """The K passes of activity perturbation (`keras_fwdgrad.backend.jax
+        .activity`), averaged, each from the same state."""
+        results = [
+            activity.estimate(self, (trainable, non_trainable), x, y, sample_weight, k)
+            for k in range(self.num_directions)
+        ]
+        losses, y_preds, ds, grads, local, states = zip(*results)
+
+        def mean(values):
+            return values[0] if len(values) == 1 else sum(values) / len(values)
+
+        estimate = trainer.Estimate(
+            mean(losses),
+            y_preds[0],
+            jnp.stack(ds),
+            [mean(gs) for gs in zip(*grads)],
+            tuple(mean(ls) for ls in zip(*local)),
+        )
+        return estimate, list(states[0])
 
     def _used_variables(self, loss_fn, trainable, data):
         """`used_variables` of the step's loss, once per input signature

@@ -12,7 +12,6 @@ import keras
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
-from keras_fwdgrad import activity
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import estimator
 from keras_fwdgrad import trainer
@@ -37,18 +36,6 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
         grads = tape.gradient(loss, base.trainable_variables)
         return loss, [None if g is None else tf.convert_to_tensor(g) for g in grads]
-
-    def _build_local_heads(self):
-        if self.perturbation != "activations" or self.local_heads:
-            return
-        activity.check_model(self.model)
-        self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
-        self.local_heads = activity.make_heads(self.model, self._local_loss_ends)
-        self._local_loss_trackers = [
-            keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
-        ]
-        activity.check_num_directions(self)
-        activity.check_local_loss_groups(self)
 
     @property
     def uses_layer_rules(self):

@@ -9,9 +9,18 @@ order, with nested `Sequential` and functional models walked the same way.
 """
 
 import keras
-import tensorflow as tf
 
 from keras_fwdgrad import _compat
+
+
+def runs_plain(layer):
+    """Whether the layer's `call` is the stock one (no LoRA, no
+    quantization) and computes in its variables' dtype."""
+    return (
+        not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and layer.compute_dtype == layer.variable_dtype
+    )
 
 
 def is_sequential(layer):
@@ -79,7 +88,7 @@ def run(model, x, call, on_inputs=None):
         return x
     inputs = _compat.standardize_inputs(model, x)
     if on_inputs is not None:
-        on_inputs(tf.nest.flatten(x), tf.nest.flatten(inputs))
+        on_inputs(keras.tree.flatten(x), keras.tree.flatten(inputs))
 
     def operation_fn(op):
         def node(*args, **kwargs):
@@ -90,4 +99,4 @@ def run(model, x, call, on_inputs=None):
         return node
 
     outputs = _compat.run_through_graph(model, inputs, operation_fn)
-    return tf.nest.flatten(outputs)[0]
+    return keras.tree.flatten(outputs)[0]

@@ -1,0 +1,222 @@
+"""Which layers activity perturbation perturbs, and where `local_losses`
+ends its blocks."""
+
+import numbers
+
+import keras
+
+from keras_fwdgrad import _compat
+from keras_fwdgrad.activity.heads import LocalHead
+from keras_fwdgrad import graph
+
+_PERTURBED = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+_POOLING = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+)
+# Layers whose training-mode output for one example depends on the others.
+_MIXES_EXAMPLES = (keras.layers.BatchNormalization,)
+# Layers whose output channel `c` depends only on their input channel `c`
+# (channels last): a perturbed layer followed only by these up to the end
+# of its block keeps `local_loss_groups` apart.
+_PER_CHANNEL = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.BatchNormalization,
+) + _POOLING
+
+
+def check_model(base):
+    """Raises unless activity perturbation can run `base`: a `Sequential`
+    or functional model with one output tensor."""
+    if not graph.is_container(base):
+        raise ValueError(
+            '`perturbation="activations"` needs a `keras.Sequential` or '
+            "functional `keras.Model(inputs, outputs)`, so that it can reach "
+            "the pre-activations of its layers. "
+            f"Received: model={base.name!r} of type {type(base).__name__}"
+        )
+    if len(keras.tree.flatten(base.outputs)) != 1:
+        raise ValueError(
+            '`perturbation="activations"` supports models with one output. '
+            f"Received: model={base.name!r} with {len(keras.tree.flatten(base.outputs))} outputs"
+        )
+    for layer in graph.flat_layers(base):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise ValueError(
+                '`perturbation="activations"` does not support activity '
+                f"regularizers. Received: layer {layer.name!r} with "
+                f"activity_regularizer={layer.activity_regularizer!r}"
+            )
+
+
+def perturbed(layer):
+    """Whether the pre-activations of `layer` are perturbed: a stock
+    `Dense` or `Conv1D/2D/3D` layer (grouped and causal ones included)
+    running in one dtype."""
+    if type(layer) is LocalHead:
+        return True
+    if type(layer) not in _PERTURBED or not layer.trainable_variables:
+        return False
+    if isinstance(layer, keras.layers.Dense) or keras.backend.backend() != "tensorflow":
+        return graph.runs_plain(layer)
+    # TensorFlow: a convolution the layer rules can form the products of.
+    from keras_fwdgrad import layer_rules
+
+    return graph.runs_plain(layer) and layer_rules.convolution(layer) is not None
+
+
+def block_ends(base, local_losses):
+    """The names of the layers after which a block ends (the last block
+    ends at the model's output)."""
+    if local_losses is None:
+        return []
+    layers = graph.flat_layers(base)
+    names = [layer.name for layer in layers]
+    if local_losses in ("auto", "layers"):
+        last_dense = max(
+            (i for i, layer in enumerate(layers) if perturbed(layer)),
+            default=len(layers),
+        )
+
+        residual = local_losses == "auto" and any(
+            isinstance(layer, keras.layers.Add) for layer in layers
+        )
+        merge_ends = _residual_ends(layers) if residual else set()
+
+        def ends_here(layer):
+            if local_losses == "layers":
+                return perturbed(layer)
+            if residual:
+                return layer.name in merge_ends or isinstance(layer, _POOLING)
+            return isinstance(layer, (keras.layers.Dense,) + _POOLING)
+
+        ends = [
+            layer.name for i, layer in enumerate(layers) if i < last_dense and ends_here(layer)
+        ]
+    else:
+        ends = list(local_losses)
+        unknown = [n for n in ends if n not in names]
+        if unknown:
+            raise ValueError(
+                "`local_losses` names layers the model does not have: "
+                f"{unknown}. Its layers: {names}"
+            )
+        if names[-1] in ends:
+            raise ValueError(
+                "`local_losses` lists the model's last layer "
+                f"{names[-1]!r}; the last block always ends there and uses "
+                "the model's own loss."
+            )
+    # In call order, once each.
+    return [n for n in names if n in set(ends)]
+
+
+# Layers that end a residual block in place of the merge they follow
+# (post-normalization transformers, ResNet's activation after the add).
+
+
+_AFTER_MERGE = (
+    keras.layers.LayerNormalization,
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+    keras.layers.ReLU,
+)
+
+
+def _consumers(layers, layer):
+    """The layers of `layers` that take an output of `layer`."""
+    outputs = _compat.node_tensors(layer)[1]
+    return [
+        other
+        for other in layers
+        if any(t is o for t in _compat.node_tensors(other)[0] for o in outputs)
+    ]
+
+
+def _residual_ends(layers):
+    """The names of the layers that end a residual block: each `Add`, or
+    the normalization or activation layers that follow it alone (its
+    output's only consumer, one after the other)."""
+    ends = set()
+    for layer in layers:
+        if not isinstance(layer, keras.layers.Add):
+            continue
+        end = layer
+        while True:
+            after = _consumers(layers, end)
+            if len(after) != 1 or not isinstance(after[0], _AFTER_MERGE):
+                break
+            end = after[0]
+        ends.add(end.name)
+    return ends
+
+
+def check_num_directions(model):
+    if model.orthogonal_directions:
+        for layer in graph.flat_layers(model.model):
+            if perturbed(layer) and model.num_directions > _units(layer):
+                raise ValueError(
+                    "`orthogonal_directions=True` needs `num_directions` at most "
+                    "the number of pre-activations of each perturbed layer. "
+                    f"Received: num_directions={model.num_directions} and layer "
+                    f"{layer.name!r} with {_units(layer)}"
+                )
+
+
+def check_local_loss_groups(model):
+    groups = model.local_loss_groups
+    patches = model.local_loss_patches
+    layers = {layer.name: layer for layer in graph.flat_layers(model.model)}
+    for name in model._local_loss_ends:
+        shape = layers[name].output.shape
+        if patches not in (1, "positions"):
+            small = [s for s in shape[1:-1] if s is not None and s < patches]
+            if small:
+                raise ValueError(
+                    "`local_loss_patches` must be at most the size of every "
+                    "spatial axis of a block's feature-map output. Received: "
+                    f"local_loss_patches={patches} and block output {name!r} "
+                    f"of shape {tuple(shape)}"
+                )
+        channels = shape[-1]
+        if groups != "channels" and channels is not None and groups > channels:
+            raise ValueError(
+                "`local_loss_groups` must be at most the number of channels "
+                f"of every block's output. Received: local_loss_groups={groups} "
+                f"and block output {name!r} with {channels} channels"
+            )
+
+
+def _units(layer):
+    shape = layer.output.shape[1:]
+    n = 1
+    for s in shape:
+        if not isinstance(s, numbers.Integral):
+            return float("inf")
+        n *= s
+    return n

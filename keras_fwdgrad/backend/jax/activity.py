@@ -1,0 +1,298 @@
+"""Activity perturbation's pass and estimate on the JAX backend.
+
+The same estimator as on TensorFlow (`keras_fwdgrad.activity` says what is
+estimated; docs/activity.md, "The general rule"), written functionally:
+
+1. The model (and its local heads) runs statelessly, layer by layer
+   (`keras_fwdgrad.graph`). The output of every layer with trainable
+   variables gets an additive perturbation `eps_i` (for a stock
+   `Dense`/`Conv` layer, its pre-activations: the layer runs with a linear
+   activation, then its activation is applied). Block ends are
+   `stop_gradient`.
+2. `jax.jvp` of that pass at `eps = 0`, with a standard Gaussian tangent
+   `u_i` per example and unit, gives each block's per-example
+   directional derivatives `d_n` in the forward pass.
+3. Each layer's variables get the reverse pass through that one layer's
+   call alone (`jax.vjp` of the layer as a function of its own trainable
+   values, on the inputs and state it was called with), with cotangent
+   `d_n u_n`. Under `jax.jit` XLA shares the layer's forward computation
+   with the pass's.
+
+Local-loss groups and patches (`local_loss_groups`, `local_loss_patches`)
+are TensorFlow-only for now.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from keras_fwdgrad import _compat
+from keras_fwdgrad import backend
+from keras_fwdgrad import graph
+from keras_fwdgrad.activity import losses
+from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import perturbed
+from keras_fwdgrad.activity.heads import LocalHead
+from keras_fwdgrad.ops import clip_directional_derivative
+
+
+def check_options(model):
+    """Raises for the activity options this backend lacks."""
+    if model.local_loss_groups != 1 or model.local_loss_patches != 1:
+        raise ValueError(
+            "`local_loss_groups` and `local_loss_patches` are available on "
+            "the TensorFlow backend only; on JAX leave them at 1. Received: "
+            f"local_loss_groups={model.local_loss_groups!r}, "
+            f"local_loss_patches={model.local_loss_patches!r} with backend='jax'"
+        )
+
+
+def _is_array(leaf):
+    return isinstance(leaf, (jax.Array, jax.core.Tracer))
+
+
+@dataclasses.dataclass
+class _Record:
+    """One perturbed layer call: what its reverse pass needs."""
+
+    layer: object  # The layer whose call is replayed (a head's `Dense`).
+    treedef: object  # Of `(args, kwargs)`.
+    static: list  # The non-array leaves, `None` where an array goes.
+    block: int
+    closed_form: bool  # Pre-activations perturbed (activation after).
+    relu: bool
+
+
+def _linear_call(layer, args, kwargs, closed_form):
+    """`layer(*args, **kwargs)`; for a closed-form layer its
+    pre-activations (the call with a linear activation)."""
+    if not closed_form:
+        return layer(*args, **kwargs)
+    activation = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        return layer(*args, **kwargs)
+    finally:
+        layer.activation = activation
+
+
+class _Pass:
+    """One pass of the model and its heads, perturbing the output (or
+    pre-activations) of every layer with trainable variables by
+    `eps[i]`; `eps=None` perturbs nothing (to find the shapes)."""
+
+    def __init__(self, model, eps):
+        self.model = model
+        self.eps = eps
+        self.block = 0
+        self.records = []
+        self.inputs = []  # Per record: the array leaves of its call.
+        self.states = []  # Per record: its non-trainable values then.
+        self.perturbed_values = []  # Per record: what was perturbed.
+        self.block_outputs = []
+        self.mixing_blocks = set()
+        self.ends = model._local_loss_ends
+
+    def perturb(self, layer, args, kwargs, closed_form):
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        index = len(self.records)
+        self.records.append(
+            _Record(
+                layer,
+                treedef,
+                [None if _is_array(leaf) else leaf for leaf in leaves],
+                self.block,
+                closed_form,
+                closed_form and layer.activation is keras.activations.relu,
+            )
+        )
+        self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
+        self.states.append([v.value for v in layer.non_trainable_variables])
+        z = _linear_call(layer, args, kwargs, closed_form)
+        if not _is_array(z) or not jnp.issubdtype(z.dtype, jnp.floating):
+            raise ValueError(
+                '`perturbation="activations"` perturbs the output of every '
+                "layer with trainable variables, which must be one floating "
+                f"tensor. Received: layer {layer.name!r} of type "
+                f"{type(layer).__name__} returned {type(z).__name__}. "
+                'Use `perturbation="weights"` for this model, or make the '
+                "layer's trainable variables non-trainable (`layer.trainable "
+                "= False`)."
+            )
+        self.perturbed_values.append(z)
+        if self.eps is not None:
+            z = z + self.eps[index].astype(z.dtype)
+        return layer.activation(z) if closed_form else z
+
+    def call_layer(self, layer, args, kwargs):
+        if isinstance(layer, _MIXES_EXAMPLES):
+            self.mixing_blocks.add(self.block)
+        if "training" in _compat.call_context_args(layer):
+            kwargs = {**kwargs, "training": True}
+        if isinstance(layer, LocalHead):
+            y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True)
+        elif layer.trainable_variables:
+            closed_form = perturbed(layer) and len(args) == 1 and not set(kwargs) - {"training"}
+            if closed_form:
+                kwargs = {}
+            y = self.perturb(layer, args, kwargs, closed_form)
+        else:
+            y = layer(*args, **kwargs)
+        if layer.name in self.ends and self.block < len(self.ends):
+            self.block_outputs.append(y)
+            self.block += 1
+            y = jax.lax.stop_gradient(y)
+        return y
+
+    def head_outputs(self, heads):
+        outputs = []
+        for block, (head, h) in enumerate(zip(heads, self.block_outputs)):
+            self.block = block
+            outputs.append(self.call_layer(head, (h,), {}))
+        self.block = len(heads)
+        return outputs
+
+
+def _tangent(model, seed, shape, dtype, k):
+    """Layer `index`'s tangent for direction `k` of the step: standard
+    Gaussian, or with `orthogonal_directions` the K tangents of each
+    example made orthogonal (each with a Gaussian one's expected norm)."""
+    num = model.num_directions
+    if not model.orthogonal_directions or num == 1:
+        return jax.random.normal(backend.fold_in(seed, k), shape, dtype)
+    batch, size = shape[0], math.prod(shape[1:])
+    g = jax.random.normal(seed, (batch, size, num), "float32")
+    q, _ = jnp.linalg.qr(g)
+    return (q[:, :, k] * jnp.sqrt(float(size))).reshape(shape).astype(dtype)
+
+
+def estimate(model, state, x, y, sample_weight, k):
+    """One pass of activity perturbation for direction `k` of the step.
+
+    Args:
+        model: A built `ForwardGradientModel` on JAX.
+        state: `(trainable, non_trainable)` values of its variables.
+        x, y, sample_weight: One batch.
+        k: The direction's index.
+
+    Returns:
+        `(loss, y_pred, d, grads, local_losses, non_trainable)`: as the
+        TensorFlow backend's `estimate`, with the non-trainable values
+        after the pass.
+    """
+    trainable, non_trainable = state
+    variables = model.trainable_variables
+    mapping = list(zip(variables, trainable)) + list(
+        zip(model.non_trainable_variables, non_trainable)
+    )
+    dtype = model.model.compute_dtype
+    x = jax.tree.map(
+        lambda t: t.astype(dtype) if jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating) else t,
+        x,
+    )
+    holder = {}
+
+    def run(eps):
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            p = _Pass(model, eps)
+            y_pred = graph.run(model.model, x, p.call_layer)
+            head_preds = p.head_outputs(model.local_heads)
+            block_losses = [
+                losses.per_example_losses(model, y, h, sample_weight)
+                for h in head_preds + [y_pred]
+            ]
+            loss = model.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            new_state = []
+            for v, value in zip(model.non_trainable_variables, non_trainable):
+                current = scope.get_current_value(v)
+                new_state.append(value if current is None else current)
+        holder["pass"] = p
+        return block_losses, (loss, y_pred, new_state, p.inputs, p.states, p.perturbed_values)
+
+    shapes = jax.eval_shape(lambda: run(None)[1][5])
+    step = non_trainable[_index(model.non_trainable_variables, model.direction_step)]
+    seed = backend.fold_in(backend.step_seed(model.seed, step), 1_000_003)
+    us = [
+        _tangent(model, backend.fold_in(seed, i), s.shape, s.dtype, k)
+        for i, s in enumerate(shapes)
+    ]
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    (block_losses, aux), (d, _) = jax.jvp(run, (zeros,), (us,))
+    loss, y_pred, new_state, inputs, states, values = aux
+    p = holder["pass"]
+    d = clip_directional_derivative(jnp.stack(d).astype("float32"), model.jvp_clip)
+    batch_d = jnp.sum(d, axis=1)
+    grads = {}
+    by_id = {id(v): value for v, value in zip(variables, trainable)}
+    for record, arrays, layer_state, u, z in zip(p.records, inputs, states, us, values):
+        if record.block in p.mixing_blocks:
+            dn = jnp.broadcast_to(batch_d[record.block], d.shape[1:2])
+        else:
+            dn = d[record.block]
+        cotangent = dn.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype) * u
+        if record.relu and model.active_units_only:
+            # Units with zero derivative have zero gradient: their share
+            # of the estimate is pure noise.
+            cotangent = cotangent * (z > 0).astype(u.dtype)
+        layer = record.layer
+        for v, g in zip(
+            layer.trainable_variables, _layer_vjp(record, arrays, layer_state, by_id, cotangent)
+        ):
+            grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
+    missing = [v.path for v in variables if id(v) not in grads]
+    if missing:
+        raise ValueError(
+            '`perturbation="activations"` found no layer call that uses '
+            f"the trainable variables {missing}: every trainable variable "
+            "must belong to a layer the model calls. Make the others "
+            "non-trainable."
+        )
+    grads = [grads[id(v)] for v in variables]
+    grads = _with_regularizers(variables, trainable, grads)
+    local = tuple(jnp.sum(values) for values in block_losses[:-1])
+    return loss, y_pred, d, grads, local, new_state
+
+
+def _layer_vjp(record, arrays, layer_state, by_id, cotangent):
+    """The reverse pass through `record`'s layer call alone: the gradient
+    of `<call output, cotangent>` with respect to the layer's trainable
+    values, its inputs and non-trainable state as they were."""
+    layer = record.layer
+    leaves = iter(arrays)
+    args, kwargs = jax.tree_util.tree_unflatten(
+        record.treedef, [next(leaves) if leaf is None else leaf for leaf in record.static]
+    )
+
+    def call(values):
+        mapping = list(zip(layer.trainable_variables, values)) + list(
+            zip(layer.non_trainable_variables, layer_state)
+        )
+        with keras.StatelessScope(state_mapping=mapping):
+            return _linear_call(layer, args, kwargs, record.closed_form)
+
+    out, vjp = jax.vjp(call, [by_id[id(v)] for v in layer.trainable_variables])
+    return vjp(cotangent.astype(out.dtype))[0]
+
+
+def _with_regularizers(variables, values, grads):
+    """Adds the exact gradient of each weight regularizer (a function of
+    that variable alone) to its estimate."""
+    out = []
+    for v, value, g in zip(variables, values, grads):
+        regularizer = getattr(v, "regularizer", None)
+        if regularizer is not None:
+            g = g + jax.grad(lambda w: regularizer(w))(value).astype(g.dtype)
+        out.append(g)
+    return out
+
+
+def _index(variables, variable):
+    for i, v in enumerate(variables):
+        if v is variable:
+            return i
+    raise RuntimeError(f"{variable.path} is not among the model's variables.")
