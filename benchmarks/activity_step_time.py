@@ -13,11 +13,18 @@ Methods:
 - `backprop`: the base model's own `fit`.
 - `weights`: the papers' estimator (one Gaussian direction, layer rules).
 - `activations`: `perturbation="activations"`, `local_losses="auto"`.
-- `activations_groups32`: the same with `local_loss_groups=32`.
+- `activations_layers`: `local_losses="layers"` (a block per perturbed
+  layer: a layer's tangent travels through its own head only).
+- `activations_groups32`: `local_losses="auto"` with
+  `local_loss_groups=32` (TensorFlow only).
+
+Runs on the backend `KERAS_BACKEND` names (TensorFlow by default). On JAX
+`--jit off` runs the step op by op (Keras' `run_eagerly`-like path), so
+only `--jit on` is a fair comparison there.
 
 Usage:
-    python benchmarks/activity_step_time.py [--models mlp cnn vgg]
-        [--jit on off] [--rounds 5] [--steps 10]
+    [KERAS_BACKEND=jax] python benchmarks/activity_step_time.py
+        [--models mlp cnn vgg] [--jit on off] [--rounds 5] [--steps 10]
 """
 
 import argparse
@@ -30,11 +37,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
-from keras_fwdgrad.research.learning import code_version  # noqa: E402
+from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
 
 MODELS = {
@@ -46,10 +52,23 @@ METHODS = {
     "backprop": None,
     "weights": dict(),
     "activations": dict(perturbation="activations", local_losses="auto"),
+    "activations_layers": dict(perturbation="activations", local_losses="layers"),
     "activations_groups32": dict(
         perturbation="activations", local_losses="auto", local_loss_groups=32
     ),
 }
+if keras.backend.backend() != "tensorflow":
+    del METHODS["activations_groups32"]
+
+
+def _backend_version():
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return f"jax {jax.__version__} ({jax.devices()[0].platform})"
+    import tensorflow as tf
+
+    return f"tensorflow {tf.__version__}"
 
 
 def measure(model_name, jit, rounds, steps):
@@ -100,7 +119,10 @@ def main():
     p.add_argument("--jit", nargs="+", choices=["on", "off"], default=["on", "off"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/results/activity_step_time.json")
+    p.add_argument(
+        "--out",
+        default=f"benchmarks/results/activity_step_time_{keras.backend.backend()}.json",
+    )
     args = p.parse_args()
     rows = []
     for model_name in args.models:
@@ -118,7 +140,7 @@ def main():
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "tensorflow": tf.__version__,
+        "backend": _backend_version(),
         "keras": keras.__version__,
         "commit": code_version(os.path.dirname(os.path.abspath(__file__))),
         "results": rows,

@@ -11,7 +11,10 @@ Methods (Table I's settings where the paper has them):
 - `backprop`: SGD 0.1, no clipping;
 - `forward_adam`: Table I's forward-gradient Adam row: Adam 5e-4 with
   Table I's β's, Gaussian directions, `jvp_clip=1`, `global_clipnorm=1`;
-- `forward_lowrank`: the same with `lowrank_rademacher` directions.
+- `forward_lowrank`: the same with `lowrank_rademacher` directions;
+- `activations`: activity perturbation with local losses
+  (`perturbation="activations"`, `local_losses="auto"`), Adam 1e-4 (the
+  setting of `benchmarks/learning.py`'s `activations_k1`), no clipping.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/mnist_mlp_budget.py \\
@@ -33,7 +36,7 @@ import keras_fwdgrad  # noqa: E402
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 
-METHODS = ("backprop", "forward_adam", "forward_lowrank")
+METHODS = ("backprop", "forward_adam", "forward_lowrank", "activations")
 
 
 def load(path):
@@ -60,6 +63,11 @@ def build(method, seed):
     base = architectures.mlp()
     if method == "backprop":
         model, optimizer = base, keras.optimizers.SGD(0.1)
+    elif method == "activations":
+        model = ForwardGradientModel(
+            base, perturbation="activations", local_losses="auto", seed=seed
+        )
+        optimizer = keras.optimizers.Adam(1e-4)
     else:
         direction = "gaussian" if method == "forward_adam" else "lowrank_rademacher"
         model = ForwardGradientModel(base, direction=direction, jvp_clip=1.0, seed=seed)

@@ -313,3 +313,38 @@ def test_auto_blocks_end_at_residual_merges():
     assert [tuple(head.compute_output_shape((None, 6, 8))) for head in model.local_heads] == [
         (None, 3)
     ] * 5
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_nan_step_changes_no_weight(jit_compile):
+    """A batch with a NaN makes the step's estimate non-finite: the step is
+    skipped and counted, and no weight, optimizer slot or normalization
+    statistic changes."""
+    keras.utils.set_random_seed(0)
+    base = _encoder()
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=0)
+    model.compile(optimizer="adam", loss=LOSS, jit_compile=jit_compile)
+    x, y = _token_task()
+    model.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0)
+
+    def state():
+        variables = (
+            model.trainable_variables + model.non_trainable_variables + model.optimizer.variables
+        )
+        counters = (model.direction_step, model.skipped_steps)
+        return {v.path: np.array(v) for v in variables if not any(v is c for c in counters)}
+
+    before = state()
+    # An Embedding row of NaN reaches every layer after it.
+    table = base.get_layer(index=1).embeddings
+    saved = np.array(table)
+    poisoned = saved.copy()
+    poisoned[5] = np.nan
+    table.assign(poisoned)
+    history = model.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0).history
+    table.assign(saved)
+    assert history["skipped_steps"] == [1.0]
+    after = state()
+    assert before.keys() == after.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(value, after[path], err_msg=path)

@@ -138,7 +138,7 @@ def test_mnist_mlp_budget_on_jax(tmp_path):
     _run_on_jax("mnist_mlp_budget.py", "--mnist", str(path), "--epochs", "2", "--out", str(out))
     report = json.loads(out.read_text())
     assert report["backend"] == "jax"
-    assert set(report["runs"]) == {"backprop", "forward_adam", "forward_lowrank"}
+    assert set(report["runs"]) == {"backprop", "forward_adam", "forward_lowrank", "activations"}
     for curve in report["runs"].values():
         assert [c["epoch"] for c in curve] == [1, 2]
         assert all(np.isfinite(c["test_loss"]) for c in curve)

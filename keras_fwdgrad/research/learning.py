@@ -8,7 +8,6 @@ Used by `benchmarks/learning.py` (full MNIST) and `examples/mnist_learning.py`
 import json
 import os
 import platform
-import subprocess
 import time
 
 import keras
@@ -16,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fwdgrad.research import datasets
+from keras_fwdgrad.research.provenance import code_version  # noqa: F401
 
 TARGETS = (0.90, 0.95, 0.97)
 
@@ -111,30 +111,6 @@ def summarize(points, targets=TARGETS):
         if not reached:
             out[f"missed_{round(target * 100)}_by"] = round(target - best, 4)
     return out
-
-
-def code_version(path=None):
-    """The commit of the git checkout that holds `path` (default: the
-    current directory), with `+changes` when its tracked code (`.py`,
-    `.toml`) differs from it (results and documents written meanwhile do
-    not count); `None` outside a checkout. Read it when a run starts: a commit made
-    while it runs does not describe it. (`examples/common.py` keeps its
-    own copy, since its `--help` must not import TensorFlow.)"""
-    cwd = path or os.getcwd()
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+changes" if dirty else "")
 
 
 def load_runs(path):

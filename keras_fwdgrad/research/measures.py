@@ -11,7 +11,6 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -108,6 +107,7 @@ class TrainingTrace(keras.callbacks.Callback):
                 "`TrainingTrace` needs a `loss`: pass one or compile the model with one."
             )
         model = self.model
+        import tensorflow as tf
 
         @tf.function(reduce_retracing=True)
         def batch_sum(x, y):

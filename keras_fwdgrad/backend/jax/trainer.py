@@ -198,6 +198,9 @@ class JAXTrainer(trainer.Trainer):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         estimate, new_non_trainable, metrics = self._estimate(state, x, y, sample_weight)
         finite = jnp.all(jnp.isfinite(estimate.d)) & jnp.all(jnp.isfinite(estimate.loss))
+        if self.perturbation == "activations":
+            # Each layer's estimate has its own reverse pass.
+            finite = finite & trainer.all_finite(estimate.grads)
         with keras.StatelessScope(
             state_mapping=list(zip(self.optimizer.variables, optimizer_variables))
         ):
