@@ -348,3 +348,25 @@ def test_a_nan_step_changes_no_weight(jit_compile):
     assert before.keys() == after.keys()
     for path, value in before.items():
         np.testing.assert_array_equal(value, after[path], err_msg=path)
+
+
+@pytest.mark.heavy
+def test_mobilenet_v2_trains_with_local_losses():
+    """`keras.applications.MobileNetV2(weights=None)` (depthwise
+    convolutions, batch normalization, ReLU6, residual merges) trains with
+    activity perturbation and `local_losses="auto"`: its blocks end at the
+    residual merges and pooling, and a few steps of `fit` skip nothing and
+    log finite losses."""
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4
+    )
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="auto", seed=0)
+    assert len(model.local_heads) >= 10
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=LOSS)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 4, size=(32,))
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
+    assert history["skipped_steps"] == [0.0, 0.0]
+    assert all(np.isfinite(v) for values in history.values() for v in values), history

@@ -32,6 +32,7 @@ import keras
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import graph
+from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import perturbed
@@ -240,19 +241,12 @@ def estimate(model, state, x, y, sample_weight, k):
             # of the estimate is pure noise.
             cotangent = cotangent * (z > 0).astype(u.dtype)
         layer = record.layer
-        for v, g in zip(
-            layer.trainable_variables, _layer_vjp(record, arrays, layer_state, by_id, cotangent)
-        ):
-            grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
-    missing = [v.path for v in variables if id(v) not in grads]
-    if missing:
-        raise ValueError(
-            '`perturbation="activations"` found no layer call that uses '
-            f"the trainable variables {missing}: every trainable variable "
-            "must belong to a layer the model calls. Make the others "
-            "non-trainable."
+        estimates.add(
+            grads,
+            layer.trainable_variables,
+            _layer_vjp(record, arrays, layer_state, by_id, cotangent),
         )
-    grads = [grads[id(v)] for v in variables]
+    grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, trainable, grads)
     local = tuple(jnp.sum(values) for values in block_losses[:-1])
     return loss, y_pred, d, grads, local, new_state

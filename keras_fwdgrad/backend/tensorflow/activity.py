@@ -17,6 +17,7 @@ from keras_fwdgrad.activity.blocks import _PER_CHANNEL
 from keras_fwdgrad.activity.blocks import _POOLING
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
+from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import graph
@@ -335,8 +336,7 @@ def estimate(model, x, y, sample_weight, k):
         if len(dn.shape) == 1:
             dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
         if r.vjp is not None:
-            for v, g in zip(r.layer.trainable_variables, r.vjp(tf.cast(dn, u.dtype) * u)):
-                grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
+            estimates.add(grads, r.layer.trainable_variables, r.vjp(tf.cast(dn, u.dtype) * u))
             continue
         activation = (
             r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
@@ -353,19 +353,10 @@ def estimate(model, x, y, sample_weight, k):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([v.value for v in params])
             z = _pre_activation(r.layer, x_in)
-        for v, g in zip(params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)):
-            # A layer called several times adds up its calls' estimates.
-            grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
-    missing = [v.path for v in variables if id(v) not in grads]
-    if missing:
-        # A trainable variable that no layer call of the pass reads.
-        raise ValueError(
-            '`perturbation="activations"` found no layer call that uses '
-            f"the trainable variables {missing}: every trainable variable "
-            "must belong to a layer the model calls. Make the others "
-            "non-trainable."
+        estimates.add(
+            grads, params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)
         )
-    grads = [grads[id(v)] for v in variables]
+    grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
     return loss, y_pred, d, grads, local
