@@ -170,7 +170,7 @@ def _encoder(batch_norm=True):
     return model
 
 
-NUM_SAMPLES = {"eager": 200, "graph": 3000, "xla": 3000}
+NUM_SAMPLES = {"eager": 100, "graph": 3000, "xla": 3000}
 Z = 5.0
 
 
@@ -217,7 +217,7 @@ def _z_scores(samples, true):
 @pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
 def test_every_layer_kind_is_unbiased_together(mode):
     """Probabilistic, fixed seed: in one model holding every kind, the
-    mean of 3,000 estimates (eagerly 200: each eager draw runs the model
+    mean of 3,000 estimates (eagerly 100: each eager draw runs the model
     op by op) is within 5 standard errors
     (estimated from the same samples) of the tape gradient in every
     component (a false alarm has probability below 1e-4 over the model's
@@ -233,7 +233,7 @@ def test_every_layer_kind_is_unbiased_together(mode):
     assert np.max(z) < Z, np.sort(z)[-10:]
     if mode != "eager":
         # The negative control: the same samples against a reference off
-        # by half are rejected (200 eager samples are too few to).
+        # by half are rejected (100 eager samples are too few to).
         assert np.max(_z_scores(samples, true * 1.5)) > Z
 
 
