@@ -54,6 +54,22 @@ def _one_layer_models():
     mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
     mha_out = _frozen_softmax()(keras.layers.Flatten()(mha(mha_in, mha_in)))
     return {
+        # The closed forms: pre-activations perturbed.
+        "dense": (
+            [keras.Input((4,)), keras.layers.Dense(3, activation="tanh"), _frozen_softmax()],
+            x4,
+            3,
+        ),
+        "conv2d_relu": (
+            [
+                keras.Input((3, 3, 1)),
+                keras.layers.Conv2D(2, 2, padding="same", activation="relu"),
+                keras.layers.Flatten(),
+                _frozen_softmax(),
+            ],
+            rng.normal(size=(5, 3, 3, 1)).astype("float32"),
+            18,
+        ),
         "einsum_dense": (
             [
                 keras.Input((3, 4)),
