@@ -386,3 +386,30 @@ def test_mobilenet_v2_trains_with_local_losses():
     history = model.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert history["skipped_steps"] == [0.0, 0.0]
     assert all(np.isfinite(v) for values in history.values() for v in values), history
+
+
+@pytest.mark.skipif(
+    backend.name() == "jax",
+    reason="Keras' own mixed_float16 step fails on JAX's CPU (dot_general F16_F16_F32)",
+)
+def test_mixed_precision():
+    """Under `mixed_float16` every layer computes in float16 with float32
+    variables: the estimate has one float32 tensor per variable, finite,
+    and `fit` skips no step."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = ForwardGradientModel(
+            _encoder(), perturbation="activations", local_losses="auto", seed=0
+        )
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS)
+        x, y = _token_task()
+        _, grads = model.forward_gradient(x[:32], y[:32])
+        for v, g in zip(model.trainable_variables, grads):
+            assert tuple(g.shape) == tuple(v.shape), v.path
+            assert keras.backend.standardize_dtype(g.dtype) == "float32", (v.path, g.dtype)
+            assert np.all(np.isfinite(np.asarray(g))), v.path
+        history = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+        assert history["skipped_steps"] == [0.0]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
