@@ -220,3 +220,17 @@ def _units(layer):
             return float("inf")
         n *= s
     return n
+
+
+def not_one_tensor(layer, received):
+    """The error for a layer with trainable variables whose output is not
+    one floating tensor (`received` says what it was)."""
+    return ValueError(
+        '`perturbation="activations"` perturbs the output of every '
+        "layer with trainable variables, which must be one floating "
+        f"tensor. Received: layer {layer.name!r} of type "
+        f"{type(layer).__name__} returned {received}. "
+        'Use `perturbation="weights"` for this model, or make the '
+        "layer's trainable variables non-trainable (`layer.trainable "
+        "= False`)."
+    )

@@ -35,6 +35,7 @@ from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.ops import clip_directional_derivative
@@ -114,15 +115,7 @@ class _Pass:
         self.states.append([v.value for v in layer.non_trainable_variables])
         z = _linear_call(layer, args, kwargs, closed_form)
         if not _is_array(z) or not jnp.issubdtype(z.dtype, jnp.floating):
-            raise ValueError(
-                '`perturbation="activations"` perturbs the output of every '
-                "layer with trainable variables, which must be one floating "
-                f"tensor. Received: layer {layer.name!r} of type "
-                f"{type(layer).__name__} returned {type(z).__name__}. "
-                'Use `perturbation="weights"` for this model, or make the '
-                "layer's trainable variables non-trainable (`layer.trainable "
-                "= False`)."
-            )
+            raise not_one_tensor(layer, str(z.dtype) if _is_array(z) else type(z).__name__)
         self.perturbed_values.append(z)
         if self.eps is not None:
             z = z + self.eps[index].astype(z.dtype)

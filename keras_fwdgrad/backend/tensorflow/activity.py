@@ -15,6 +15,7 @@ from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import _PER_CHANNEL
 from keras_fwdgrad.activity.blocks import _POOLING
+from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity import estimates
@@ -164,16 +165,7 @@ class _Pass:
             tape.watch(values)
             y = layer(*args, **kwargs)
         if not tf.is_tensor(y) or not y.dtype.is_floating:
-            raise ValueError(
-                '`perturbation="activations"` perturbs the output of every '
-                "layer with trainable variables, which must be one floating "
-                f"tensor. Received: layer {layer.name!r} of type "
-                f"{type(layer).__name__} returned "
-                f"{type(y).__name__ if not tf.is_tensor(y) else y.dtype.name}. "
-                'Use `perturbation="weights"` for this model, or make the '
-                "layer's trainable variables non-trainable (`layer.trainable "
-                "= False`)."
-            )
+            raise not_one_tensor(layer, y.dtype.name if tf.is_tensor(y) else type(y).__name__)
 
         def vjp(cotangent):
             grads = tape.gradient(
