@@ -151,7 +151,8 @@ class _Pass:
 
 
 def _tangent(model, seed, shape, dtype, k):
-    """Layer `index`'s tangent for direction `k` of the step: standard
+    """One layer's tangent (`seed` is that layer's) for direction `k` of
+    the step: standard
     Gaussian, or with `orthogonal_directions` the K tangents of each
     example made orthogonal (each with a Gaussian one's expected norm)."""
     num = model.num_directions
@@ -209,7 +210,7 @@ def estimate(model, state, x, y, sample_weight, k):
         return block_losses, (loss, y_pred, new_state, p.inputs, p.states, p.perturbed_values)
 
     shapes = jax.eval_shape(lambda: run(None)[1][5])
-    step = non_trainable[_index(model.non_trainable_variables, model.direction_step)]
+    step = non_trainable[model._state_index(model.direction_step)]
     seed = backend.fold_in(backend.step_seed(model.seed, step), 1_000_003)
     us = [
         _tangent(model, backend.fold_in(seed, i), s.shape, s.dtype, k)
@@ -286,10 +287,3 @@ def _with_regularizers(variables, values, grads):
             g = g + jax.grad(lambda w: regularizer(w))(value).astype(g.dtype)
         out.append(g)
     return out
-
-
-def _index(variables, variable):
-    for i, v in enumerate(variables):
-        if v is variable:
-            return i
-    raise RuntimeError(f"{variable.path} is not among the model's variables.")
