@@ -6,19 +6,17 @@ says what is estimated)."""
 import dataclasses
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
-from keras_fwdgrad.activity.blocks import _PER_CHANNEL
-from keras_fwdgrad.activity.blocks import _POOLING
 from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity import estimates
+from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import graph
@@ -70,7 +68,7 @@ class _Pass:
         self.acc = None
         # id(tensor) -> (tensor, record, strides): outputs that still have
         # the channels of a perturbed layer's pre-activations, and how
-        # their positions map to the pre-activations' (`_spatial_strides`);
+        # their positions map to the pre-activations' (`groups.spatial_strides`);
         # and per block, the (record, strides) whose channels reach the
         # block's end that way.
         self.aligned = {}
@@ -125,7 +123,7 @@ class _Pass:
             )
             y = activation(z)
             self.record_outputs[id(y)] = (y, self.records[-1])
-            if _channels_last(layer, len(z.shape)) and _elementwise(activation):
+            if groups.channels_last(layer, len(z.shape)) and groups.elementwise(activation):
                 self.aligned[id(y)] = (y, self.records[-1], (1,) * (len(z.shape) - 2))
         elif layer.trainable_variables:
             y = self.call_general(layer, args, kwargs)
@@ -135,15 +133,8 @@ class _Pass:
             y = layer(*args, **kwargs)
         if not closed_form:
             source = self.aligned.get(id(args[0])) if args else None
-            if (
-                source is not None
-                and source[0] is args[0]
-                and len(args) == 1
-                and isinstance(layer, _PER_CHANNEL)
-                and _elementwise(getattr(layer, "activation", None))
-                and _channels_last(layer, len(args[0].shape))
-            ):
-                strides = _spatial_strides(layer, source[2], len(y.shape))
+            if source is not None and source[0] is args[0] and groups.keeps_channels(layer, args):
+                strides = groups.spatial_strides(layer, source[2], len(y.shape))
                 self.aligned[id(y)] = (y, source[1], strides)
         if layer.name in self.ends and self.block < len(self.ends):
             source = self.aligned.get(id(y))
@@ -194,45 +185,6 @@ class _Pass:
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
-
-
-def _elementwise(activation):
-    """Whether `activation` (or `None`) acts on each unit alone."""
-    return activation not in (keras.activations.softmax, keras.activations.log_softmax)
-
-
-def _spatial_strides(layer, strides, rank):
-    """How positions of `layer`'s output map to those of a perturbed
-    layer's pre-activations, given the map `strides` of its input.
-
-    A map `(s_1, ..., s_n)` means that position `i` (per spatial axis) of
-    the pre-activations reaches only position `i // s` of the output (`0`:
-    position 0 only);
-    `()` that the output has no spatial axes left; `None` that a
-    position may reach several (overlapping pooling windows), so the
-    output's positions cannot be told apart.
-    """
-    if strides is None or rank == 2:
-        return None if strides is None else ()
-    if not isinstance(layer, _POOLING):
-        return strides
-    if not hasattr(layer, "pool_size"):
-        # Global pooling that keeps its axes: every position reaches 0.
-        return (0,) * len(strides)
-    pool = tuple(layer.pool_size)
-    step = tuple(layer.strides) if layer.strides is not None else pool
-    if pool != step:
-        return None
-    return tuple(s * p for s, p in zip(strides, step))
-
-
-def _channels_last(layer, rank):
-    """Whether `layer`, called on a tensor of rank `rank`, keeps channels
-    on the last axis (its input's rank, not `layer.input`: a shared layer
-    has several inputs)."""
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return layer.axis in (-1, rank - 1)
-    return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 
 def estimate(model, x, y, sample_weight, k):
@@ -297,8 +249,9 @@ def estimate(model, x, y, sample_weight, k):
         for block, (record, strides) in p.grouped.items():
             h = p.block_outputs[block]
             th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            index_h, index_z, groups = _group_indices(model, h.shape, record.u.shape, strides)
-            dg = _group_derivatives(heads[block], h, th, head_jacobians[block], index_h, groups)
+            index_h, index_z, count = groups.group_indices(model, h.shape, record.u.shape, strides)
+            kernel = heads[block].dense.kernel.value
+            dg = groups.group_derivatives(kernel, h, th, head_jacobians[block], index_h, count)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
         # The heads, and the model's output layer when its activation's
         # output is the model's output: one loss per output-unit group.
@@ -313,13 +266,13 @@ def estimate(model, x, y, sample_weight, k):
                 (record, _loss_jacobian(model, record.layer.activation, z, y, sample_weight))
             )
         for record, jacobian in outputs:
-            dg, index = _output_unit_derivatives(model, record, jacobian)
+            dg, index = groups.output_unit_derivatives(model, record.z, record.u, jacobian)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
     grads = {}
     for r in p.records:
         if id(r) in group_d:
             dg, index = group_d[id(r)]
-            dn = _per_unit(dg, r.u, index, r.block in p.mixing_blocks)
+            dn = groups.per_unit(dg, r.u, index, r.block in p.mixing_blocks)
         elif r.block in p.mixing_blocks:
             dn = tf.fill([tf.shape(d)[1]], batch_d[r.block])
         else:
@@ -354,71 +307,6 @@ def estimate(model, x, y, sample_weight, k):
     return loss, y_pred, d, grads, local
 
 
-def _channel_groups(model, channels):
-    """`(index, G)`: channel `c` of `channels` is in group `c·G // C`, with
-    `G` the model's `local_loss_groups` (at most `channels`)."""
-    groups = model.local_loss_groups
-    groups = channels if groups == "channels" else min(groups, channels)
-    return np.arange(channels) * groups // channels, groups
-
-
-def _segment_sum(per_unit, index, groups):
-    """`[batch, units]` → `[G, batch]`: the sum over each group's units."""
-    return tf.math.unsorted_segment_sum(
-        tf.transpose(per_unit), tf.constant(index.ravel(), dtype="int32"), groups
-    )
-
-
-def _group_indices(model, h_shape, z_shape, strides):
-    """The local-loss group of each unit of a block's output `h` and of
-    the pre-activations `z` of the perturbed layer that reaches it.
-
-    Channel `c` of `C` is in channel group `c·G // C`. With
-    `local_loss_patches`, the positions of `h` are split into patches too
-    (patch `i·n // size` on each spatial axis), and each (patch, channel
-    group) is a group; a unit of `z` at position `i` reaches position
-    `i // s` of `h` (`strides`). Without patches (or when `h` has no
-    spatial axes, or its positions cannot be told apart), the indices run
-    over channels only.
-
-    Returns:
-        `(index_h, index_z, groups)`: integer arrays of the shape of one
-        example of `h` and of `z` (or `[C]` for channels only), and the
-        number of groups.
-    """
-    channel_group, per_channel = _channel_groups(model, h_shape[-1])
-    spatial = tuple(h_shape[1:-1])
-    patches = model.local_loss_patches
-    if patches == 1 or not spatial or strides is None:
-        return channel_group, channel_group, per_channel
-    z_spatial = tuple(z_shape[1:-1])
-    if None in spatial or None in z_spatial:
-        raise ValueError(
-            "`local_loss_patches` needs feature maps of known spatial size. "
-            f"Received: a block output of shape {tuple(h_shape)}"
-        )
-    counts = [size if patches == "positions" else patches for size in spatial]
-
-    def patch_index(positions):
-        # positions: per axis, the position of `h` each index reaches.
-        parts = [p * n // size for p, n, size in zip(positions, counts, spatial)]
-        grids = np.meshgrid(*parts, indexing="ij")
-        return np.ravel_multi_index(grids, counts)
-
-    h_patch = patch_index([np.arange(size) for size in spatial])
-    z_patch = patch_index(
-        [
-            np.zeros(n, dtype=int) if s == 0 else np.minimum(np.arange(n) // s, size - 1)
-            for n, s, size in zip(z_spatial, strides, spatial)
-        ]
-    )
-
-    def index(patch):
-        return patch[..., None] * per_channel + channel_group
-
-    return index(h_patch), index(z_patch), int(np.prod(counts)) * per_channel
-
-
 def _loss_jacobian(model, activation, z, y, sample_weight):
     """`∂L_n/∂z_n` of each example's loss of `activation(z)` at the
     pre-activations `z` (`[batch, units]`), by forward mode: one copy of
@@ -445,72 +333,6 @@ def _head_jacobian(model, head, h, y, sample_weight):
     block output `h` (`[batch, units]`)."""
     z = _pre_activation(head, tf.stop_gradient(head.pool(h)))
     return _loss_jacobian(model, head.dense.activation, z, y, sample_weight)
-
-
-def _group_derivatives(head, h, th, jacobian, index, groups):
-    """Each group's directional derivative of a block's local loss.
-
-    The loss of group `g` is the head's loss with every other group's
-    units held constant (Ren et al., 2023), so its derivative takes only
-    the tangents of group `g`: `d_g = Σ_{i in g} ∂L/∂h_i · ṫh_i`. The
-    head (average over positions, then `Dense`) gives `∂L/∂h` from the
-    loss's derivative at its pre-activations, for every group at once.
-
-    Args:
-        head: The block's `LocalHead`.
-        h, th: The block's output and its tangent.
-        jacobian: The head loss's derivative at its pre-activations
-            (`_head_jacobian`).
-        index, groups: The group of each unit of `h` (`_group_indices`)
-            and their number.
-
-    Returns:
-        A float32 `[G, batch]` tensor.
-    """
-    kernel = tf.cast(head.dense.kernel.value, "float32")
-    # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
-    grad = tf.matmul(tf.cast(jacobian, "float32"), kernel, transpose_b=True)
-    th = tf.cast(th, "float32")
-    if len(h.shape) > 2:
-        positions = tf.cast(tf.reduce_prod(tf.shape(h)[1:-1]), "float32")
-        grad = tf.reshape(grad / positions, [-1] + [1] * (len(h.shape) - 2) + [h.shape[-1]])
-    per_unit = th * grad
-    if index.ndim == 1:
-        per_unit = tf.reduce_sum(per_unit, axis=tuple(range(1, len(h.shape) - 1)))
-    return _segment_sum(tf.reshape(per_unit, [tf.shape(h)[0], -1]), index, groups)
-
-
-def _output_unit_derivatives(model, record, jacobian):
-    """Each output-unit group's directional derivative of the loss of a
-    layer whose output is a loss's input (a local head, or the model's
-    output layer): `d_g = Σ_{i in g} ∂L/∂z_i · u_i` with the layer's own
-    tangents `u` (the tangents of the layers before it are held
-    constant, which keeps the estimate unbiased and drops their noise).
-
-    Args:
-        model: The `ForwardGradientModel`.
-        record: The layer's record of the pass.
-        jacobian: `∂L_n/∂z_n` at its pre-activations (`[batch, units]`).
-
-    Returns:
-        `(dg, index)`: a float32 `[G, batch]` tensor and the group of each
-        unit.
-    """
-    index, groups = _channel_groups(model, record.z.shape[-1])
-    per_unit = tf.cast(jacobian, "float32") * tf.cast(record.u, "float32")
-    return _segment_sum(per_unit, index, groups), index
-
-
-def _per_unit(dg, u, index, mixing):
-    """`[G, batch]` group derivatives spread over the units of `u`
-    (`index`: their groups, `_group_indices`); summed over the batch when
-    the block mixes examples."""
-    if mixing:
-        dg = tf.broadcast_to(tf.reduce_sum(dg, axis=1, keepdims=True), tf.shape(dg))
-    dn = tf.gather(tf.transpose(dg), tf.constant(index.ravel(), dtype="int32"), axis=1)
-    if index.ndim == 1:
-        return tf.reshape(dn, [-1] + [1] * (len(u.shape) - 2) + [u.shape[-1]])
-    return tf.reshape(dn, tf.shape(u))
 
 
 def _with_regularizers(variables, grads):

@@ -1,0 +1,212 @@
+"""Local-loss groups and patches (`local_loss_groups`,
+`local_loss_patches`), in `keras.ops` and NumPy: which units share a
+loss, and each group's directional derivative (Ren et al., 2023).
+
+A block's output `h` is split into groups: channel `c` of `C` is in
+channel group `c·G // C`, and with `local_loss_patches` each spatial axis
+is split into patches as well, each (patch, channel group) a group. The
+loss of group `g` is the head's loss with every other group's units held
+constant, so its directional derivative takes only that group's tangents:
+`d_g = Σ_{i in g} ∂L/∂h_i · ṫh_i`. A perturbed layer whose channels reach
+the block's output through per-channel layers only (`ALIGNED`) takes, for
+each of its units, the derivative of the group that unit reaches.
+
+The backends' passes track which layer reaches a block's output that way
+(`aligned_output`, `spatial_strides`) and give the block output's tangent
+and the head loss's derivative at its pre-activations; the rest is here.
+"""
+
+import keras
+import numpy as np
+
+from keras_fwdgrad.activity.blocks import _PER_CHANNEL
+from keras_fwdgrad.activity.blocks import _POOLING
+
+
+def elementwise(activation):
+    """Whether `activation` (or `None`) acts on each unit alone."""
+    return activation not in (keras.activations.softmax, keras.activations.log_softmax)
+
+
+def channels_last(layer, rank):
+    """Whether `layer`, called on a tensor of rank `rank`, keeps channels
+    on the last axis (its input's rank, not `layer.input`: a shared layer
+    has several inputs)."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return layer.axis in (-1, rank - 1)
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def keeps_channels(layer, args):
+    """Whether `layer` called on `args` maps channel `c` of its one input
+    to channel `c` of its output, unit by unit."""
+    return (
+        len(args) == 1
+        and isinstance(layer, _PER_CHANNEL)
+        and elementwise(getattr(layer, "activation", None))
+        and channels_last(layer, len(args[0].shape))
+    )
+
+
+def spatial_strides(layer, strides, rank):
+    """How positions of `layer`'s output map to those of a perturbed
+    layer's pre-activations, given the map `strides` of its input.
+
+    A map `(s_1, ..., s_n)` means that position `i` (per spatial axis) of
+    the pre-activations reaches only position `i // s` of the output (`0`:
+    position 0 only);
+    `()` that the output has no spatial axes left; `None` that a
+    position may reach several (overlapping pooling windows), so the
+    output's positions cannot be told apart.
+    """
+    if strides is None or rank == 2:
+        return None if strides is None else ()
+    if not isinstance(layer, _POOLING):
+        return strides
+    if not hasattr(layer, "pool_size"):
+        # Global pooling that keeps its axes: every position reaches 0.
+        return (0,) * len(strides)
+    pool = tuple(layer.pool_size)
+    step = tuple(layer.strides) if layer.strides is not None else pool
+    if pool != step:
+        return None
+    return tuple(s * p for s, p in zip(strides, step))
+
+
+def channel_groups(model, channels):
+    """`(index, G)`: channel `c` of `channels` is in group `c·G // C`, with
+    `G` the model's `local_loss_groups` (at most `channels`)."""
+    groups = model.local_loss_groups
+    groups = channels if groups == "channels" else min(groups, channels)
+    return np.arange(channels) * groups // channels, groups
+
+
+def group_indices(model, h_shape, z_shape, strides):
+    """The local-loss group of each unit of a block's output `h` and of
+    the pre-activations `z` of the perturbed layer that reaches it.
+
+    Channel `c` of `C` is in channel group `c·G // C`. With
+    `local_loss_patches`, the positions of `h` are split into patches too
+    (patch `i·n // size` on each spatial axis), and each (patch, channel
+    group) is a group; a unit of `z` at position `i` reaches position
+    `i // s` of `h` (`strides`). Without patches (or when `h` has no
+    spatial axes, or its positions cannot be told apart), the indices run
+    over channels only.
+
+    Returns:
+        `(index_h, index_z, groups)`: integer arrays of the shape of one
+        example of `h` and of `z` (or `[C]` for channels only), and the
+        number of groups.
+    """
+    channel_group, per_channel = channel_groups(model, h_shape[-1])
+    spatial = tuple(h_shape[1:-1])
+    patches = model.local_loss_patches
+    if patches == 1 or not spatial or strides is None:
+        return channel_group, channel_group, per_channel
+    z_spatial = tuple(z_shape[1:-1])
+    if None in spatial or None in z_spatial:
+        raise ValueError(
+            "`local_loss_patches` needs feature maps of known spatial size. "
+            f"Received: a block output of shape {tuple(h_shape)}"
+        )
+    counts = [size if patches == "positions" else patches for size in spatial]
+
+    def patch_index(positions):
+        # positions: per axis, the position of `h` each index reaches.
+        parts = [p * n // size for p, n, size in zip(positions, counts, spatial)]
+        grids = np.meshgrid(*parts, indexing="ij")
+        return np.ravel_multi_index(grids, counts)
+
+    h_patch = patch_index([np.arange(size) for size in spatial])
+    z_patch = patch_index(
+        [
+            np.zeros(n, dtype=int) if s == 0 else np.minimum(np.arange(n) // s, size - 1)
+            for n, s, size in zip(z_spatial, strides, spatial)
+        ]
+    )
+
+    def index(patch):
+        return patch[..., None] * per_channel + channel_group
+
+    return index(h_patch), index(z_patch), int(np.prod(counts)) * per_channel
+
+
+def _segment_sum(per_unit, index, groups):
+    """`[batch, units]` → `[G, batch]`: the sum over each group's units."""
+    ids = keras.ops.convert_to_tensor(index.ravel().astype("int32"))
+    return keras.ops.segment_sum(keras.ops.transpose(per_unit), ids, num_segments=groups)
+
+
+def group_derivatives(kernel, h, th, jacobian, index, groups):
+    """Each group's directional derivative of a block's local loss.
+
+    The head (average over positions, then `Dense` with `kernel`) gives
+    `∂L/∂h` from the loss's derivative at its pre-activations, for every
+    group at once.
+
+    Args:
+        kernel: The value of the head's `Dense` kernel.
+        h, th: The block's output and its tangent.
+        jacobian: The head loss's derivative at its pre-activations
+            (`[batch, units]`).
+        index, groups: The group of each unit of `h` (`group_indices`)
+            and their number.
+
+    Returns:
+        A float32 `[G, batch]` tensor.
+    """
+    ops = keras.ops
+    # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
+    grad = ops.matmul(ops.cast(jacobian, "float32"), ops.transpose(ops.cast(kernel, "float32")))
+    th = ops.cast(th, "float32")
+    channels = h.shape[-1]
+    rank = len(h.shape)
+    if rank > 2:
+        positions = ops.cast(ops.size(h), "float32") / ops.cast(
+            ops.shape(h)[0] * channels, "float32"
+        )
+        grad = ops.reshape(grad / positions, (-1,) + (1,) * (rank - 2) + (channels,))
+    per_unit = th * grad
+    if index.ndim == 1:
+        if rank > 2:
+            per_unit = ops.sum(per_unit, axis=tuple(range(1, rank - 1)))
+        units = channels
+    else:
+        units = int(np.prod(h.shape[1:]))
+    return _segment_sum(ops.reshape(per_unit, (-1, units)), index, groups)
+
+
+def output_unit_derivatives(model, z, u, jacobian):
+    """Each output-unit group's directional derivative of the loss of a
+    layer whose output is a loss's input (a local head, or the model's
+    output layer): `d_g = Σ_{i in g} ∂L/∂z_i · u_i` with the layer's own
+    tangents `u` (the tangents of the layers before it are held
+    constant, which keeps the estimate unbiased and drops their noise).
+
+    Args:
+        model: The `ForwardGradientModel`.
+        z, u: The layer's pre-activations (`[batch, units]`) and tangents.
+        jacobian: `∂L_n/∂z_n` at its pre-activations (`[batch, units]`).
+
+    Returns:
+        `(dg, index)`: a float32 `[G, batch]` tensor and the group of each
+        unit.
+    """
+    index, groups = channel_groups(model, z.shape[-1])
+    ops = keras.ops
+    per_unit = ops.cast(jacobian, "float32") * ops.cast(u, "float32")
+    return _segment_sum(per_unit, index, groups), index
+
+
+def per_unit(dg, u, index, mixing):
+    """`[G, batch]` group derivatives spread over the units of `u`
+    (`index`: their groups, `group_indices`); summed over the batch when
+    the block mixes examples. Float32, broadcastable against `u`."""
+    ops = keras.ops
+    if mixing:
+        dg = ops.broadcast_to(ops.sum(dg, axis=1, keepdims=True), ops.shape(dg))
+    ids = ops.convert_to_tensor(index.ravel().astype("int32"))
+    dn = ops.take(ops.transpose(dg), ids, axis=1)
+    if index.ndim == 1:
+        return ops.reshape(dn, (-1,) + (1,) * (len(u.shape) - 2) + (u.shape[-1],))
+    return ops.reshape(dn, (-1,) + tuple(u.shape[1:]))
