@@ -170,7 +170,6 @@ class ForwardGradientModel(_Trainer, keras.Model):
         # One attribute per forward option, named as the argument.
         for name, value in checked.items():
             setattr(self, name, value)
-        self._check_backend_arguments()
         self.local_heads = []
         self._local_loss_ends = []
         self._local_loss_trackers = []

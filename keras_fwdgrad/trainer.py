@@ -6,7 +6,6 @@ the backend Keras runs on, `keras_fwdgrad/backend/<name>/trainer.py`, a
 thin subclass of `Trainer` here. The contract between them:
 
 What each backend's trainer provides (and `model.py` calls):
-- `_check_backend_arguments()`: raises for options the backend lacks.
 - `_forward_gradient(x, y, sample_weight)`: one `Estimate`, nothing
   applied, the direction stream not advanced.
 - `_reference_gradient(x, y)`: the loss and its gradient over the wrapped

@@ -13,6 +13,7 @@ import pytest
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import backend
 from keras_fwdgrad import testing
+from tests import estimate_samples
 from tests.conftest import ARCHITECTURE_MODES
 
 LOSS = "sparse_categorical_crossentropy"
@@ -190,46 +191,6 @@ NUM_SAMPLES = {"eager": 100, "graph": 3000, "xla": 3000}
 Z = 5.0
 
 
-def _samples(model, x, y, n, mode):
-    """`n` estimates, flattened: those of steps `0 … n-1` of the model's
-    direction stream."""
-    if backend.name() == "jax":
-        import jax
-
-        def draw(step):
-            # The step counter, read from a stateless scope: one compiled
-            # function draws every step's estimate.
-            scope = [(model.direction_step, step)]
-            with keras.StatelessScope(state_mapping=scope):
-                _, grads = model.forward_gradient(x, y)
-            return keras.ops.concatenate([keras.ops.reshape(g, [-1]) for g in grads])
-
-        steps = np.arange(n, dtype="int64")
-        if mode == "eager":
-            return np.stack([np.asarray(draw(s)) for s in steps])
-        return np.asarray(jax.jit(lambda s: jax.lax.map(draw, s))(steps))
-    import tensorflow as tf
-
-    def draw(i):
-        model.direction_step.assign(tf.cast(i, tf.int64))
-        _, grads = model.forward_gradient(x, y)
-        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
-
-    if mode != "eager":
-        draw = tf.function(draw, jit_compile=mode == "xla")
-    return np.stack([draw(tf.constant(i)).numpy() for i in range(n)])
-
-
-def _z_scores(samples, true):
-    """|mean − true| / standard error, per component."""
-    # The floor: attention's key bias has a gradient that is zero by
-    # symmetry (softmax ignores a shift shared by all keys), so its
-    # estimates are float32 rounding, of order 1e-10, whose mean need not
-    # be exactly zero.
-    se = np.maximum(samples.std(0) / np.sqrt(len(samples)), 1e-8)
-    return np.abs(samples.mean(0) - true) / se
-
-
 @pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
 def test_every_layer_kind_is_unbiased_together(mode):
     """Probabilistic, fixed seed: in one model holding every kind, the
@@ -244,13 +205,13 @@ def test_every_layer_kind_is_unbiased_together(mode):
     x = rng.integers(0, 6, size=(8, 4)).astype("int32")
     y = rng.integers(0, 3, size=(8,))
     true = np.concatenate([t.ravel() for t in _tape_gradient(base, x, y)])
-    samples = _samples(_wrapped(base, seed=1), x, y, NUM_SAMPLES[mode], mode)
-    z = _z_scores(samples, true)
+    samples = estimate_samples.samples(_wrapped(base, seed=1), x, y, NUM_SAMPLES[mode], mode)
+    z = estimate_samples.z_scores(samples, true)
     assert np.max(z) < Z, np.sort(z)[-10:]
     if mode != "eager":
         # The negative control: the same samples against a reference off
         # by half are rejected (100 eager samples are too few to).
-        assert np.max(_z_scores(samples, true * 1.5)) > Z
+        assert np.max(estimate_samples.z_scores(samples, true * 1.5)) > Z
 
 
 def test_a_layer_with_several_outputs_is_named():

@@ -18,8 +18,11 @@ estimated; docs/activity.md, "The general rule"), written functionally:
    `d_n u_n`. Under `jax.jit` XLA shares the layer's forward computation
    with the pass's.
 
-Local-loss groups and patches (`local_loss_groups`, `local_loss_patches`)
-are TensorFlow-only for now.
+With `local_loss_groups` or `local_loss_patches`, the pass also tracks
+which perturbed layer's channels reach a block's output unit by unit
+(`keras_fwdgrad.activity.groups`); the block output's tangent comes out of
+the same `jax.jvp`, and each head loss's derivative at its
+pre-activations from one `jax.jvp` per unit (`jax.vmap`).
 """
 
 import dataclasses
@@ -33,23 +36,13 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
+from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.ops import clip_directional_derivative
-
-
-def check_options(model):
-    """Raises for the activity options this backend lacks."""
-    if model.local_loss_groups != 1 or model.local_loss_patches != 1:
-        raise ValueError(
-            "`local_loss_groups` and `local_loss_patches` are available on "
-            "the TensorFlow backend only; on JAX leave them at 1. Received: "
-            f"local_loss_groups={model.local_loss_groups!r}, "
-            f"local_loss_patches={model.local_loss_patches!r} with backend='jax'"
-        )
 
 
 def _is_array(leaf):
@@ -66,6 +59,7 @@ class _Record:
     block: int
     closed_form: bool  # Pre-activations perturbed (activation after).
     relu: bool
+    head: bool = False  # A local head's `Dense`.
 
 
 def _linear_call(layer, args, kwargs, closed_form):
@@ -97,8 +91,17 @@ class _Pass:
         self.block_outputs = []
         self.mixing_blocks = set()
         self.ends = model._local_loss_ends
+        # For local-loss groups: id(output) -> (output, record index,
+        # strides) for outputs that still have the channels of a closed-form
+        # layer's pre-activations (`groups.spatial_strides`); per block, the
+        # (record index, strides) whose channels reach the block's end; and
+        # the record whose activation gave the model's output.
+        self.aligned = {}
+        self.grouped = {}
+        self.record_outputs = {}
+        self.output_record = None
 
-    def perturb(self, layer, args, kwargs, closed_form):
+    def perturb(self, layer, args, kwargs, closed_form, head=False):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         index = len(self.records)
         self.records.append(
@@ -109,6 +112,7 @@ class _Pass:
                 self.block,
                 closed_form,
                 closed_form and layer.activation is keras.activations.relu,
+                head,
             )
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
@@ -119,15 +123,23 @@ class _Pass:
         self.perturbed_values.append(z)
         if self.eps is not None:
             z = z + self.eps[index].astype(z.dtype)
-        return layer.activation(z) if closed_form else z
+        if not closed_form:
+            return z
+        y = layer.activation(z)
+        self.record_outputs[id(y)] = (y, index)
+        if groups.channels_last(layer, len(z.shape)) and groups.elementwise(layer.activation):
+            self.aligned[id(y)] = (y, index, (1,) * (len(z.shape) - 2))
+        return y
 
     def call_layer(self, layer, args, kwargs):
         if isinstance(layer, _MIXES_EXAMPLES):
             self.mixing_blocks.add(self.block)
         if "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
+        closed_form = False
         if isinstance(layer, LocalHead):
-            y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True)
+            closed_form = True
+            y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True, head=True)
         elif layer.trainable_variables:
             closed_form = perturbed(layer) and len(args) == 1 and not set(kwargs) - {"training"}
             if closed_form:
@@ -135,7 +147,19 @@ class _Pass:
             y = self.perturb(layer, args, kwargs, closed_form)
         else:
             y = layer(*args, **kwargs)
+        if not closed_form and args:
+            source = self.aligned.get(id(args[0]))
+            if source is not None and source[0] is args[0] and groups.keeps_channels(layer, args):
+                strides = groups.spatial_strides(layer, source[2], len(y.shape))
+                self.aligned[id(y)] = (y, source[1], strides)
         if layer.name in self.ends and self.block < len(self.ends):
+            source = self.aligned.get(id(y))
+            if (
+                source is not None
+                and source[0] is y
+                and self.records[source[1]].block == self.block
+            ):
+                self.grouped[self.block] = (source[1], source[2])
             self.block_outputs.append(y)
             self.block += 1
             y = jax.lax.stop_gradient(y)
@@ -206,8 +230,19 @@ def estimate(model, state, x, y, sample_weight, k):
             for v, value in zip(model.non_trainable_variables, non_trainable):
                 current = scope.get_current_value(v)
                 new_state.append(value if current is None else current)
+        last = p.record_outputs.get(id(y_pred))
+        if last is not None and last[0] is y_pred and len(y_pred.shape) == 2:
+            p.output_record = last[1]
         holder["pass"] = p
-        return block_losses, (loss, y_pred, new_state, p.inputs, p.states, p.perturbed_values)
+        return block_losses, (
+            loss,
+            y_pred,
+            new_state,
+            p.inputs,
+            p.states,
+            p.perturbed_values,
+            p.block_outputs,
+        )
 
     shapes = jax.eval_shape(lambda: run(None)[1][5])
     step = non_trainable[model._state_index(model.direction_step)]
@@ -217,19 +252,29 @@ def estimate(model, state, x, y, sample_weight, k):
         for i, s in enumerate(shapes)
     ]
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    (block_losses, aux), (d, _) = jax.jvp(run, (zeros,), (us,))
-    loss, y_pred, new_state, inputs, states, values = aux
+    (block_losses, aux), (d, aux_tangents) = jax.jvp(run, (zeros,), (us,))
+    loss, y_pred, new_state, inputs, states, values, block_outputs = aux
     p = holder["pass"]
     d = clip_directional_derivative(jnp.stack(d).astype("float32"), model.jvp_clip)
     batch_d = jnp.sum(d, axis=1)
-    grads = {}
     by_id = {id(v): value for v, value in zip(variables, trainable)}
-    for record, arrays, layer_state, u, z in zip(p.records, inputs, states, us, values):
-        if record.block in p.mixing_blocks:
-            dn = jnp.broadcast_to(batch_d[record.block], d.shape[1:2])
+    group_d = {}
+    if model.local_loss_groups != 1 or model.local_loss_patches != 1:
+        group_d = _group_derivatives(
+            model, p, values, us, block_outputs, aux_tangents[-1], by_id, y, sample_weight
+        )
+    grads = {}
+    for index, (record, arrays, layer_state, u, z) in enumerate(
+        zip(p.records, inputs, states, us, values)
+    ):
+        mixing = record.block in p.mixing_blocks
+        if index in group_d:
+            dg, unit_groups = group_d[index]
+            dn = groups.per_unit(dg, u, unit_groups, mixing)
         else:
-            dn = d[record.block]
-        cotangent = dn.reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype) * u
+            dn = batch_d[record.block] if mixing else d[record.block]
+            dn = jnp.broadcast_to(dn, d.shape[1:2]).reshape((-1,) + (1,) * (u.ndim - 1))
+        cotangent = dn.astype(u.dtype) * u
         if record.relu and model.active_units_only:
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
@@ -244,6 +289,52 @@ def estimate(model, state, x, y, sample_weight, k):
     grads = _with_regularizers(variables, trainable, grads)
     local = tuple(jnp.sum(values) for values in block_losses[:-1])
     return loss, y_pred, d, grads, local, new_state
+
+
+def _group_derivatives(
+    model, p, values, us, block_outputs, block_tangents, by_id, y, sample_weight
+):
+    """`{record index: (dg, groups of its units)}` for the layers that take
+    their groups' derivatives (`keras_fwdgrad.activity.groups`): the
+    closed-form layer whose channels reach each block's output, each
+    local head, and the model's output layer."""
+    heads = {r.block: i for i, r in enumerate(p.records) if r.head}
+    jacobians = {
+        i: _loss_jacobian(model, p.records[i].layer.activation, values[i], y, sample_weight)
+        for i in heads.values()
+    }
+    out = {}
+    for block, (index, strides) in p.grouped.items():
+        h, th = block_outputs[block], block_tangents[block]
+        index_h, index_z, count = groups.group_indices(model, h.shape, us[index].shape, strides)
+        kernel = by_id[id(model.local_heads[block].dense.kernel)]
+        dg = groups.group_derivatives(kernel, h, th, jacobians[heads[block]], index_h, count)
+        out[index] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
+    outputs = dict(jacobians)
+    if p.output_record is not None:
+        record = p.records[p.output_record]
+        outputs[p.output_record] = _loss_jacobian(
+            model, record.layer.activation, values[p.output_record], y, sample_weight
+        )
+    for index, jacobian in outputs.items():
+        dg, unit_groups = groups.output_unit_derivatives(model, values[index], us[index], jacobian)
+        out[index] = (clip_directional_derivative(dg, model.jvp_clip), unit_groups)
+    return out
+
+
+def _loss_jacobian(model, activation, z, y, sample_weight):
+    """`∂L_n/∂z_n` (`[batch, units]`) of each example's loss of
+    `activation(z)` at the pre-activations `z`, by forward mode: one
+    `jax.jvp` per unit, each with that unit's basis tangent for every
+    example (`L_n` depends on `z_n` alone)."""
+
+    def losses_of(t):
+        return losses.per_example_losses(model, y, activation(t), sample_weight)
+
+    def column(e):
+        return jax.jvp(losses_of, (z,), (jnp.broadcast_to(e, z.shape),))[1]
+
+    return jax.vmap(column)(jnp.eye(z.shape[-1], dtype=z.dtype)).T
 
 
 def _layer_vjp(record, arrays, layer_state, by_id, cotangent):

@@ -15,8 +15,7 @@ Differences from the TensorFlow backend
   needed: `layer_rules` is accepted and ignored (`uses_layer_rules` is
   `False`).
 - `perturbation="activations"` runs `keras_fwdgrad.backend.jax.activity`
-  (the same estimator, through `jax.jvp` and one `jax.vjp` per layer);
-  `local_loss_groups` and `local_loss_patches` are TensorFlow-only.
+  (the same estimator, through `jax.jvp` and one `jax.vjp` per layer).
 - There is no `tf.distribute`; `all_reduce` has no effect.
 - Derivatives are JAX's own: an op that JAX differentiates as zero
   (`jnp.round`, `jax.lax.stop_gradient`) gives zero, as `jax.grad` does,
@@ -44,10 +43,6 @@ from keras_fwdgrad.backend.jax.used_variables import used_variables
 
 class JAXTrainer(trainer.Trainer):
     """The backend-specific half of `ForwardGradientModel` on JAX."""
-
-    def _check_backend_arguments(self):
-        if self.perturbation == "activations":
-            activity.check_options(self)
 
     @property
     def uses_layer_rules(self):

@@ -20,9 +20,6 @@ from keras_fwdgrad import trainer
 class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
     """The backend-specific half of `ForwardGradientModel` on TensorFlow."""
 
-    def _check_backend_arguments(self):
-        pass
-
     def _forward_gradient(self, x, y, sample_weight):
         return estimator.estimate(self, x, y, sample_weight)
 
