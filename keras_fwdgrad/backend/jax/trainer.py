@@ -200,16 +200,23 @@ class JAXTrainer(trainer.Trainer):
             state_mapping=list(zip(self.optimizer.variables, optimizer_variables))
         ):
             grads = self._scaled_for_optimizer(estimate.grads)
-        new_trainable, new_optimizer_variables = self.optimizer.stateless_apply(
-            optimizer_variables, grads, trainable
+
+        def apply(values):
+            trainable, optimizer_variables = values
+            new_trainable, new_optimizer_variables = self.optimizer.stateless_apply(
+                optimizer_variables, grads, trainable
+            )
+            return list(new_trainable), list(new_optimizer_variables)
+
+        # A step that is not finite changes nothing. A conditional, not an
+        # elementwise select of the new and old values: a select keeps
+        # both copies of every weight and optimizer slot alive, which
+        # blocks the in-place update of the donated state (a step of the
+        # papers' MLP cost about twice its update that way).
+        trainable, optimizer_variables = jax.lax.cond(
+            finite, apply, lambda values: values, (list(trainable), list(optimizer_variables))
         )
-
-        def keep_if_finite(new, old):
-            return [jnp.where(finite, n, o) for n, o in zip(new, old)]
-
-        trainable = keep_if_finite(new_trainable, trainable)
-        optimizer_variables = keep_if_finite(new_optimizer_variables, optimizer_variables)
-        non_trainable = keep_if_finite(new_non_trainable, non_trainable)
+        non_trainable = [jnp.where(finite, n, o) for n, o in zip(new_non_trainable, non_trainable)]
         skipped = 1 - finite.astype("int32")
         for counter, increment in ((self.direction_step, 1), (self.skipped_steps, skipped)):
             i = self._state_index(counter)
