@@ -314,6 +314,29 @@ def _gaussian_flat(n, seed, dtype):
     return ops.cast(backend.gather(levels, index), dtype)
 
 
+def quantized_normal(shape, seed, dtype="float32"):
+    """Independent draws of the `"gaussian"` family's quantized normal
+    (`gaussian_levels()`: mean 0, variance exactly 1), as a tensor of
+    `shape`.
+
+    Half a random 32-bit word and one table read per number: on a CPU
+    several times cheaper than an inverse-CDF normal (3.2 M numbers: 6 ms
+    against 34 ms for `jax.random.normal` on 2 cores).
+
+    Args:
+        shape: The shape; on TensorFlow it may be a dynamic shape tensor
+            (`tf.shape(x)`).
+        seed: The backend's stateless seed (`backend.fold_in` of a step
+            seed).
+        dtype: The result's dtype. Defaults to `"float32"`.
+    """
+    if isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape):
+        n = math.prod(shape)
+    else:
+        n = ops.prod(shape)
+    return ops.reshape(_gaussian_flat(n, seed, dtype), shape)
+
+
 def _sign_flat(n, seed, dtype):
     # Signs of table draws rather than 32 signs per word: the factors are
     # few (fan_in + fan_out per kernel), and under XLA a table read is

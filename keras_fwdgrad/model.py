@@ -86,7 +86,7 @@ class ForwardGradientModel(_Trainer, keras.Model):
             to float rounding (`uses_layer_rules` says which runs).
         perturbation: `"weights"` (default): the papers' estimator above.
             `"activations"`: perturb the pre-activations of every `Dense`
-            and `Conv1D/2D/3D` layer with one Gaussian tangent per example
+            and `Conv1D/2D/3D` layer with one (quantized) Gaussian tangent per example
             and unit, and form each kernel's estimate as the layer-local
             product of its input with `d_n u_n` (Ren et al., 2023). Every
             other layer with trainable variables (`EinsumDense`,

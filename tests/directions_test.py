@@ -170,6 +170,29 @@ def test_gaussian_reads_two_levels_per_random_word():
     np.testing.assert_array_equal(v, expected)
 
 
+def test_quantized_normal_is_the_gaussian_family_in_any_shape():
+    """`quantized_normal` (activity perturbation's tangents) draws exactly
+    the Gaussian family's levels for a static shape, and in a graph for a
+    shape known only when it runs (a batch of unknown size), the same
+    numbers as for that shape given statically."""
+    seed = tf.constant([6, 7], tf.int64)
+    v = directions.quantized_normal((3, 5), seed)
+    assert v.shape == (3, 5) and v.dtype == tf.float32
+    words = directions.random_bits(8, seed).numpy()
+    index = np.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:15]
+    np.testing.assert_array_equal(
+        v.numpy().ravel(), directions.gaussian_levels()[index].astype("float32")
+    )
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5])])
+    def dynamic(x):
+        return directions.quantized_normal(tf.shape(x), seed, "float16")
+
+    w = dynamic(tf.zeros((3, 5)))
+    assert w.dtype == tf.float16
+    np.testing.assert_array_equal(w.numpy(), v.numpy().astype("float16"))
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_same_direction_with_and_without_xla(name):
     """A seed gives bit-identical directions eagerly, in a graph and under
