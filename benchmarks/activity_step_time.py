@@ -16,7 +16,7 @@ Methods:
 - `activations_layers`: `local_losses="layers"` (a block per perturbed
   layer: a layer's tangent travels through its own head only).
 - `activations_groups32`: `local_losses="auto"` with
-  `local_loss_groups=32` (TensorFlow only).
+  `local_loss_groups=32`.
 
 Runs on the backend `KERAS_BACKEND` names (TensorFlow by default). On JAX
 `--jit off` runs the step op by op (Keras' `run_eagerly`-like path), so
@@ -57,10 +57,6 @@ METHODS = {
         perturbation="activations", local_losses="auto", local_loss_groups=32
     ),
 }
-if keras.backend.backend() != "tensorflow":
-    del METHODS["activations_groups32"]
-
-
 def _backend_version():
     if keras.backend.backend() == "jax":
         import jax
