@@ -67,6 +67,28 @@ def cifar10_vgg(input_shape=(32, 32, 3), num_classes=10):
     return keras.Sequential(layers, name="cifar10_vgg")
 
 
+def cifar10_resnet(input_shape=(32, 32, 3), num_classes=10, widths=(16, 32, 64)):
+    """A small residual CNN with batch normalization for CIFAR-10 (ResNet-8
+    style): a 3×3 convolution, then one basic block per width (two 3×3
+    convolutions with `BatchNormalization`, the second stage on stride 2,
+    a 1×1 projection on the skip where the shape changes, `Add`, ReLU),
+    then global average pooling and `Dense(num_classes)`."""
+    inputs = keras.Input(input_shape)
+    h = L.Conv2D(widths[0], 3, padding="same", use_bias=False)(inputs)
+    h = L.ReLU()(L.BatchNormalization()(h))
+    for stage, width in enumerate(widths):
+        strides = 1 if stage == 0 else 2
+        r = L.Conv2D(width, 3, strides=strides, padding="same", use_bias=False)(h)
+        r = L.ReLU()(L.BatchNormalization()(r))
+        r = L.BatchNormalization()(L.Conv2D(width, 3, padding="same", use_bias=False)(r))
+        if strides != 1 or h.shape[-1] != width:
+            h = L.Conv2D(width, 1, strides=strides, use_bias=False)(h)
+            h = L.BatchNormalization()(h)
+        h = L.ReLU()(L.Add()([h, r]))
+    outputs = L.Dense(num_classes)(L.GlobalAveragePooling2D()(h))
+    return keras.Model(inputs, outputs, name="cifar10_resnet")
+
+
 def deep_mlp(depth, width=1024, input_shape=(28, 28, 1), num_classes=10):
     """The first paper's depth sweep (Section 5.6): `depth` bias-free dense
     layers of `width` units with ReLU, then a bias-free output layer."""
