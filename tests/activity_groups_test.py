@@ -13,6 +13,7 @@ from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import backend
 from keras_fwdgrad import testing
 from tests import estimate_samples
+from tests import activity_models
 from tests.conftest import ARCHITECTURE_MODES
 
 LOSS = "sparse_categorical_crossentropy"
@@ -293,22 +294,6 @@ def test_patches_lower_the_variance_of_a_convolution():
     assert _kernel_variance("positions") < channels / 4
 
 
-def _cnn():
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Conv2D(4, 3, activation="relu", padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dropout(0.1),
-            keras.layers.Dense(3, activation="softmax", kernel_regularizer="l2"),
-        ]
-    )
-
-
 @pytest.mark.parametrize("mode", _modes(["eager", "graph", "xla"]))
 def test_fit_with_patches(mode):
     """`local_losses="layers"` with one loss per channel and position,
@@ -316,7 +301,7 @@ def test_fit_with_patches(mode):
     moves, no step is skipped, the logs are finite."""
     keras.utils.set_random_seed(0)
     model = ForwardGradientModel(
-        _cnn(),
+        activity_models.cnn(),
         perturbation="activations",
         local_losses="layers",
         local_loss_groups="channels",

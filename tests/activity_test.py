@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
+from tests import activity_models
 from tests.conftest import ARCHITECTURE_MODES
 
 MODES = {
@@ -260,27 +261,15 @@ def test_the_unbiasedness_check_can_fail():
     assert np.max(z[:20]) > Z
 
 
-def _cnn():
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Conv2D(4, 3, activation="relu", padding="same"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dropout(0.1),
-            keras.layers.Dense(3, activation="softmax", kernel_regularizer="l2"),
-        ]
-    )
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fit_with_local_losses_logs_and_skips_nothing(mode):
     keras.utils.set_random_seed(0)
     model = ForwardGradientModel(
-        _cnn(), perturbation="activations", local_losses="auto", num_directions=2, seed=0
+        activity_models.cnn(),
+        perturbation="activations",
+        local_losses="auto",
+        num_directions=2,
+        seed=0,
     )
     assert model._local_loss_ends == ["max_pooling2d", "dense"]
     model.compile(
@@ -312,7 +301,7 @@ def test_fit_with_local_losses_logs_and_skips_nothing(mode):
 
 
 def test_layers_local_losses_end_a_block_after_every_perturbed_layer():
-    base = _cnn()
+    base = activity_models.cnn()
     model = ForwardGradientModel(base, perturbation="activations", local_losses="layers")
     # Conv2D(4), Conv2D(4), Dense(8) end blocks; the output Dense does not.
     assert [head.dense.kernel.shape[0] for head in model.local_heads] == [4, 4, 8]
@@ -320,7 +309,9 @@ def test_layers_local_losses_end_a_block_after_every_perturbed_layer():
 
 def test_local_heads_are_saved_and_not_exported(tmp_path):
     keras.utils.set_random_seed(0)
-    model = ForwardGradientModel(_cnn(), perturbation="activations", local_losses="auto", seed=0)
+    model = ForwardGradientModel(
+        activity_models.cnn(), perturbation="activations", local_losses="auto", seed=0
+    )
     model.compile(optimizer="adam", loss=LOSS)
     x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
     y = np.arange(16) % 3
@@ -337,16 +328,19 @@ def test_local_heads_are_saved_and_not_exported(tmp_path):
         model.predict(x, verbose=0), loaded.predict(x, verbose=0), atol=1e-6
     )
     # The heads are not part of the wrapped model.
-    assert len(model.model.weights) == len(_cnn().weights)
+    assert len(model.model.weights) == len(activity_models.cnn().weights)
     config = model.get_config()
     assert config["local_losses"] == "auto"
     assert ForwardGradientModel.from_config(config).local_losses == "auto"
     grouped = ForwardGradientModel(
-        _cnn(), perturbation="activations", local_losses="auto", local_loss_groups=2
+        activity_models.cnn(), perturbation="activations", local_losses="auto", local_loss_groups=2
     )
     assert ForwardGradientModel.from_config(grouped.get_config()).local_loss_groups == 2
     patched = ForwardGradientModel(
-        _cnn(), perturbation="activations", local_losses="auto", local_loss_patches="positions"
+        activity_models.cnn(),
+        perturbation="activations",
+        local_losses="auto",
+        local_loss_patches="positions",
     )
     config = patched.get_config()
     assert ForwardGradientModel.from_config(config).local_loss_patches == "positions"
@@ -400,7 +394,10 @@ def test_errors():
     with pytest.raises(ValueError, match="at most the size of every spatial axis"):
         # The first block's output is 3 × 3 (after 2 × 2 pooling).
         ForwardGradientModel(
-            _cnn(), perturbation="activations", local_losses="auto", local_loss_patches=5
+            activity_models.cnn(),
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_patches=5,
         )
     two = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="at most the number of channels"):

@@ -1,0 +1,22 @@
+"""A small model the activity-perturbation test files share."""
+
+import keras
+
+
+def cnn():
+    """Two convolutions (max-pooling between them, `BatchNormalization`
+    after the second), a hidden `Dense` with dropout and an L2-regularized
+    softmax output, for 8×8×1 inputs and 3 classes."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Conv2D(4, 3, activation="relu", padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(3, activation="softmax", kernel_regularizer="l2"),
+        ]
+    )
