@@ -57,6 +57,8 @@ METHODS = {
         perturbation="activations", local_losses="auto", local_loss_groups=32
     ),
 }
+
+
 def _backend_version():
     if keras.backend.backend() == "jax":
         import jax
