@@ -73,6 +73,56 @@ def spatial_strides(layer, strides, rank):
     return tuple(s * p for s, p in zip(strides, step))
 
 
+class Alignment:
+    """Which perturbed layer's channels reach each block's output unit by
+    unit, tracked during one pass (by the identity of the layers'
+    outputs).
+
+    A pass reports each closed-form layer's activation output
+    (`closed_form_output`), every other layer's output (`layer_output`)
+    and each block's end (`block_end`); `grouped` then maps a block to the
+    `(record, strides)` of the layer whose channels reach its end, and
+    `record_of(y)` names the record whose activation gave `y`. A record is
+    whatever the pass uses to find a perturbed layer again.
+    """
+
+    def __init__(self):
+        # id(output) -> (output, record, its block, strides): outputs that
+        # still have the channels of a closed-form layer's pre-activations,
+        # and how their positions map to the pre-activations'
+        # (`spatial_strides`).
+        self._aligned = {}
+        # id(activation output) -> (output, record).
+        self._outputs = {}
+        self.grouped = {}
+
+    def closed_form_output(self, y, record, block, layer, activation, rank):
+        """`y = activation(z)` of a closed-form layer's pre-activations of
+        rank `rank`."""
+        self._outputs[id(y)] = (y, record)
+        if channels_last(layer, rank) and elementwise(activation):
+            self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
+
+    def layer_output(self, layer, args, y):
+        """`y = layer(*args)` of any other layer."""
+        source = self._aligned.get(id(args[0])) if args else None
+        if source is not None and source[0] is args[0] and keeps_channels(layer, args):
+            strides = spatial_strides(layer, source[3], len(y.shape))
+            self._aligned[id(y)] = (y, source[1], source[2], strides)
+
+    def block_end(self, y, block):
+        """`y` ends block `block`."""
+        source = self._aligned.get(id(y))
+        if source is not None and source[0] is y and source[2] == block:
+            self.grouped[block] = (source[1], source[3])
+
+    def record_of(self, y):
+        """The record of the closed-form layer whose activation output is
+        `y`, or `None`."""
+        found = self._outputs.get(id(y))
+        return found[1] if found is not None and found[0] is y else None
+
+
 def channel_groups(model, channels):
     """`(index, G)`: channel `c` of `channels` is in group `c·G // C`, with
     `G` the model's `local_loss_groups` (at most `channels`)."""

@@ -92,14 +92,9 @@ class _Pass:
         self.block_outputs = []
         self.mixing_blocks = set()
         self.ends = model._local_loss_ends
-        # For local-loss groups: id(output) -> (output, record index,
-        # strides) for outputs that still have the channels of a closed-form
-        # layer's pre-activations (`groups.spatial_strides`); per block, the
-        # (record index, strides) whose channels reach the block's end; and
+        # For local-loss groups (records are indices into `records`), and
         # the record whose activation gave the model's output.
-        self.aligned = {}
-        self.grouped = {}
-        self.record_outputs = {}
+        self.alignment = groups.Alignment()
         self.output_record = None
 
     def perturb(self, layer, args, kwargs, closed_form, head=False):
@@ -127,9 +122,9 @@ class _Pass:
         if not closed_form:
             return z
         y = layer.activation(z)
-        self.record_outputs[id(y)] = (y, index)
-        if groups.channels_last(layer, len(z.shape)) and groups.elementwise(layer.activation):
-            self.aligned[id(y)] = (y, index, (1,) * (len(z.shape) - 2))
+        self.alignment.closed_form_output(
+            y, index, self.block, layer, layer.activation, len(z.shape)
+        )
         return y
 
     def call_layer(self, layer, args, kwargs):
@@ -148,19 +143,10 @@ class _Pass:
             y = self.perturb(layer, args, kwargs, closed_form)
         else:
             y = layer(*args, **kwargs)
-        if not closed_form and args:
-            source = self.aligned.get(id(args[0]))
-            if source is not None and source[0] is args[0] and groups.keeps_channels(layer, args):
-                strides = groups.spatial_strides(layer, source[2], len(y.shape))
-                self.aligned[id(y)] = (y, source[1], strides)
+        if not closed_form:
+            self.alignment.layer_output(layer, args, y)
         if layer.name in self.ends and self.block < len(self.ends):
-            source = self.aligned.get(id(y))
-            if (
-                source is not None
-                and source[0] is y
-                and self.records[source[1]].block == self.block
-            ):
-                self.grouped[self.block] = (source[1], source[2])
+            self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1
             y = jax.lax.stop_gradient(y)
@@ -232,9 +218,8 @@ def estimate(model, state, x, y, sample_weight, k):
             for v, value in zip(model.non_trainable_variables, non_trainable):
                 current = scope.get_current_value(v)
                 new_state.append(value if current is None else current)
-        last = p.record_outputs.get(id(y_pred))
-        if last is not None and last[0] is y_pred and len(y_pred.shape) == 2:
-            p.output_record = last[1]
+        if len(y_pred.shape) == 2:
+            p.output_record = p.alignment.record_of(y_pred)
         holder["pass"] = p
         return block_losses, (
             loss,
@@ -306,7 +291,7 @@ def _group_derivatives(
         for i in heads.values()
     }
     out = {}
-    for block, (index, strides) in p.grouped.items():
+    for block, (index, strides) in p.alignment.grouped.items():
         h, th = block_outputs[block], block_tangents[block]
         index_h, index_z, count = groups.group_indices(model, h.shape, us[index].shape, strides)
         kernel = by_id[id(model.local_heads[block].dense.kernel)]

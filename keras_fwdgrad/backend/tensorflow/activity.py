@@ -67,15 +67,7 @@ class _Pass:
         self.block_outputs = []
         self.mixing_blocks = set()
         self.acc = None
-        # id(tensor) -> (tensor, record, strides): outputs that still have
-        # the channels of a perturbed layer's pre-activations, and how
-        # their positions map to the pre-activations' (`groups.spatial_strides`);
-        # and per block, the (record, strides) whose channels reach the
-        # block's end that way.
-        self.aligned = {}
-        self.grouped = {}
-        # id(activation output) -> (output, record).
-        self.record_outputs = {}
+        self.alignment = groups.Alignment()
 
     def tangent(self, z, index):
         seed = backend.fold_in(self.seed, index)
@@ -123,9 +115,9 @@ class _Pass:
                 layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
             )
             y = activation(z)
-            self.record_outputs[id(y)] = (y, self.records[-1])
-            if groups.channels_last(layer, len(z.shape)) and groups.elementwise(activation):
-                self.aligned[id(y)] = (y, self.records[-1], (1,) * (len(z.shape) - 2))
+            self.alignment.closed_form_output(
+                y, self.records[-1], self.block, layer, activation, len(z.shape)
+            )
         elif layer.trainable_variables:
             y = self.call_general(layer, args, kwargs)
         else:
@@ -133,14 +125,9 @@ class _Pass:
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
         if not closed_form:
-            source = self.aligned.get(id(args[0])) if args else None
-            if source is not None and source[0] is args[0] and groups.keeps_channels(layer, args):
-                strides = groups.spatial_strides(layer, source[2], len(y.shape))
-                self.aligned[id(y)] = (y, source[1], strides)
+            self.alignment.layer_output(layer, args, y)
         if layer.name in self.ends and self.block < len(self.ends):
-            source = self.aligned.get(id(y))
-            if source is not None and source[0] is y and source[1].block == self.block:
-                self.grouped[self.block] = (source[1], source[2])
+            self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1
             y = tf.stop_gradient(y)
@@ -247,7 +234,7 @@ def estimate(model, x, y, sample_weight, k):
             block: _head_jacobian(model, heads[block], h, y, sample_weight)
             for block, h in enumerate(p.block_outputs)
         }
-        for block, (record, strides) in p.grouped.items():
+        for block, (record, strides) in p.alignment.grouped.items():
             h = p.block_outputs[block]
             th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             index_h, index_z, count = groups.group_indices(model, h.shape, record.u.shape, strides)
@@ -259,9 +246,8 @@ def estimate(model, x, y, sample_weight, k):
         outputs = [
             (r, head_jacobians[r.block]) for r in p.records if isinstance(r.layer, LocalHead)
         ]
-        last = p.record_outputs.get(id(y_pred))
-        if last is not None and last[0] is y_pred and len(y_pred.shape) == 2:
-            record = last[1]
+        record = p.alignment.record_of(y_pred)
+        if record is not None and len(y_pred.shape) == 2:
             z = tf.stop_gradient(record.z)
             outputs.append(
                 (record, _loss_jacobian(model, record.layer.activation, z, y, sample_weight))
