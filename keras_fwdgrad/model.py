@@ -46,9 +46,9 @@ class ForwardGradientModel(_Trainer, keras.Model):
 
     Backends: on TensorFlow forward mode is `tf.autodiff.ForwardAccumulator`
     or the layer rules; on JAX (`KERAS_BACKEND=jax`) it is `jax.jvp` with
-    the K directions batched by `jax.vmap`. On JAX
-    `perturbation="activations"` raises a `ValueError`, and `layer_rules`
-    and `all_reduce` have no effect (`docs/backends.md`).
+    the K directions batched by `jax.vmap`; `perturbation="activations"`
+    runs on both. On JAX `layer_rules` and `all_reduce` have no effect
+    (`docs/backends.md`).
 
     Args:
         model: The Keras model (or layer) to train. Its variables are

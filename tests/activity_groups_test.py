@@ -15,18 +15,11 @@ from keras_fwdgrad import testing
 from tests import estimate_samples
 from tests import activity_models
 from tests.conftest import ARCHITECTURE_MODES
+from tests.conftest import backend_modes
 
 LOSS = "sparse_categorical_crossentropy"
 NUM_SAMPLES = 3000
 Z = 5.0
-
-
-def _modes(modes):
-    """`modes` without `"xla"` on JAX, where `"graph"` and `"xla"` are the
-    same `jax.jit`."""
-    if backend.name() != "jax":
-        return modes
-    return [m for m in modes if getattr(m, "values", (m,))[0] != "xla"]
 
 
 def _reference_gradients(base, x, y):
@@ -56,7 +49,7 @@ def _forward_gradient(model, x, y, mode):
     return [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("mode", _modes(["eager", "graph", "xla"]))
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph", "xla"]))
 @pytest.mark.parametrize("groups", [2, 3, "channels"])
 def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
     """With `local_loss_groups`, the hidden layer's estimate takes each
@@ -161,7 +154,7 @@ def _patch_model(case, **options):
     return model, x, y, len(hidden), units
 
 
-@pytest.mark.parametrize("mode", _modes(ARCHITECTURE_MODES))
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
 @pytest.mark.parametrize("case", list(_patch_cases()))
 def test_patches_full_basis_gives_the_block_gradient(case, mode):
     """With `local_loss_patches`, each unit of the block's last perturbed
@@ -294,7 +287,7 @@ def test_patches_lower_the_variance_of_a_convolution():
     assert _kernel_variance("positions") < channels / 4
 
 
-@pytest.mark.parametrize("mode", _modes(["eager", "graph", "xla"]))
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph", "xla"]))
 def test_fit_with_patches(mode):
     """`local_losses="layers"` with one loss per channel and position,
     K = 2, a block with `BatchNormalization`, clipping: every variable

@@ -15,6 +15,7 @@ from keras_fwdgrad import backend
 from keras_fwdgrad import testing
 from tests import estimate_samples
 from tests.conftest import ARCHITECTURE_MODES
+from tests.conftest import backend_modes
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -136,7 +137,7 @@ def _build(case):
     return base, x, y, units
 
 
-@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
 @pytest.mark.parametrize("case", list(_one_layer_models()))
 def test_full_basis_gives_the_tape_gradient(case, mode):
     """With as many orthogonal tangents as the layer has outputs per
@@ -191,7 +192,7 @@ NUM_SAMPLES = {"eager": 100, "graph": 3000, "xla": 3000}
 Z = 5.0
 
 
-@pytest.mark.parametrize("mode", ARCHITECTURE_MODES)
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
 def test_every_layer_kind_is_unbiased_together(mode):
     """Probabilistic, fixed seed: in one model holding every kind, the
     mean of 3,000 estimates (eagerly 100: each eager draw runs the model
