@@ -231,3 +231,25 @@ def test_tf_tb_report_finds_backprops_lowest_loss_and_the_gap():
     assert rows["forward (b)"]["backprop_time_at_forward_best"] == 4.0
     assert rows["forward (b)"]["first_non_finite_step"] == 100
     assert rows["forward (a)"]["first_non_finite_step"] is None
+
+
+def test_finetune_memory_smoke_on_jax(tmp_path):
+    """`benchmarks/finetune.py --smoke` on JAX: every method at every
+    configuration of the sweeps, measured from the compiled step."""
+    out = tmp_path / "finetune_memory.json"
+    _run_on_jax("finetune.py", "--smoke", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["versions"]["backend"] == "jax" and report["commit"]
+    methods = set(report["methods"])
+    assert methods == {
+        "backprop",
+        "remat_layers",
+        "remat_blocks",
+        "forward_k1",
+        "forward_k8",
+        "activity",
+    }
+    for sweep in report["sweeps"]:
+        rows = [r for r in report["rows"] if r["sweep"] == sweep]
+        assert {r["method"] for r in rows} == methods
+        assert all(r["step_mib"] > 0 and r["mode"] == "compiled" for r in rows)

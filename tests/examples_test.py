@@ -287,3 +287,51 @@ def test_help_answers_without_starting_tensorflow(script):
         timeout=60,
     )
     assert bad.returncode == 2 and "invalid choice: 'rmsprop'" in bad.stderr
+
+
+def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
+    """`examples/finetune_lora.py --smoke` pre-trains, saves, and fine-tunes
+    the five ways on tensorflow-datasets' mock CIFAR-10 (no bundled
+    subset), and writes one row per method with its step memory."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
+    monkeypatch.syspath_prepend(EXAMPLES)
+    module = importlib.import_module("finetune_lora")
+    out = tmp_path / "out"
+    with tfds.testing.mock_data(num_examples=200):
+        report = module.main(["--smoke", "--out", str(out)])
+    assert (out / "pretrained.keras").exists()
+    runs = {r["method"]: r for r in report["runs"]}
+    assert sorted(runs) == ["a", "b", "c", "d", "e"]
+    # LoRA trains far fewer parameters than the whole model.
+    for name in "bcde":
+        assert runs[name]["trainable_parameters"] == runs["b"]["trainable_parameters"]
+    assert runs["b"]["trainable_parameters"] < runs["a"]["trainable_parameters"] / 10
+    for run in runs.values():
+        assert 0 <= run["test_accuracy"] <= 1 and run["step_memory_mib"] > 0
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+
+
+def test_finetune_lora_help_and_bad_methods():
+    """`--help` answers without starting TensorFlow; an unknown method is a
+    usage error naming the allowed ones."""
+    script = os.path.join(EXAMPLES, "finetune_lora.py")
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({script!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "usage:" in done.stdout and done.stdout.strip().endswith("TF_NOT_LOADED")
+    bad = subprocess.run(
+        [sys.executable, script, "--methods", "a,z"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "--methods takes letters from" in bad.stderr

@@ -130,3 +130,106 @@ def mnist_encoder(input_shape=(28, 28, 1), num_classes=10, width=64, blocks=2, h
         h = L.LayerNormalization()(L.Add()([h, feed_forward]))
     outputs = L.Dense(num_classes)(L.GlobalAveragePooling1D()(h))
     return keras.Model(inputs, outputs, name="mnist_encoder")
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad")
+class EncoderBlock(keras.layers.Layer):
+    """One pre-normalization transformer block as a single layer:
+    `LayerNormalization`, self-attention and a residual `Add`, then
+    `LayerNormalization`, a GELU feed-forward layer and a residual `Add`.
+
+    `vit(block_layers=True)` builds from it, so that a model created under
+    `keras.RematScope(mode="full")` rematerializes whole blocks (backprop
+    then stores only each block's input).
+
+    Args:
+        width: Integer, the token width.
+        heads: Integer, the number of attention heads.
+        mlp_width: Integer, the width of the feed-forward layer.
+    """
+
+    def __init__(self, width, heads, mlp_width, **kwargs):
+        super().__init__(**kwargs)
+        self.width, self.heads, self.mlp_width = width, heads, mlp_width
+        # Under a `RematScope` the block is rematerialized as one; its
+        # layers are not rematerialized again inside it (TensorFlow's
+        # `recompute_grad` takes keyword arguments only when eager).
+        with keras.RematScope(mode=None):
+            self.norm_1 = L.LayerNormalization(epsilon=1e-6)
+            self.attention = L.MultiHeadAttention(heads, width // heads)
+            self.norm_2 = L.LayerNormalization(epsilon=1e-6)
+            self.hidden = L.Dense(mlp_width, activation="gelu")
+            self.projection = L.Dense(width)
+
+    @property
+    def layers(self):
+        """The block's layers, in call order."""
+        return [self.norm_1, self.attention, self.norm_2, self.hidden, self.projection]
+
+    def build(self, input_shape):
+        self.norm_1.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.norm_2.build(input_shape)
+        self.hidden.build(input_shape)
+        self.projection.build(tuple(input_shape[:-1]) + (self.mlp_width,))
+
+    def call(self, x, training=None):
+        a = self.norm_1(x)
+        x = x + self.attention(a, a, training=training)
+        return x + self.projection(self.hidden(self.norm_2(x)))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "width": self.width,
+            "heads": self.heads,
+            "mlp_width": self.mlp_width,
+        }
+
+
+def vit(
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    patch_size=4,
+    width=64,
+    depth=4,
+    heads=4,
+    mlp_width=128,
+    block_layers=False,
+    name="vit",
+):
+    """A small pre-normalization vision transformer: `patch_size`² patches
+    embedded by a strided `Conv2D` (`(32 / patch_size)²` tokens on CIFAR-10)
+    with learned positions, then `depth` blocks of `LayerNormalization`,
+    self-attention (`heads` heads) and a residual `Add`, and
+    `LayerNormalization`, a GELU feed-forward layer (`mlp_width`) and a
+    residual `Add`; then a final normalization, the mean over tokens and
+    `Dense(num_classes)` named `"head"`.
+
+    With `block_layers=False` (default) every block is spelled out as
+    layers of the functional model (what activity perturbation's
+    `local_losses="auto"` splits into blocks); with `True` each block is
+    one `EncoderBlock` layer (what `keras.RematScope` rematerializes as a
+    whole)."""
+    for arg, value in dict(depth=depth, width=width, heads=heads, patch_size=patch_size).items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
+    if width % heads:
+        raise ValueError(
+            f"`width` must be a multiple of `heads`. Received: width={width}, heads={heads}"
+        )
+    inputs = keras.Input(input_shape)
+    h = L.Conv2D(width, patch_size, strides=patch_size, name="patches")(inputs)
+    h = PositionEmbedding()(L.Reshape((-1, width))(h))
+    for i in range(depth):
+        if block_layers:
+            h = EncoderBlock(width, heads, mlp_width, name=f"block_{i}")(h)
+            continue
+        a = L.LayerNormalization(epsilon=1e-6)(h)
+        a = L.MultiHeadAttention(heads, width // heads, name=f"attention_{i}")(a, a)
+        h = L.Add()([h, a])
+        f = L.LayerNormalization(epsilon=1e-6)(h)
+        f = L.Dense(width)(L.Dense(mlp_width, activation="gelu")(f))
+        h = L.Add()([h, f])
+    h = L.GlobalAveragePooling1D()(L.LayerNormalization(epsilon=1e-6)(h))
+    return keras.Model(inputs, L.Dense(num_classes, name="head")(h), name=name)
