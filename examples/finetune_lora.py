@@ -28,12 +28,12 @@ eagerly. On JAX every method runs compiled.
 Budgets (2 CPU cores): `--smoke` about a minute (a few hundred images);
 the default pre-trains for 8 epochs on the 25,000 training images of
 classes 0-4 and fine-tunes each method for 5 epochs on those of 5-9 (about
-20 minutes on JAX). Data: `--data-dir` with `cifar10_jpeg.npz`, else
+30 minutes on JAX). Data: `--data-dir` with `cifar10_jpeg.npz`, else
 tensorflow-datasets.
 
 Usage:
     python examples/finetune_lora.py [--smoke] [--data-dir DIR] [--out DIR]
-        [--methods a,b,c,d,e] [--num-directions K] [--target ACC]
+        [--methods a,b,c,d,e] [--num-directions K] [--target ACC] [--pretrained FILE]
 """
 
 import argparse
@@ -77,6 +77,11 @@ def parse(argv):
     p.add_argument(
         "--target", type=float, default=0.5, help="test accuracy to time (default: %(default)s)"
     )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="a model saved by an earlier run (its pretrained.keras): skip pre-training",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -105,9 +110,16 @@ def build(budget, weights=None, remat=False, seed=0):
     with scope:
         model = architectures.vit(depth=budget["depth"], num_classes=5)
     if weights is not None:
-        for layer in model.layers:
-            if layer.name != "head" and layer.name in weights:
-                layer.set_weights(weights[layer.name])
+        # Layer by layer in order: the architecture is the same, but Keras
+        # names layers it creates later differently.
+        if len(weights) != len(model.layers):
+            raise ValueError(
+                f"The pre-trained model has {len(weights)} layers, this one "
+                f"{len(model.layers)}: they must be built alike."
+            )
+        for layer, values in zip(model.layers, weights):
+            if layer.name != "head":
+                layer.set_weights(values)
     return model
 
 
@@ -197,15 +209,19 @@ def main(argv=None):
             data[f"y_{part}"] = data[f"y_{part}"][order]
 
     start = time.perf_counter()
-    pretrained = build(budget, seed=args.seed)
-    pretrained.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, metrics=["accuracy"])
-    pretrained.fit(
-        first["x_train"],
-        first["y_train"],
-        batch_size=budget["batch"],
-        epochs=budget["pretrain_epochs"],
-        verbose=0,
-    )
+    if args.pretrained:
+        pretrained = keras.models.load_model(args.pretrained)
+        pretrained.compile(loss=LOSS, metrics=["accuracy"])
+    else:
+        pretrained = build(budget, seed=args.seed)
+        pretrained.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, metrics=["accuracy"])
+        pretrained.fit(
+            first["x_train"],
+            first["y_train"],
+            batch_size=budget["batch"],
+            epochs=budget["pretrain_epochs"],
+            verbose=0,
+        )
     _, pretrain_accuracy = pretrained.evaluate(first["x_test"], first["y_test"], verbose=0)
     os.makedirs(args.out, exist_ok=True)
     pretrained.save(os.path.join(args.out, "pretrained.keras"))
@@ -214,7 +230,7 @@ def main(argv=None):
         f"({time.perf_counter() - start:.0f} s); saved to {args.out}/pretrained.keras",
         flush=True,
     )
-    weights = {layer.name: layer.get_weights() for layer in pretrained.layers}
+    weights = [layer.get_weights() for layer in pretrained.layers]
 
     rows = [run_method(name, args, budget, second, weights) for name in args.methods]
     columns = [
