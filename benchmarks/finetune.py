@@ -35,11 +35,12 @@ backend at hand turns `jax.checkpoint` into a smaller step at all (on
 XLA:CPU it does not), into `benchmarks/results/xla_remat_check.json`.
 
 Usage:
-    python benchmarks/finetune.py [--smoke] [--methods backprop,...] [--figure]
+    python benchmarks/finetune.py [--smoke] [--methods backprop,...] [--resume] [--figure]
     KERAS_BACKEND=jax python benchmarks/finetune.py [--xla-remat-check]
 """
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -60,7 +61,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 METHODS = ("backprop", "remat_layers", "remat_blocks", "forward_k1", "forward_k8", "activity")
 BASE = dict(depth=8, tokens=64, batch=32)
 SWEEPS = {"depth": (2, 4, 8, 16), "tokens": (16, 64, 256), "batch": (8, 32, 128)}
-SMOKE_SWEEPS = {"depth": (1, 2), "tokens": (16,), "batch": (4,)}
+SMOKE_SWEEPS = {"depth": (1,), "tokens": (16,), "batch": (4,)}
 PATCH_FOR_TOKENS = {16: 8, 64: 4, 256: 2}
 
 
@@ -210,14 +211,32 @@ def figure(path):
     print(f"Wrote {path}")
 
 
+def _save(out, results, measured, sweeps, methods, base):
+    """Writes every measurement so far, one row per sweep that holds it."""
+    rows = []
+    for sweep, config, _ in configs(sweeps, base):
+        for method in methods:
+            key = (method, tuple(sorted(config.items())))
+            if key in measured:
+                rows.append({"sweep": sweep, **config, "method": method, **measured[key]})
+    results = {**results, "rows": rows}
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--smoke", action="store_true", help="two tiny configurations")
+    p.add_argument("--smoke", action="store_true", help="one tiny configuration")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default=None, help="results file (default: benchmarks/results/)")
     p.add_argument("--figure", action="store_true", help="only draw the figure from results")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the measurements already in the results file"
+    )
     p.add_argument(
         "--xla-remat-check",
         action="store_true",
@@ -251,26 +270,35 @@ def main(argv=None):
         "sweeps": list(sweeps),
         "rows": [],
     }
+    out = args.out or os.path.join(
+        HERE, "results", f"finetune_memory_{keras.backend.backend()}.json"
+    )
     measured = {}
+    if args.resume and os.path.exists(out):
+        # A run cut short (TensorFlow's process grows with every model it
+        # builds): keep what it measured.
+        with open(out) as f:
+            for row in json.load(f)["rows"]:
+                config = {k: row[k] for k in base}
+                key = (row["method"], tuple(sorted(config.items())))
+                measured[key] = {k: row[k] for k in ("step_mib", "arguments_mib", "mode")}
+        results["resumed"] = True
     for sweep, config, _ in configs(sweeps, base):
         for method in methods:
             key = (method, tuple(sorted(config.items())))
             if key not in measured:
                 start = time.perf_counter()
+                keras.backend.clear_session()
+                gc.collect()
                 measured[key] = measure(method, config)
                 print(
                     f"{method:13s} {config}: {measured[key]['step_mib']:8.1f} MiB "
                     f"({measured[key]['mode']}, {time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
-            results["rows"].append({"sweep": sweep, **config, "method": method, **measured[key]})
+                _save(out, results, measured, sweeps, methods, base)
+    results = _save(out, results, measured, sweeps, methods, base)
     print(table(results, methods))
-    out = args.out or os.path.join(
-        HERE, "results", f"finetune_memory_{keras.backend.backend()}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
     print(f"Wrote {out}")
     return results
 

@@ -114,7 +114,9 @@ def step_memory(model, x, y):
     jitted `model.train_step` (every activation, tangent and gradient the
     step holds at once; exact and deterministic, and nothing runs). On
     TensorFlow it is the allocator's peak during a `train_on_batch` call
-    beyond what was allocated before it.
+    beyond what was allocated before it (the smallest over several
+    allocator states, `profiling.step_bytes`); the steps run, so the
+    model's weights change: measure after training, or on a copy.
 
     Args:
         model: A compiled `keras.Model` or `ForwardGradientModel`.
