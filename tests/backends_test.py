@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import MODES
 from conftest import compile_kwargs
+import estimate_samples
 from keras import layers as L
 
 import keras_fwdgrad
@@ -135,18 +136,8 @@ def _max_z_score(direction, calls=200, per_call=50):
     x, y = _data(base)
     model = _wrapped(base, direction=direction, num_directions=per_call)
     true = _flat(_reverse_gradient(base, x, y))
-    forward_gradient = model.forward_gradient
-    if BACKEND == "tensorflow":
-        # Eagerly, 200 calls of 50 directions take minutes on TensorFlow;
-        # compiled, the step counter is still read at each call.
-        import tensorflow as tf
-
-        forward_gradient = tf.function(forward_gradient, jit_compile=True)
-    samples = []
-    for step in range(calls):
-        model.direction_step.assign(step)
-        samples.append(_flat(forward_gradient(x, y)[1]))
-    samples = np.stack(samples)
+    # Compiled: eagerly, 200 calls of 50 directions take minutes.
+    samples = estimate_samples.samples(model, x, y, calls, "graph")
     standard_error = samples.std(0, ddof=1) / math.sqrt(calls)
     return np.max(np.abs(samples.mean(0) - true) / standard_error)
 

@@ -249,21 +249,9 @@ def test_mnist_learning_example_runs(tmp_path):
     assert best["activations + local losses"] > 0.35
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        "mnist_logreg.py",
-        "mnist_mlp.py",
-        "mnist_cnn.py",
-        "cifar10_vgg.py",
-        "depth_sweep.py",
-        "test_functions.py",
-        "tune_table1.py",
-    ],
-)
-def test_help_answers_without_starting_tensorflow(script):
-    """`--help` and a bad flag answer at once: TensorFlow (seconds to start,
-    and log lines on stderr) is imported only when the example runs."""
+def _help_probe(script):
+    """Runs `examples/<script> --help` in a fresh interpreter: it prints
+    its usage, with nothing on stderr, and TensorFlow is not imported."""
     probe = (
         "import runpy, sys\n"
         f"sys.argv = [{script!r}, '--help']\n"
@@ -280,6 +268,24 @@ def test_help_answers_without_starting_tensorflow(script):
     assert "usage:" in done.stdout
     assert done.stdout.strip().endswith("TF_NOT_LOADED")
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "mnist_logreg.py",
+        "mnist_mlp.py",
+        "mnist_cnn.py",
+        "cifar10_vgg.py",
+        "depth_sweep.py",
+        "test_functions.py",
+        "tune_table1.py",
+    ],
+)
+def test_help_answers_without_starting_tensorflow(script):
+    """`--help` and a bad flag answer at once: TensorFlow (seconds to start,
+    and log lines on stderr) is imported only when the example runs."""
+    _help_probe(script)
     bad = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, script), "--optimizer", "rmsprop"],
         capture_output=True,
@@ -300,7 +306,8 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     module = importlib.import_module("finetune_lora")
     out = tmp_path / "out"
     with tfds.testing.mock_data(num_examples=200):
-        report = module.main(["--smoke", "--out", str(out)])
+        # K = 2 for (d): its eight passes are most of the smoke's time.
+        report = module.main(["--smoke", "--num-directions", "2", "--out", str(out)])
     assert (out / "pretrained.keras").exists()
     runs = {r["method"]: r for r in report["runs"]}
     assert sorted(runs) == ["a", "b", "c", "d", "e"]
@@ -317,20 +324,8 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
 def test_finetune_lora_help_and_bad_methods():
     """`--help` answers without starting TensorFlow; an unknown method is a
     usage error naming the allowed ones."""
+    _help_probe("finetune_lora.py")
     script = os.path.join(EXAMPLES, "finetune_lora.py")
-    probe = (
-        "import runpy, sys\n"
-        f"sys.argv = [{script!r}, '--help']\n"
-        "try:\n"
-        f"    runpy.run_path({script!r}, run_name='__main__')\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert "usage:" in done.stdout and done.stdout.strip().endswith("TF_NOT_LOADED")
     bad = subprocess.run(
         [sys.executable, script, "--methods", "a,z"], capture_output=True, text=True, timeout=60
     )

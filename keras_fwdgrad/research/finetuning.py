@@ -59,7 +59,7 @@ def enable_lora(model, rank, head="head"):
         )
     if head is not None and head not in [layer.name for layer in model.layers]:
         raise ValueError(f"`model` has no layer named {head!r}. Received: head={head!r}")
-    for layer in _layers(model):
+    for layer in layers:
         # A container stays trainable, or nothing inside it would be.
         if not isinstance(getattr(layer, "layers", None), list):
             layer.trainable = layer.name == head
