@@ -125,6 +125,23 @@ def test_jax_step_costs_smoke(tmp_path):
     assert report["platform"] == "cpu"
 
 
+def test_all_reduce_bytes_on_jax(tmp_path):
+    """`benchmarks/all_reduce_bytes.py` on JAX's 4 virtual devices, MLP
+    only, one round: the bytes read from each compiled step equal
+    `all_reduce_bytes_per_step()`, K = 1 derivative and the loss (4 + 4 B)
+    and a flag against the whole gradient for backprop."""
+    out = tmp_path / "all_reduce_bytes.json"
+    _run_on_jax("all_reduce_bytes.py", "--rounds", "1", "--models", "mlp", "--out", str(out))
+    rows = {(r["method"], r["devices"]): r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == [(m, n) for m in ("backprop", "forward") for n in (1, 2, 4)]
+    for n in (1, 2, 4):
+        forward, backprop = rows["forward", n], rows["backprop", n]
+        assert forward["bytes_per_step"] == forward["all_reduce_bytes_per_step"]
+        assert forward["bytes_per_step"] == (0 if n == 1 else 4 + 4 + 1)
+        assert backprop["bytes_per_step"] == (0 if n == 1 else 4 + 4 * 1_863_690)
+        assert forward["ms_per_step"] > 0 and backprop["ms_per_step"] > 0
+
+
 def test_mnist_mlp_budget_on_jax(tmp_path):
     """`benchmarks/mnist_mlp_budget.py` (what `benchmarks/gpu.sh` runs
     second) reads an `.npz` and trains every method on the JAX backend;

@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 
-import filelock
 import numpy as np
 import pytest
+import shared_runs
 
 # Each configuration trains in a process of its own.
 pytestmark = pytest.mark.slow
@@ -27,25 +27,9 @@ def _run(mode, tmp_path):
     return json.loads(out.read_text())
 
 
-def _once(name, tmp_path_factory, make):
-    """`make(folder)`'s JSON result, computed once per test session: under
-    pytest-xdist the workers share it through a file, so that a test moved
-    to the other worker does not train the configurations again."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
-    result = shared / f"{name}.json"
-    with filelock.FileLock(str(result) + ".lock"):
-        if not result.exists():
-            folder = shared / name
-            folder.mkdir(exist_ok=True)
-            result.write_text(json.dumps(make(folder)))
-        return json.loads(result.read_text())
-
-
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    return _once(
+    return shared_runs.once(
         "distributed", tmp_path_factory, lambda tmp: (_run("mirrored", tmp), _run("single", tmp))
     )
 
@@ -113,7 +97,7 @@ def worker_runs(tmp_path_factory):
     """Two `MultiWorkerMirroredStrategy` workers on 127.0.0.1, one process
     each, forward-gradient configurations only (Keras 3.15 cannot `fit` a
     plain model under this strategy; see docs/distributed.md)."""
-    return _once("workers", tmp_path_factory, _run_workers)
+    return shared_runs.once("workers", tmp_path_factory, _run_workers)
 
 
 def _run_workers(tmp):

@@ -16,7 +16,9 @@ Differences from the TensorFlow backend
   `False`).
 - `perturbation="activations"` runs `keras_fwdgrad.backend.jax.activity`
   (the same estimator, through `jax.jvp` and one `jax.vjp` per layer).
-- There is no `tf.distribute`; `all_reduce` has no effect.
+- There is no `tf.distribute`; `all_reduce` has no effect. Under
+  `keras.distribution` XLA partitions the step and inserts the collectives
+  (`keras_fwdgrad.backend.jax.distribution`).
 - Derivatives are JAX's own: an op that JAX differentiates as zero
   (`jnp.round`, `jax.lax.stop_gradient`) gives zero, as `jax.grad` does,
   where the TensorFlow backend raises for an op without a gradient.
@@ -28,12 +30,16 @@ signature from the jaxpr of the step's JVP
 (`keras_fwdgrad.backend.jax.used_variables`).
 """
 
+import inspect
+import math
+
 import jax
 import jax.numpy as jnp
 import keras
 
 from keras_fwdgrad import ops
 from keras_fwdgrad.backend.jax import activity
+from keras_fwdgrad.backend.jax import distribution
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
 from keras_fwdgrad import trainer
@@ -50,14 +56,36 @@ class JAXTrainer(trainer.Trainer):
         return False
 
     def all_reduce_bytes_per_step(self, num_replicas=None):
-        """Bytes each replica all-reduces per step: zero on one device (the
-        JAX backend has no `tf.distribute`)."""
-        if num_replicas not in (None, 1):
-            raise ValueError(
-                "On the JAX backend `ForwardGradientModel` runs on one device. "
-                f"Received: num_replicas={num_replicas!r}"
-            )
-        return 0
+        """Bytes each device all-reduces per training step, read from the
+        compiled step under the current `keras.distribution` (zero without
+        one), for the batch shapes of the model's last traced step.
+
+        Under `DataParallel` the forward gradient all-reduces the loss, the
+        K directional derivatives and a finiteness flag: `4·(1 + K) + 1`
+        bytes in float32.
+
+        Args:
+            num_replicas: If given, must equal the distribution's replicas
+                (the size of its batch axis).
+        """
+        return distribution.all_reduce_bytes(self, num_replicas)
+
+    def fit(self, *args, **kwargs):
+        """Keras' `fit`, after checking that the model and its batches suit
+        the current `keras.distribution` (`distribution.check_batches`,
+        `distribution.check_variables`)."""
+        arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
+        x = arguments.get("x")
+        num_examples = None
+        first = keras.tree.flatten(x)[0] if x is not None else None
+        if hasattr(first, "shape") and len(first.shape) > 0:
+            num_examples = int(first.shape[0])
+            split = arguments.get("validation_split") or 0.0
+            if split:
+                num_examples = int(math.ceil(num_examples * (1.0 - split)))
+        distribution.check_batches(num_examples, arguments.get("batch_size"))
+        distribution.check_variables(self)
+        return super().fit(*args, **kwargs)
 
     # -- the estimate -----------------------------------------------------
 
@@ -191,6 +219,13 @@ class JAXTrainer(trainer.Trainer):
     def train_step(self, state, data):
         trainable, non_trainable, optimizer_variables, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # The global batch's shapes, for `all_reduce_bytes_per_step`.
+        self.__dict__["_step_batch_spec"] = tuple(
+            None
+            if t is None
+            else jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+            for t in (x, y, sample_weight)
+        )
         estimate, new_non_trainable, metrics = self._estimate(state, x, y, sample_weight)
         finite = jnp.all(jnp.isfinite(estimate.d)) & jnp.all(jnp.isfinite(estimate.loss))
         if self.perturbation == "activations":
