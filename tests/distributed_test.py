@@ -5,7 +5,6 @@ process of its own."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -82,16 +81,6 @@ def test_forward_all_reduces_k_scalars_not_the_gradient(runs):
     assert r["forward/sgd/gradients"]["bytes_per_step"] == 4 * params + 4
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="session")
 def worker_runs(tmp_path_factory):
     """Two `MultiWorkerMirroredStrategy` workers on 127.0.0.1, one process
@@ -101,39 +90,22 @@ def worker_runs(tmp_path_factory):
 
 
 def _run_workers(tmp):
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    procs = []
-    try:
-        for index in range(2):
-            env = {
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in shared_runs.free_ports(2)]}
+    commands, envs = [], []
+    for index in range(2):
+        envs.append(
+            {
                 **os.environ,
                 "TF_CPP_MIN_LOG_LEVEL": "3",
                 "TF_CONFIG": json.dumps(
                     {"cluster": cluster, "task": {"type": "worker", "index": index}}
                 ),
             }
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        SCRIPT,
-                        "worker",
-                        str(tmp / f"worker{index}.json"),
-                        "forward",
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-            )
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err.decode()[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        )
+        commands.append(
+            [sys.executable, SCRIPT, "worker", str(tmp / f"worker{index}.json"), "forward"]
+        )
+    shared_runs.run_together(commands, envs)
     return [json.loads((tmp / f"worker{i}.json").read_text()) for i in range(2)]
 
 

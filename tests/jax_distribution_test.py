@@ -5,7 +5,6 @@ own (on either backend's test run)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -62,7 +61,7 @@ def test_distributed_weights_match_single_device(results, distribution):
         if "direction_step" in single:
             assert runs[distribution]["direction_step"] == single["direction_step"] == 3
         checked += 1
-    assert checked >= (8 if distribution == "data" else 5)
+    assert checked >= (8 if distribution == "data" else 6)
 
 
 def test_model_parallel_shards_the_kernels(results):
@@ -78,23 +77,27 @@ def test_model_parallel_shards_the_kernels(results):
     assert runs["single"]["shardings"][0] is None
 
 
-def test_a_nan_batch_is_skipped_by_every_replica(results):
+@pytest.mark.parametrize("distribution", ["data", "model"])
+def test_a_nan_batch_is_skipped_by_every_replica(results, distribution):
     """The second batch holds a NaN in one example (on one replica): every
     replica skips the step, and the weights equal the single-device run's,
     which skipped it too."""
     runs = results["configurations"]["nan_guard"]
-    assert runs["data"]["skipped"] == runs["single"]["skipped"] == 1
-    _assert_same_weights(runs["data"], runs["single"])
-    assert all(np.all(np.isfinite(np.array(w))) for w in runs["data"]["weights"])
+    assert runs[distribution]["skipped"] == runs["single"]["skipped"] == 1
+    _assert_same_weights(runs[distribution], runs["single"])
+    assert all(np.all(np.isfinite(np.array(w))) for w in runs[distribution]["weights"])
 
 
-def test_save_and_resume_under_data_parallel(results):
-    """Saved after 2 steps, loaded, trained 1 more: the weights of 3 steps in
-    one run, and the direction stream continues."""
-    resumed = results["resumed"]
-    reference = results["configurations"]["gaussian/k2"]["data"]
+@pytest.mark.parametrize("distribution", ["data", "model"])
+def test_save_and_resume_under_a_distribution(results, distribution):
+    """Saved after 2 steps, loaded under the same distribution, trained 1
+    more: the weights of 3 steps in one run, the direction stream
+    continues, and the loaded variables keep their layouts."""
+    resumed = results["resumed"][distribution]
+    reference = results["configurations"]["gaussian/k2"][distribution]
     _assert_same_weights(resumed, reference)
     assert resumed["direction_step"] == 3
+    assert resumed["shardings"] == reference["shardings"]
 
 
 def test_forward_gradient_all_reduces_the_loss_and_k_derivatives(results):
@@ -139,12 +142,6 @@ def test_errors(results):
     assert "after `keras.distribution.set_distribution" in outside["message"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
     """Two processes on this machine join through
     `keras.distribution.initialize` (coordinator on 127.0.0.1), train 3
@@ -153,41 +150,14 @@ def test_two_processes_match_one(tmp_path):
     Bounded in time; every process is killed on the way out."""
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     script = os.path.join(os.path.dirname(SCRIPT), "jax_processes_script.py")
-    port = str(_free_port())
-    procs = []
-    try:
-        for index in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        script,
-                        str(tmp_path / f"p{index}.json"),
-                        port,
-                        str(index),
-                        "2",
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-            )
-        reference = subprocess.run(
-            [sys.executable, script, str(tmp_path / "one.json")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert reference.returncode == 0, reference.stderr[-3000:]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err.decode()[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    (port,) = shared_runs.free_ports(1)
+    commands = [
+        [sys.executable, script, str(tmp_path / f"p{index}.json"), str(port), str(index), "2"]
+        for index in range(2)
+    ]
+    # The one-process reference runs beside them.
+    commands.append([sys.executable, script, str(tmp_path / "one.json")])
+    shared_runs.run_together(commands, [env] * 3)
     p0, p1, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("p0", "p1", "one"))
     assert p0["processes"] == p1["processes"] == 2 and p0["devices"] == 2
     assert one["processes"] == 1
