@@ -75,12 +75,9 @@ def enable_lora(model, rank, head="head"):
 def _jax_step_memory(model, x, y):
     import jax
 
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
+    from keras_fwdgrad.backend.jax.distribution import train_state
+
+    state = train_state(model)
     stats = (
         jax.jit(model.train_step, donate_argnums=0).lower(state, (x, y)).compile()
     ).memory_analysis()

@@ -5,6 +5,7 @@ On JAX, `fit` under a `keras.distribution.Distribution` (`DataParallel`,
 SPMD partitioner inserts the collectives. This module reads them back from
 the compiled step:
 
+- `train_state(model)`: the state tuple Keras' JAX `train_step` takes;
 - `collectives(model, batch)`: each collective of the compiled
   `train_step` (its op, the shapes it carries, bytes per device), for one
   batch signature under the current distribution, compiled as `fit`
@@ -78,6 +79,18 @@ def parse_collectives(hlo_text):
     return found
 
 
+def train_state(model):
+    """The state Keras' JAX `train_step` takes, as the model holds it now:
+    `(trainable, non_trainable, optimizer, metrics)` variable values (no
+    optimizer values before the optimizer is built)."""
+    return (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables] if model.optimizer else [],
+        [v.value for v in model.metrics_variables],
+    )
+
+
 def data_replicas(distribution=None):
     """How many ways `distribution` (default: the current one) splits a
     batch: the size of its mesh's batch axis; 1 without a distribution."""
@@ -115,17 +128,8 @@ def collectives(model, batch):
         layout = distribution.get_data_layout(value.shape).backend_layout
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=layout)
 
-    def variables_spec(variables):
-        return [
-            jax.ShapeDtypeStruct(v.value.shape, v.value.dtype, sharding=v.value.sharding)
-            for v in variables
-        ]
-
-    state = (
-        variables_spec(model.trainable_variables),
-        variables_spec(model.non_trainable_variables),
-        variables_spec(model.optimizer.variables),
-        variables_spec(model.metrics_variables),
+    state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), train_state(model)
     )
     data = tuple(None if value is None else jax.tree.map(spec, value) for value in batch)
     out_shardings = (None, jax.tree.map(lambda s: s.sharding, state))

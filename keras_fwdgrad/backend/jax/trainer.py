@@ -161,14 +161,6 @@ class JAXTrainer(trainer.Trainer):
             cache[key] = used_variables(lambda values: loss_fn(values)[0], trainable)
         return cache[key]
 
-    def _current_state(self):
-        return (
-            [v.value for v in self.trainable_variables],
-            [v.value for v in self.non_trainable_variables],
-            [v.value for v in self.optimizer.variables] if self.optimizer else [],
-            [v.value for v in self.metrics_variables],
-        )
-
     def _prepare(self, x):
         """Builds the model and the optimizer, as `fit` would, so that the
         state can be read."""
@@ -179,7 +171,7 @@ class JAXTrainer(trainer.Trainer):
     def _forward_gradient(self, x, y, sample_weight):
         self._prepare(x)
         x, y, sample_weight = jax.tree.map(jnp.asarray, (x, y, sample_weight))
-        return self._estimate(self._current_state(), x, y, sample_weight)[0]
+        return self._estimate(distribution.train_state(self), x, y, sample_weight)[0]
 
     def _loss_function(self, state, x, y, sample_weight):
         """The compiled loss of one training-mode forward pass as a function
@@ -208,7 +200,7 @@ class JAXTrainer(trainer.Trainer):
         `None`) for a variable the loss does not depend on: the reference
         does not share `used_variables` with the estimate it checks."""
         self._prepare(x)
-        state = self._current_state()
+        state = distribution.train_state(self)
         x, y = jax.tree.map(jnp.asarray, (x, y))
         loss_fn = self._loss_function(state, x, y, None)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state[0])
