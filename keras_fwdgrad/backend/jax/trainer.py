@@ -77,7 +77,8 @@ class JAXTrainer(trainer.Trainer):
         arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
         x = arguments.get("x")
         num_examples = None
-        first = keras.tree.flatten(x)[0] if x is not None else None
+        leaves = keras.tree.flatten(x) if x is not None else []
+        first = leaves[0] if leaves else None
         if hasattr(first, "shape") and len(first.shape) > 0:
             num_examples = int(first.shape[0])
             split = arguments.get("validation_split") or 0.0
