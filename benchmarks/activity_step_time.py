@@ -17,6 +17,11 @@ Methods:
   layer: a layer's tangent travels through its own head only).
 - `activations_groups32`: `local_losses="auto"` with
   `local_loss_groups=32`.
+- `activations_layers_signs`: `activations_layers` with random-sign
+  tangents (`direction="rademacher"`).
+- `activations_channels_signs`: the setting that learns fastest,
+  `local_losses="auto"`, `local_loss_groups="channels"`,
+  `direction="rademacher"`.
 
 Runs on the backend `KERAS_BACKEND` names (TensorFlow by default). On JAX
 `--jit off` runs the step op by op (Keras' `run_eagerly`-like path), so
@@ -55,6 +60,15 @@ METHODS = {
     "activations_layers": dict(perturbation="activations", local_losses="layers"),
     "activations_groups32": dict(
         perturbation="activations", local_losses="auto", local_loss_groups=32
+    ),
+    "activations_layers_signs": dict(
+        perturbation="activations", local_losses="layers", direction="rademacher"
+    ),
+    "activations_channels_signs": dict(
+        perturbation="activations",
+        local_losses="auto",
+        local_loss_groups="channels",
+        direction="rademacher",
     ),
 }
 

@@ -102,6 +102,40 @@ METHODS = {
         dict(learning_rate=1e-3),
         10,
     ),
+    # The same with random-sign tangents: with one loss per unit, u² = 1
+    # and each unit's estimate is its exact local gradient.
+    "activations_channel_groups_signs": (
+        dict(
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups="channels",
+            direction="rademacher",
+        ),
+        dict(learning_rate=1e-3),
+        10,
+    ),
+    "activations_patches_signs": (
+        dict(
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+            direction="rademacher",
+        ),
+        dict(learning_rate=1e-3),
+        10,
+    ),
+    "activations_layer_patches_signs": (
+        dict(
+            perturbation="activations",
+            local_losses="layers",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+            direction="rademacher",
+        ),
+        dict(learning_rate=1e-3),
+        10,
+    ),
     "activations_one_loss": (
         dict(perturbation="activations"),
         dict(learning_rate=1e-3),

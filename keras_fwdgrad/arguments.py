@@ -49,6 +49,7 @@ def checked_options(given):
     )
     out = {k: v for k, v in g.items() if k != "seed"}
     out["direction"] = directions.get(g["direction"])
+    check_activity_direction(g["perturbation"], out["direction"], g["orthogonal_directions"])
     out["num_directions"] = int(g["num_directions"])
     out["jvp_clip"] = None if g["jvp_clip"] is None else float(g["jvp_clip"])
     if isinstance(g["local_losses"], (list, tuple)):
@@ -126,6 +127,24 @@ def check_estimator_arguments(num_directions, jvp_clip, seed, layer_rules):
         raise ValueError(f"`seed` must fit in a signed 64-bit integer. Received: seed={seed!r}")
     if not isinstance(layer_rules, bool):
         raise TypeError(f"`layer_rules` must be a bool. Received: layer_rules={layer_rules!r}")
+
+
+def check_activity_direction(perturbation, direction, orthogonal_directions):
+    """Raises a `ValueError` unless `direction` (a `Direction`) can draw
+    the per-unit tangents of `perturbation="activations"`."""
+    if perturbation != "activations":
+        return
+    if not directions.has_tangents(direction):
+        raise ValueError(
+            'With `perturbation="activations"`, `direction` must be a family with '
+            'per-unit tangents (`"gaussian"`, `"rademacher"`, or a `Direction` '
+            f"that implements `tangent()`). Received: direction={direction!r}"
+        )
+    if orthogonal_directions and not isinstance(direction, directions.Gaussian):
+        raise ValueError(
+            "`orthogonal_directions=True` makes Gaussian tangents orthogonal and "
+            f'needs `direction="gaussian"`. Received: direction={direction!r}'
+        )
 
 
 def check_activity_arguments(

@@ -174,6 +174,29 @@ class Direction:
         """
         return self.sample(shapes, seed, dtype)
 
+    def tangent(self, shape, seed, dtype="float32"):
+        """Draws a tensor of independent components, each with mean 0 and
+        variance 1: the per-example, per-unit tangents of
+        `perturbation="activations"`.
+
+        A family that implements it can be used with
+        `ForwardGradientModel(perturbation="activations", direction=...)`;
+        the base class has none.
+
+        Args:
+            shape: The shape; on TensorFlow it may be a dynamic shape
+                tensor (`tf.shape(x)`).
+            seed: The backend's stateless seed.
+            dtype: The result's dtype.
+
+        Returns:
+            A tensor of `shape`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} draws whole directions only; it has no "
+            'per-unit `tangent()` for `perturbation="activations"`.'
+        )
+
     def get_config(self):
         return {}
 
@@ -183,6 +206,11 @@ class Direction:
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+def has_tangents(direction):
+    """Whether `direction` (a `Direction`) implements `tangent()`."""
+    return type(direction).tangent is not Direction.tangent
 
 
 @register("gaussian")
@@ -214,6 +242,9 @@ class Gaussian(Direction):
     def sample(self, shapes, seed, dtype="float32"):
         return _per_variable(_gaussian_variable, shapes, seed, dtype)
 
+    def tangent(self, shape, seed, dtype="float32"):
+        return quantized_normal(shape, seed, dtype)
+
 
 @register("rademacher")
 @keras.saving.register_keras_serializable(package="keras_fwdgrad")
@@ -236,6 +267,9 @@ class Rademacher(Direction):
     def sample_structured(self, shapes, seed, dtype="float32"):
         # The direction as its random words (`PackedSigns`).
         return _per_variable(_packed_signs, shapes, seed, dtype)
+
+    def tangent(self, shape, seed, dtype="float32"):
+        return random_signs(shape, seed, dtype)
 
 
 def random_bits(n, seed):
@@ -335,6 +369,30 @@ def quantized_normal(shape, seed, dtype="float32"):
     else:
         n = ops.prod(shape)
     return ops.reshape(_gaussian_flat(n, seed, dtype), shape)
+
+
+def random_signs(shape, seed, dtype="float32"):
+    """Independent random signs (`+1` or `-1`, each with probability 1/2)
+    as a tensor of `shape`: the `"rademacher"` family's tangents.
+
+    32 signs per counter-based random 32-bit word, unpacked element-wise
+    (bit `j` of word `i` gives component `32 i + j`, as `PackedSigns`): a
+    sixteenth of the random words of `quantized_normal` and no table read.
+
+    Args:
+        shape: The shape; on TensorFlow it may be a dynamic shape tensor.
+        seed: The backend's stateless seed.
+        dtype: The result's dtype. Defaults to `"float32"`.
+    """
+    static = isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape)
+    n = math.prod(shape) if static else ops.prod(shape)
+    words = random_bits((n + 31) // 32, seed)
+    shifts = ops.convert_to_tensor([list(range(32))], dtype="uint32")
+    one = ops.convert_to_tensor(1, dtype="uint32")
+    bits = ops.bitwise_and(ops.right_shift(ops.expand_dims(words, 1), shifts), one)
+    bits = ops.reshape(bits, [-1])[:n]
+    # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
+    return ops.reshape(ops.cast(bits, dtype) * 2 - 1, shape)
 
 
 def _sign_flat(n, seed, dtype):

@@ -59,7 +59,11 @@ class ForwardGradientModel(_Trainer, keras.Model):
             `"lowrank_gaussian"` and `"lowrank_rademacher"`, one rank-one
             direction per kernel, the fastest with `layer_rules`) or a
             `keras_fwdgrad.directions.Direction` instance. Defaults to
-            `"gaussian"`.
+            `"gaussian"`. With `perturbation="activations"` it picks the
+            per-unit tangents: `"gaussian"` (quantized normal) or
+            `"rademacher"` (random signs: lower variance, and with one
+            local loss per unit each unit's estimate is its exact local
+            gradient, since `u² = 1`); the low-rank families have none.
         num_directions: Integer, number of directions averaged per step.
             With the layer rules and a model of layers that all have a
             rule, the K directions share one pass (the primal is computed

@@ -91,6 +91,47 @@ def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
+@pytest.mark.parametrize("direction", ["rademacher", "gaussian"])
+def test_one_loss_per_unit_with_random_signs_is_the_block_gradient(direction, mode):
+    """With one local loss per unit (`local_loss_groups="channels"`), each
+    unit's estimate is its block loss's derivative times `u²`. Random-sign
+    tangents (`direction="rademacher"`) have `u² = 1`, so one draw (K = 1)
+    must equal the reverse-mode gradient of each block's loss (rtol=atol=
+    1e-4) for the hidden layer, the head and the output layer. The
+    negative control: Gaussian tangents (`u²` varies) must not."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses="auto",
+        local_loss_groups="channels",
+        direction=direction,
+        active_units_only=False,
+        seed=2,
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    expected = _block_reference(model, x, y)
+    grads = _forward_gradient(model, x, y, mode)
+    assert len(grads) == len(expected) == 6
+    close = [np.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(grads, expected)]
+    if direction == "rademacher":
+        for g, e in zip(grads, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    else:
+        assert not any(close), close
+
+
 def _patch_cases():
     """(layers of the hidden block, input shape, its last layer's
     pre-activations per example, `local_loss_groups`,
@@ -142,10 +183,9 @@ def _patch_model(case, **options):
         local_losses=[hidden[-1].name],
         local_loss_groups=groups,
         local_loss_patches=patches,
-        orthogonal_directions=True,
         active_units_only=False,
         seed=2,
-        **options,
+        **{"orthogonal_directions": True, **options},
     )
     model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(1)
@@ -165,6 +205,19 @@ def test_patches_full_basis_gives_the_block_gradient(case, mode):
     whose units reach other groups too, fails this."""
     _, _, units, _, _ = _patch_cases()[case]
     model, x, y, split, _ = _patch_model(case, num_directions=units)
+    expected = _block_reference(model, x, y, split=split)[:2]
+    for g, e in zip(_forward_gradient(model, x, y, mode)[:2], expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+def test_one_loss_per_position_and_channel_with_random_signs_is_exact(mode):
+    """With `local_loss_patches="positions"` and channel groups every unit
+    of a convolution has its own loss; with random-sign tangents one draw
+    gives the block's reverse-mode gradient (rtol=atol=1e-4)."""
+    model, x, y, split, _ = _patch_model(
+        "positions", num_directions=1, orthogonal_directions=False, direction="rademacher"
+    )
     expected = _block_reference(model, x, y, split=split)[:2]
     for g, e in zip(_forward_gradient(model, x, y, mode)[:2], expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)

@@ -377,6 +377,16 @@ def test_errors():
         ForwardGradientModel(
             base, perturbation="activations", orthogonal_directions=True, num_directions=3
         )
+    with pytest.raises(ValueError, match="family with per-unit tangents.*LowRankRademacher"):
+        ForwardGradientModel(base, perturbation="activations", direction="lowrank_rademacher")
+    with pytest.raises(ValueError, match='needs `direction="gaussian"`'):
+        ForwardGradientModel(
+            base,
+            perturbation="activations",
+            direction="rademacher",
+            orthogonal_directions=True,
+            num_directions=2,
+        )
     for groups in (0, 1.5, True, "units"):
         with pytest.raises(ValueError, match="`local_loss_groups` must be an integer"):
             ForwardGradientModel(

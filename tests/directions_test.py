@@ -193,6 +193,27 @@ def test_quantized_normal_is_the_gaussian_family_in_any_shape():
     np.testing.assert_array_equal(w.numpy(), v.numpy().astype("float16"))
 
 
+def test_random_signs_unpack_the_words_as_packed_signs_do():
+    """`random_signs` (the Rademacher family's activity tangents) gives
+    bit `j` of word `i` as component `32 i + j` (+1 where set), for a
+    static shape and, in a graph, for a shape known only when it runs."""
+    seed = tf.constant([6, 7], tf.int64)
+    v = directions.random_signs((3, 25), seed)
+    assert v.shape == (3, 25) and v.dtype == tf.float32
+    words = directions.random_bits(3, seed).numpy()
+    bits = (words[:, None] >> np.arange(32, dtype="uint32")) & 1
+    np.testing.assert_array_equal(v.numpy().ravel(), 2.0 * bits.ravel()[:75] - 1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 25])])
+    def dynamic(x):
+        return directions.random_signs(tf.shape(x), seed, "float16")
+
+    w = dynamic(tf.zeros((3, 25)))
+    assert w.dtype == tf.float16
+    np.testing.assert_array_equal(w.numpy(), v.numpy().astype("float16"))
+    assert directions.Rademacher().tangent((3, 25), seed).numpy().tolist() == v.numpy().tolist()
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_same_direction_with_and_without_xla(name):
     """A seed gives bit-identical directions eagerly, in a graph and under

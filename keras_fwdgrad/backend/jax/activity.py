@@ -9,8 +9,8 @@ estimated; docs/activity.md, "The general rule"), written functionally:
    `Dense`/`Conv` layer, its pre-activations: the layer runs with a linear
    activation, then its activation is applied). Block ends are
    `stop_gradient`.
-2. `jax.jvp` of that pass at `eps = 0`, with a quantized-normal tangent
-   `u_i` per example and unit (`directions.quantized_normal`), gives each block's per-example
+2. `jax.jvp` of that pass at `eps = 0`, with a tangent `u_i` per example
+   and unit (`direction.tangent`: the quantized normal by default), gives each block's per-example
    directional derivatives `d_n` in the forward pass.
 3. Each layer's variables get the reverse pass through that one layer's
    call alone (`jax.vjp` of the layer as a function of its own trainable
@@ -34,7 +34,6 @@ import keras
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
-from keras_fwdgrad import directions
 from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
@@ -164,12 +163,12 @@ class _Pass:
 def _tangent(model, seed, shape, dtype, k):
     """One layer's tangent (`seed` is that layer's) for direction `k` of
     the step: independent quantized normals
-    (`directions.quantized_normal`), or with `orthogonal_directions` the K
-    Gaussian tangents of each example made orthogonal (each with a
-    Gaussian one's expected norm)."""
+    (`direction.tangent`: the quantized normal, or random signs), or with
+    `orthogonal_directions` the K Gaussian tangents of each example made
+    orthogonal (each with a Gaussian one's expected norm)."""
     num = model.num_directions
     if not model.orthogonal_directions or num == 1:
-        return directions.quantized_normal(shape, backend.fold_in(seed, k), dtype)
+        return model.direction.tangent(shape, backend.fold_in(seed, k), dtype)
     batch, size = shape[0], math.prod(shape[1:])
     g = jax.random.normal(seed, (batch, size, num), "float32")
     q, _ = jnp.linalg.qr(g)

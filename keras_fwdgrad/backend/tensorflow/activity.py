@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
-from keras_fwdgrad import directions
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import not_one_tensor
@@ -74,7 +73,7 @@ class _Pass:
         num = self.model.num_directions
         if not self.model.orthogonal_directions or num == 1:
             seed = backend.fold_in(seed, self.k)
-            return directions.quantized_normal(tf.shape(z), seed, z.dtype)
+            return self.model.direction.tangent(tf.shape(z), seed, z.dtype)
         # All K tangents of this layer, made orthogonal per example and
         # scaled so that each has the expected norm of a Gaussian one.
         batch = tf.shape(z)[0]
