@@ -34,6 +34,7 @@ tensorflow-datasets.
 Usage:
     python examples/finetune_lora.py [--smoke] [--data-dir DIR] [--out DIR]
         [--methods a,b,c,d,e] [--num-directions K] [--target ACC] [--pretrained FILE]
+        [--activity-direction gaussian|rademacher] [--activity-groups 1|channels]
 """
 
 import argparse
@@ -73,6 +74,18 @@ def parse(argv):
     p.add_argument("--num-directions", type=int, default=8, help="K of (d) (default: %(default)s)")
     p.add_argument(
         "--direction", default="rademacher", help="direction family of (d) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--activity-direction",
+        default="gaussian",
+        choices=["gaussian", "rademacher"],
+        help="tangents of (e) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--activity-groups",
+        default="1",
+        choices=["1", "channels"],
+        help="local_loss_groups of (e) (default: %(default)s)",
     )
     p.add_argument(
         "--target", type=float, default=0.5, help="test accuracy to time (default: %(default)s)"
@@ -145,7 +158,12 @@ def run_method(name, args, budget, data, weights):
         )
     elif name == "e":
         model = ForwardGradientModel(
-            base, perturbation="activations", local_losses="auto", seed=args.seed
+            base,
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups=1 if args.activity_groups == "1" else "channels",
+            direction=args.activity_direction,
+            seed=args.seed,
         )
     else:
         model = keras.Model(base.input, base.output)
@@ -249,6 +267,7 @@ def main(argv=None):
         "backend": keras.backend.backend(),
         "settings": {**budget, "rank": args.rank, "num_directions": args.num_directions},
         "direction": args.direction,
+        "activity": {"direction": args.activity_direction, "groups": args.activity_groups},
         "target": args.target,
         "pretrain_test_accuracy": float(pretrain_accuracy),
         "machine": common.machine(),

@@ -103,7 +103,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
             one loss), `"auto"` (a block ends after each hidden `Dense` and
             each pooling layer; in a model with residual `Add` merges,
             after each merge, or after the normalization or activation
-            layers that alone follow it, and after each pooling layer), `"layers"` (after every perturbed layer but
+            layers that alone follow it, and after each pooling layer),
+            `"layers"` (after every layer with trainable variables but
             the last) or the names of the layers that end a block. Each
             block but the last learns only from the compiled loss of its
             own small head (`local_heads`, saved with this model but not

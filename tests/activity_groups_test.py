@@ -132,6 +132,99 @@ def test_one_loss_per_unit_with_random_signs_is_the_block_gradient(direction, mo
         assert not any(close), close
 
 
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+def test_a_batch_normalization_in_its_own_block_keeps_per_example_derivatives(mode):
+    """`BatchNormalization` mixes examples, but only tangents that pass
+    through it need the whole batch's derivative. With
+    `local_losses="layers"` it ends a block of its own (it has trainable
+    variables) and is perturbed at its output, so its units keep
+    per-example derivatives: with one loss per unit and random-sign
+    tangents, one draw of its scale and offset estimates equals the
+    reverse-mode gradient of its block's loss (rtol=atol=1e-4). A
+    whole-batch derivative would not."""
+    keras.utils.set_random_seed(0)
+    dense, norm = keras.layers.Dense(3, activation="tanh"), keras.layers.BatchNormalization()
+    base = keras.Sequential(
+        [keras.Input((4,)), dense, norm, keras.layers.Dense(3, activation="softmax")]
+    )
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses="layers",
+        local_loss_groups="channels",
+        direction="rademacher",
+        seed=2,
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    h = np.asarray(dense(x))
+    local = keras.Sequential([keras.Input((3,)), norm, model.local_heads[1]])
+    expected = _reference_gradients(local, h, y)
+    grads = dict(
+        zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
+    )
+    for v in norm.trainable_variables:
+        np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
+
+
+def _general_rule_cases():
+    """`(inputs, the layer, its output from inputs, x)`: one layer of the
+    general rule that ends the first block."""
+    rng = np.random.default_rng(3)
+    x_seq = rng.normal(size=(5, 3, 4)).astype("float32")
+    x_vec = rng.normal(size=(5, 4)).astype("float32")
+    tokens = rng.integers(0, 6, size=(5, 3)).astype("int32")
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
+    cases = {
+        "einsum_dense": (
+            keras.layers.EinsumDense("abc,cd->abd", (3, 2), bias_axes="d"),
+            x_seq,
+        ),
+        "layer_normalization": (keras.layers.LayerNormalization(), x_vec),
+        "embedding": (keras.layers.Embedding(6, 2), tokens),
+        "multi_head_attention": (attention, x_seq),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+@pytest.mark.parametrize("case", list(_general_rule_cases()))
+def test_one_loss_per_unit_is_exact_for_general_rule_layers(case, mode):
+    """With `local_losses="layers"` every layer with trainable variables
+    ends a block, also those of the general rule; with one loss per unit
+    and position (`"channels"`, `"positions"`) and random-sign tangents,
+    one draw of its variables' estimate equals the reverse-mode gradient
+    of its block's loss (rtol=atol=1e-4): its output units take their own
+    derivatives, as a `Dense` layer's do."""
+    keras.utils.set_random_seed(0)
+    layer, x = _general_rule_cases()[case]
+    inputs = keras.Input(x.shape[1:], dtype=x.dtype)
+    h = layer(inputs, inputs) if case == "multi_head_attention" else layer(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(h))
+    base = keras.Model(inputs, outputs)
+    model = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses="layers",
+        local_loss_groups="channels",
+        local_loss_patches="positions",
+        direction="rademacher",
+        seed=2,
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    y = np.random.default_rng(1).integers(0, 3, size=(len(x),))
+    head = model.local_heads[0]
+    local = keras.Model(inputs, head(h))
+    expected = _reference_gradients(local, x, y)
+    ids = [id(v) for v in model.trainable_variables]
+    grads = dict(zip(ids, _forward_gradient(model, x, y, mode)))
+    assert layer.trainable_variables
+    for v in layer.trainable_variables:
+        np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
+
+
 def _patch_cases():
     """(layers of the hidden block, input shape, its last layer's
     pre-activations per example, `local_loss_groups`,

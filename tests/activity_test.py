@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import activity
 from tests import activity_models
 from tests.conftest import ARCHITECTURE_MODES
 
@@ -300,11 +301,14 @@ def test_fit_with_local_losses_logs_and_skips_nothing(mode):
     assert all(changed)
 
 
-def test_layers_local_losses_end_a_block_after_every_perturbed_layer():
+def test_layers_local_losses_end_a_block_after_every_layer_with_variables():
     base = activity_models.cnn()
     model = ForwardGradientModel(base, perturbation="activations", local_losses="layers")
-    # Conv2D(4), Conv2D(4), Dense(8) end blocks; the output Dense does not.
-    assert [head.dense.kernel.shape[0] for head in model.local_heads] == [4, 4, 8]
+    # Conv2D(4), Conv2D(4), BatchNormalization (4 channels), Dense(8) end
+    # blocks; the output Dense does not.
+    assert [head.dense.kernel.shape[0] for head in model.local_heads] == [4, 4, 4, 8]
+    names = [layer.name for layer in base.layers]
+    assert activity.block_ends(base, "layers") == [names[i] for i in (0, 2, 3, 5)]
 
 
 def test_local_heads_are_saved_and_not_exported(tmp_path):

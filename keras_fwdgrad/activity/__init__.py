@@ -41,14 +41,18 @@ normalization, `MultiHeadAttention`, LoRA-enabled layers, your own) takes
 the general rule: its call is recorded on a tape of its own trainable
 variables, its output gets a per-example tangent, and its estimate is that
 tape's reverse pass with cotangent `d_n u_n` (docs/activity.md, "The
-general rule"). Layers that mix examples (for now: `BatchNormalization`)
-make every derivative in their block a whole-batch one, which stays
-unbiased.
+general rule"); its perturbed output takes local-loss groups as a
+`Dense` layer's pre-activations do. Layers that mix examples (for now:
+`BatchNormalization`) make the derivatives of the layers recorded before
+them in their block whole-batch ones, which stays unbiased.
 
-The tangents are independent draws of the `"gaussian"` direction family's
-quantized normal (`directions.quantized_normal`: 2¹⁶ levels of equal
-probability, mean 0, variance exactly 1, so `E[u uᵀ] = I` and the estimate
-stays unbiased), keyed by the model's seed and step counter: half a random
+The tangents are independent draws of the direction family's `tangent()`:
+by default the `"gaussian"` family's quantized normal
+(`directions.quantized_normal`: 2¹⁶ levels of equal probability, mean 0,
+variance exactly 1, so `E[u uᵀ] = I` and the estimate stays unbiased); with
+`direction="rademacher"` random signs (`directions.random_signs`), for
+which `u² = 1`, so a unit with a local loss of its own gets its exact local
+gradient. They are keyed by the model's seed and step counter: half a random
 word and a table read per number, several times cheaper on a CPU than an
 inverse-CDF normal, and the same numbers with and without XLA. With
 `orthogonal_directions`, each example's K tangents are made orthogonal

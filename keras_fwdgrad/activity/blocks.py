@@ -90,6 +90,12 @@ def perturbed(layer):
     return graph.runs_plain(layer) and layer_rules.convolution(layer) is not None
 
 
+def has_variables(layer):
+    """Whether activity perturbation perturbs `layer`'s output (or
+    pre-activations): it has trainable variables."""
+    return bool(layer.trainable_variables)
+
+
 def block_ends(base, local_losses):
     """The names of the layers after which a block ends (the last block
     ends at the model's output)."""
@@ -98,8 +104,12 @@ def block_ends(base, local_losses):
     layers = graph.flat_layers(base)
     names = [layer.name for layer in layers]
     if local_losses in ("auto", "layers"):
+        # "layers": every layer with trainable variables ends a block (its
+        # tangent then reaches its own head only), "auto" counts the
+        # closed-form ones.
+        counted = has_variables if local_losses == "layers" else perturbed
         last_dense = max(
-            (i for i, layer in enumerate(layers) if perturbed(layer)),
+            (i for i, layer in enumerate(layers) if counted(layer)),
             default=len(layers),
         )
 
@@ -110,7 +120,7 @@ def block_ends(base, local_losses):
 
         def ends_here(layer):
             if local_losses == "layers":
-                return perturbed(layer)
+                return has_variables(layer)
             if residual:
                 return layer.name in merge_ends or isinstance(layer, _POOLING)
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)

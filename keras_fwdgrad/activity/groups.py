@@ -79,7 +79,8 @@ class Alignment:
     outputs).
 
     A pass reports each closed-form layer's activation output
-    (`closed_form_output`), every other layer's output (`layer_output`)
+    (`closed_form_output`), each general-rule layer's perturbed output
+    (`perturbed_output`), every other layer's output (`layer_output`)
     and each block's end (`block_end`); `grouped` then maps a block to the
     `(record, strides)` of the layer whose channels reach its end, and
     `record_of(y)` names the record whose activation gave `y`. A record is
@@ -101,6 +102,12 @@ class Alignment:
         rank `rank`."""
         self._outputs[id(y)] = (y, record)
         if channels_last(layer, rank) and elementwise(activation):
+            self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
+
+    def perturbed_output(self, y, record, block, rank):
+        """`y`, the perturbed output of a layer of the general rule (channels
+        last): its units are the perturbed units themselves."""
+        if rank >= 2:
             self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
 
     def layer_output(self, layer, args, y):

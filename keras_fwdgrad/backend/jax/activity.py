@@ -89,7 +89,10 @@ class _Pass:
         self.states = []  # Per record: its non-trainable values then.
         self.perturbed_values = []  # Per record: what was perturbed.
         self.block_outputs = []
-        self.mixing_blocks = set()
+        # Records whose tangents reach a layer that mixes examples: those
+        # recorded in its block before it is called (call order is a
+        # topological order, so none recorded later is upstream of it).
+        self.mixing_records = set()
         self.ends = model._local_loss_ends
         # For local-loss groups (records are indices into `records`), and
         # the record whose activation gave the model's output.
@@ -119,6 +122,7 @@ class _Pass:
         if self.eps is not None:
             z = z + self.eps[index].astype(z.dtype)
         if not closed_form:
+            self.alignment.perturbed_output(z, index, self.block, len(z.shape))
             return z
         y = layer.activation(z)
         self.alignment.closed_form_output(
@@ -128,7 +132,9 @@ class _Pass:
 
     def call_layer(self, layer, args, kwargs):
         if isinstance(layer, _MIXES_EXAMPLES):
-            self.mixing_blocks.add(self.block)
+            self.mixing_records.update(
+                i for i, r in enumerate(self.records) if r.block == self.block
+            )
         if "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
         closed_form = False
@@ -142,7 +148,6 @@ class _Pass:
             y = self.perturb(layer, args, kwargs, closed_form)
         else:
             y = layer(*args, **kwargs)
-        if not closed_form:
             self.alignment.layer_output(layer, args, y)
         if layer.name in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
@@ -253,7 +258,7 @@ def estimate(model, state, x, y, sample_weight, k):
     for index, (record, arrays, layer_state, u, z) in enumerate(
         zip(p.records, inputs, states, us, values)
     ):
-        mixing = record.block in p.mixing_blocks
+        mixing = index in p.mixing_records
         if index in group_d:
             dg, unit_groups = group_d[index]
             dn = groups.per_unit(dg, u, unit_groups, mixing)

@@ -64,7 +64,10 @@ class _Pass:
         self.block = 0
         self.records = []
         self.block_outputs = []
-        self.mixing_blocks = set()
+        # Records whose tangents reach a layer that mixes examples: those
+        # recorded in its block before it is called (call order is a
+        # topological order, so none recorded later is upstream of it).
+        self.mixing_records = set()
         self.acc = None
         self.alignment = groups.Alignment()
 
@@ -85,7 +88,9 @@ class _Pass:
 
     def call_layer(self, layer, args, kwargs):
         if isinstance(layer, _MIXES_EXAMPLES):
-            self.mixing_blocks.add(self.block)
+            self.mixing_records.update(
+                i for i, r in enumerate(self.records) if r.block == self.block
+            )
         closed_form = (
             perturbed(layer)
             and len(args) == 1
@@ -123,7 +128,6 @@ class _Pass:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
-        if not closed_form:
             self.alignment.layer_output(layer, args, y)
         if layer.name in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
@@ -160,6 +164,7 @@ class _Pass:
         _compat.watch(self.acc, zero, u)
         out = y + zero
         self.records.append(_Record(layer, None, out, u, self.block, vjp=vjp))
+        self.alignment.perturbed_output(out, self.records[-1], self.block, len(out.shape))
         return out
 
     def run(self, base, x):
@@ -255,11 +260,12 @@ def estimate(model, x, y, sample_weight, k):
             dg, index = groups.output_unit_derivatives(model, record.z, record.u, jacobian)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
     grads = {}
-    for r in p.records:
+    for i, r in enumerate(p.records):
+        mixing = i in p.mixing_records
         if id(r) in group_d:
             dg, index = group_d[id(r)]
-            dn = groups.per_unit(dg, r.u, index, r.block in p.mixing_blocks)
-        elif r.block in p.mixing_blocks:
+            dn = groups.per_unit(dg, r.u, index, mixing)
+        elif mixing:
             dn = tf.fill([tf.shape(d)[1]], batch_d[r.block])
         else:
             dn = d[r.block]
