@@ -12,9 +12,12 @@ Methods (Table I's settings where the paper has them):
 - `forward_adam`: Table I's forward-gradient Adam row: Adam 5e-4 with
   Table I's β's, Gaussian directions, `jvp_clip=1`, `global_clipnorm=1`;
 - `forward_lowrank`: the same with `lowrank_rademacher` directions;
-- `activations`: activity perturbation with local losses
-  (`perturbation="activations"`, `local_losses="auto"`), Adam 1e-4 (the
-  setting of `benchmarks/learning.py`'s `activations_k1`), no clipping.
+- `activations`: activity perturbation with one local loss per unit and
+  random-sign tangents (`perturbation="activations"`,
+  `local_losses="auto"`, `local_loss_groups="channels"`,
+  `direction="rademacher"`), Adam 1e-3 (the setting of
+  `benchmarks/learning.py`'s `activations_channel_groups_signs`), no
+  clipping.
 
 Usage:
     KERAS_BACKEND=jax python benchmarks/mnist_mlp_budget.py \\
@@ -65,9 +68,14 @@ def build(method, seed):
         model, optimizer = base, keras.optimizers.SGD(0.1)
     elif method == "activations":
         model = ForwardGradientModel(
-            base, perturbation="activations", local_losses="auto", seed=seed
+            base,
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups="channels",
+            direction="rademacher",
+            seed=seed,
         )
-        optimizer = keras.optimizers.Adam(1e-4)
+        optimizer = keras.optimizers.Adam(1e-3)
     else:
         direction = "gaussian" if method == "forward_adam" else "lowrank_rademacher"
         model = ForwardGradientModel(base, direction=direction, jvp_clip=1.0, seed=seed)

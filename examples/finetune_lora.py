@@ -19,7 +19,8 @@ It prints one table: trainable parameters, test accuracy, training
 seconds, seconds to a fixed test accuracy (`--target`), and the memory one
 training step needs beyond its variables (`research.finetuning.step_memory`:
 on JAX from XLA's buffer assignment of the compiled step, on TensorFlow
-from the allocator's peak). Every optimizer is Adam; no clipping.
+from the allocator's peak). Every optimizer is Adam (3e-4 for (a), 1e-3 for
+the others, `--forward-learning-rate` for (d) and (e)); no clipping.
 
 On TensorFlow, (c) runs eagerly: Keras rematerializes a layer with
 `tf.recompute_grad`, which takes keyword arguments (`training=`) only
@@ -34,7 +35,8 @@ tensorflow-datasets.
 Usage:
     python examples/finetune_lora.py [--smoke] [--data-dir DIR] [--out DIR]
         [--methods a,b,c,d,e] [--num-directions K] [--target ACC] [--pretrained FILE]
-        [--activity-direction gaussian|rademacher] [--activity-groups 1|channels]
+        [--forward-learning-rate LR] [--activity-local-losses auto|layers] [--activity-groups 1|channels]
+        [--activity-patches 1|positions] [--activity-direction gaussian|rademacher]
 """
 
 import argparse
@@ -76,16 +78,34 @@ def parse(argv):
         "--direction", default="rademacher", help="direction family of (d) (default: %(default)s)"
     )
     p.add_argument(
+        "--forward-learning-rate",
+        type=float,
+        default=1e-3,
+        help="Adam's learning rate for (d) and (e) (default: %(default)s)",
+    )
+    p.add_argument(
         "--activity-direction",
         default="gaussian",
         choices=["gaussian", "rademacher"],
         help="tangents of (e) (default: %(default)s)",
     )
     p.add_argument(
+        "--activity-local-losses",
+        default="auto",
+        choices=["auto", "layers"],
+        help="local_losses of (e) (default: %(default)s)",
+    )
+    p.add_argument(
         "--activity-groups",
         default="1",
         choices=["1", "channels"],
         help="local_loss_groups of (e) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--activity-patches",
+        default="1",
+        choices=["1", "positions"],
+        help="local_loss_patches of (e) (default: %(default)s)",
     )
     p.add_argument(
         "--target", type=float, default=0.5, help="test accuracy to time (default: %(default)s)"
@@ -151,7 +171,8 @@ def run_method(name, args, budget, data, weights):
         trainable = finetuning.enable_lora(base, args.rank)
     eager = remat and keras.backend.backend() == "tensorflow"
     evaluate_with = accuracy_model(base, run_eagerly=eager)
-    optimizer = keras.optimizers.Adam(3e-4 if name == "a" else 1e-3)
+    rate = {"a": 3e-4, "d": args.forward_learning_rate, "e": args.forward_learning_rate}
+    optimizer = keras.optimizers.Adam(rate.get(name, 1e-3))
     if name == "d":
         model = ForwardGradientModel(
             base, direction=args.direction, num_directions=args.num_directions, seed=args.seed
@@ -160,8 +181,9 @@ def run_method(name, args, budget, data, weights):
         model = ForwardGradientModel(
             base,
             perturbation="activations",
-            local_losses="auto",
+            local_losses=args.activity_local_losses,
             local_loss_groups=1 if args.activity_groups == "1" else "channels",
+            local_loss_patches=1 if args.activity_patches == "1" else "positions",
             direction=args.activity_direction,
             seed=args.seed,
         )
@@ -265,9 +287,19 @@ def main(argv=None):
     report = {
         "budget": "smoke" if args.smoke else "default",
         "backend": keras.backend.backend(),
-        "settings": {**budget, "rank": args.rank, "num_directions": args.num_directions},
+        "settings": {
+            **budget,
+            "rank": args.rank,
+            "num_directions": args.num_directions,
+            "forward_learning_rate": args.forward_learning_rate,
+        },
         "direction": args.direction,
-        "activity": {"direction": args.activity_direction, "groups": args.activity_groups},
+        "activity": {
+            "local_losses": args.activity_local_losses,
+            "groups": args.activity_groups,
+            "patches": args.activity_patches,
+            "direction": args.activity_direction,
+        },
         "target": args.target,
         "pretrain_test_accuracy": float(pretrain_accuracy),
         "machine": common.machine(),

@@ -136,16 +136,18 @@ def _attribute(obj, name, where):
 
 
 def is_functional(model):
-    """Whether `model` is a graph of layers (`keras.Model(inputs, outputs)`),
-    not a subclass with its own `call`. Checks for
-    `Functional._run_through_graph` and `_nodes_by_depth` (Keras 3.15.1)."""
-    return (
-        isinstance(model, keras.Model)
-        and not isinstance(model, keras.Sequential)
-        and type(model).__module__.startswith("keras.")
-        and hasattr(model, "_run_through_graph")
-        and hasattr(model, "_nodes_by_depth")
-    )
+    """Whether `model` is a graph of layers (`keras.Model(inputs, outputs)`,
+    or a subclass built that way that keeps `Functional.call`, as KerasHub's
+    backbones), not a model with its own `call`. Checks for
+    `Functional._run_through_graph` and `_nodes_by_depth`, and that the
+    `call` it runs is the one defined in `keras.src.models.functional`
+    (Keras 3.15.1)."""
+    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+        return False
+    if not (hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth")):
+        return False
+    owner = next(c for c in type(model).__mro__ if "call" in c.__dict__)
+    return owner.__module__ == "keras.src.models.functional" and owner.__name__ == "Functional"
 
 
 def standardize_inputs(model, x):

@@ -57,7 +57,7 @@ def flat_layers(model):
     return out
 
 
-def run(model, x, call, on_inputs=None):
+def run(model, x, call, on_inputs=None, nested=False):
     """Runs `model` on `x` node by node.
 
     Args:
@@ -73,16 +73,19 @@ def run(model, x, call, on_inputs=None):
             flattened inputs a functional model runs on after Keras
             standardizes them (a cast to the input's dtype makes new
             tensors), so that a caller keyed on tensors can follow them.
+        nested: Whether `model` is a node of an enclosing model's graph:
+            then its whole output structure is returned (a KerasHub
+            backbone returns a dict).
 
     Returns:
-        The model's output tensor.
+        The model's output tensor (with `nested`, its output structure).
     """
     if is_sequential(model):
         for layer in model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
             if is_container(layer):
-                x = run(layer, x, call, on_inputs)
+                x = run(layer, x, call, on_inputs, nested=True)
             else:
                 x = call(layer, (x,), {})
         return x
@@ -93,10 +96,10 @@ def run(model, x, call, on_inputs=None):
     def operation_fn(op):
         def node(*args, **kwargs):
             if is_container(op):
-                return run(op, args[0], call, on_inputs)
+                return run(op, args[0], call, on_inputs, nested=True)
             return call(op, args, kwargs)
 
         return node
 
     outputs = _compat.run_through_graph(model, inputs, operation_fn)
-    return keras.tree.flatten(outputs)[0]
+    return outputs if nested else keras.tree.flatten(outputs)[0]

@@ -90,10 +90,28 @@ def perturbed(layer):
     return graph.runs_plain(layer) and layer_rules.convolution(layer) is not None
 
 
+def trainable_variables(layer):
+    """The trainable variables a call of `layer` uses: its own and its
+    sublayers'. A layer frozen as a whole can hold trainable ones (KerasHub's
+    `enable_lora` leaves the LoRA factors of a transformer layer's attention
+    trainable inside the frozen layer, whose own `trainable_variables` is
+    then empty)."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
+    return [v for v in layer.variables if v.trainable]
+
+
+def frozen_variables(layer):
+    """The variables of `layer` (and its sublayers) that are not trainable."""
+    if not isinstance(layer, keras.layers.Layer):
+        return []
+    return [v for v in layer.variables if not v.trainable]
+
+
 def has_variables(layer):
     """Whether activity perturbation perturbs `layer`'s output (or
     pre-activations): it has trainable variables."""
-    return bool(layer.trainable_variables)
+    return bool(trainable_variables(layer))
 
 
 def block_ends(base, local_losses):

@@ -39,6 +39,9 @@ from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import frozen_variables
+from keras_fwdgrad.activity.blocks import has_variables
+from keras_fwdgrad.activity.blocks import trainable_variables
 from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
@@ -114,7 +117,7 @@ class _Pass:
             )
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
-        self.states.append([v.value for v in layer.non_trainable_variables])
+        self.states.append([v.value for v in frozen_variables(layer)])
         z = _linear_call(layer, args, kwargs, closed_form)
         if not _is_array(z) or not jnp.issubdtype(z.dtype, jnp.floating):
             raise not_one_tensor(layer, str(z.dtype) if _is_array(z) else type(z).__name__)
@@ -135,13 +138,18 @@ class _Pass:
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
             )
-        if "training" in _compat.call_context_args(layer):
+        is_layer = isinstance(layer, keras.layers.Layer)
+        if is_layer and "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
         closed_form = False
-        if isinstance(layer, LocalHead):
+        if not is_layer:
+            # An operation of a functional graph (`GetItem`, a `keras.ops`
+            # call): no variables.
+            y = layer(*args, **kwargs)
+        elif isinstance(layer, LocalHead):
             closed_form = True
             y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True, head=True)
-        elif layer.trainable_variables:
+        elif has_variables(layer):
             closed_form = perturbed(layer) and len(args) == 1 and not set(kwargs) - {"training"}
             if closed_form:
                 kwargs = {}
@@ -273,7 +281,7 @@ def estimate(model, state, x, y, sample_weight, k):
         layer = record.layer
         estimates.add(
             grads,
-            layer.trainable_variables,
+            trainable_variables(layer),
             _layer_vjp(record, arrays, layer_state, by_id, cotangent),
         )
     grads = estimates.in_variable_order(grads, variables)
@@ -349,13 +357,13 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent):
         return grads
 
     def call(values):
-        mapping = list(zip(layer.trainable_variables, values)) + list(
-            zip(layer.non_trainable_variables, layer_state)
+        mapping = list(zip(trainable_variables(layer), values)) + list(
+            zip(frozen_variables(layer), layer_state)
         )
         with keras.StatelessScope(state_mapping=mapping):
             return _linear_call(layer, args, kwargs, record.closed_form)
 
-    out, vjp = jax.vjp(call, [by_id[id(v)] for v in layer.trainable_variables])
+    out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)])
     return vjp(cotangent.astype(out.dtype))[0]
 
 

@@ -12,6 +12,8 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import has_variables
+from keras_fwdgrad.activity.blocks import trainable_variables
 from keras_fwdgrad.activity.blocks import not_one_tensor
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
@@ -122,7 +124,11 @@ class _Pass:
             self.alignment.closed_form_output(
                 y, self.records[-1], self.block, layer, activation, len(z.shape)
             )
-        elif layer.trainable_variables:
+        elif not isinstance(layer, keras.layers.Layer):
+            # An operation of a functional graph (`GetItem`, a `keras.ops`
+            # call): no variables.
+            y = layer(*args, **kwargs)
+        elif has_variables(layer):
             y = self.call_general(layer, args, kwargs)
         else:
             if "training" in _compat.call_context_args(layer):
@@ -142,7 +148,7 @@ class _Pass:
         are constants for it), and its output gets this pass's tangent."""
         if "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
-        values = [v.value for v in layer.trainable_variables]
+        values = [v.value for v in trainable_variables(layer)]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(values)
             y = layer(*args, **kwargs)
@@ -273,7 +279,7 @@ def estimate(model, x, y, sample_weight, k):
         if len(dn.shape) == 1:
             dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
         if r.vjp is not None:
-            estimates.add(grads, r.layer.trainable_variables, r.vjp(tf.cast(dn, u.dtype) * u))
+            estimates.add(grads, trainable_variables(r.layer), r.vjp(tf.cast(dn, u.dtype) * u))
             continue
         activation = (
             r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
