@@ -13,14 +13,17 @@ a new 5-class head, five ways:
       recomputed in the backward pass);
   (d) forward gradient (the papers' weight perturbation) on the LoRA
       variables, K directions per step;
-  (e) activity perturbation with local losses on the LoRA variables.
+  (e) activity perturbation on the LoRA variables: a block after every
+      layer with trainable variables, one local loss per unit and token,
+      random-sign tangents (`--activity-*` flags change them).
 
 It prints one table: trainable parameters, test accuracy, training
 seconds, seconds to a fixed test accuracy (`--target`), and the memory one
 training step needs beyond its variables (`research.finetuning.step_memory`:
 on JAX from XLA's buffer assignment of the compiled step, on TensorFlow
 from the allocator's peak). Every optimizer is Adam (3e-4 for (a), 1e-3 for
-the others, `--forward-learning-rate` for (d) and (e)); no clipping.
+(b), (c) and (d), 2e-3 for (e); `--forward-learning-rate` and
+`--activity-learning-rate` change those of (d) and (e)); no clipping.
 
 On TensorFlow, (c) runs eagerly: Keras rematerializes a layer with
 `tf.recompute_grad`, which takes keyword arguments (`training=`) only
@@ -35,7 +38,8 @@ tensorflow-datasets.
 Usage:
     python examples/finetune_lora.py [--smoke] [--data-dir DIR] [--out DIR]
         [--methods a,b,c,d,e] [--num-directions K] [--target ACC] [--pretrained FILE]
-        [--forward-learning-rate LR] [--activity-local-losses auto|layers] [--activity-groups 1|channels]
+        [--forward-learning-rate LR] [--activity-learning-rate LR]
+        [--activity-local-losses auto|layers] [--activity-groups 1|channels]
         [--activity-patches 1|positions] [--activity-direction gaussian|rademacher]
 """
 
@@ -81,29 +85,35 @@ def parse(argv):
         "--forward-learning-rate",
         type=float,
         default=1e-3,
-        help="Adam's learning rate for (d) and (e) (default: %(default)s)",
+        help="Adam's learning rate for (d) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--activity-learning-rate",
+        type=float,
+        default=2e-3,
+        help="Adam's learning rate for (e) (default: %(default)s)",
     )
     p.add_argument(
         "--activity-direction",
-        default="gaussian",
+        default="rademacher",
         choices=["gaussian", "rademacher"],
         help="tangents of (e) (default: %(default)s)",
     )
     p.add_argument(
         "--activity-local-losses",
-        default="auto",
+        default="layers",
         choices=["auto", "layers"],
         help="local_losses of (e) (default: %(default)s)",
     )
     p.add_argument(
         "--activity-groups",
-        default="1",
+        default="channels",
         choices=["1", "channels"],
         help="local_loss_groups of (e) (default: %(default)s)",
     )
     p.add_argument(
         "--activity-patches",
-        default="1",
+        default="positions",
         choices=["1", "positions"],
         help="local_loss_patches of (e) (default: %(default)s)",
     )
@@ -171,7 +181,7 @@ def run_method(name, args, budget, data, weights):
         trainable = finetuning.enable_lora(base, args.rank)
     eager = remat and keras.backend.backend() == "tensorflow"
     evaluate_with = accuracy_model(base, run_eagerly=eager)
-    rate = {"a": 3e-4, "d": args.forward_learning_rate, "e": args.forward_learning_rate}
+    rate = {"a": 3e-4, "d": args.forward_learning_rate, "e": args.activity_learning_rate}
     optimizer = keras.optimizers.Adam(rate.get(name, 1e-3))
     if name == "d":
         model = ForwardGradientModel(
@@ -292,6 +302,7 @@ def main(argv=None):
             "rank": args.rank,
             "num_directions": args.num_directions,
             "forward_learning_rate": args.forward_learning_rate,
+            "activity_learning_rate": args.activity_learning_rate,
         },
         "direction": args.direction,
         "activity": {
