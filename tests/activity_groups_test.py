@@ -49,16 +49,9 @@ def _forward_gradient(model, x, y, mode):
     return [np.asarray(g) for g in grads]
 
 
-@pytest.mark.parametrize("mode", backend_modes(["eager", "graph", "xla"]))
-@pytest.mark.parametrize("groups", [2, 3, "channels"])
-def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
-    """With `local_loss_groups`, the hidden layer's estimate takes each
-    group's derivative of its own loss, and no tangent of any other layer:
-    with a full orthogonal basis (K = 3 = its units) it must equal the
-    reverse-mode gradient of the block's local loss (rtol=atol=1e-4), for
-    groups of equal (3, "channels") and unequal (2: channels 0, 0, 1)
-    sizes. With one group the head's tangents add a cross term, so this
-    holds only with groups."""
+def _grouped_mlp(**options):
+    """`(model, x, y)`: a 4-3-3 MLP with a local loss after its hidden
+    layer, all units' tangents kept, compiled, and a batch of 6."""
     keras.utils.set_random_seed(0)
     base = keras.Sequential(
         [
@@ -71,16 +64,29 @@ def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
         base,
         perturbation="activations",
         local_losses="auto",
-        local_loss_groups=groups,
-        num_directions=3,
-        orthogonal_directions=True,
         active_units_only=False,
         seed=2,
+        **options,
     )
     model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(6,))
+    return model, x, rng.integers(0, 3, size=(6,))
+
+
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph", "xla"]))
+@pytest.mark.parametrize("groups", [2, 3, "channels"])
+def test_grouped_layer_full_basis_gives_its_block_gradient(groups, mode):
+    """With `local_loss_groups`, the hidden layer's estimate takes each
+    group's derivative of its own loss, and no tangent of any other layer:
+    with a full orthogonal basis (K = 3 = its units) it must equal the
+    reverse-mode gradient of the block's local loss (rtol=atol=1e-4), for
+    groups of equal (3, "channels") and unequal (2: channels 0, 0, 1)
+    sizes. With one group the head's tangents add a cross term, so this
+    holds only with groups."""
+    model, x, y = _grouped_mlp(
+        local_loss_groups=groups, num_directions=3, orthogonal_directions=True
+    )
     expected = _block_reference(model, x, y)
     grads = _forward_gradient(model, x, y, mode)
     # The hidden layer, the output layer and the head: each of the last
@@ -100,27 +106,7 @@ def test_one_loss_per_unit_with_random_signs_is_the_block_gradient(direction, mo
     must equal the reverse-mode gradient of each block's loss (rtol=atol=
     1e-4) for the hidden layer, the head and the output layer. The
     negative control: Gaussian tangents (`u²` varies) must not."""
-    keras.utils.set_random_seed(0)
-    base = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(3, activation="tanh"),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
-    )
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        local_losses="auto",
-        local_loss_groups="channels",
-        direction=direction,
-        active_units_only=False,
-        seed=2,
-    )
-    model.compile(optimizer="sgd", loss=LOSS)
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(6, 4)).astype("float32")
-    y = rng.integers(0, 3, size=(6,))
+    model, x, y = _grouped_mlp(local_loss_groups="channels", direction=direction)
     expected = _block_reference(model, x, y)
     grads = _forward_gradient(model, x, y, mode)
     assert len(grads) == len(expected) == 6
