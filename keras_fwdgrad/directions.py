@@ -34,6 +34,7 @@ from keras_fwdgrad import backend
 from keras_fwdgrad.tangents import Factored  # noqa: F401
 from keras_fwdgrad.tangents import PackedSigns  # noqa: F401
 from keras_fwdgrad.tangents import to_dense  # noqa: F401
+from keras_fwdgrad.tangents import unpack_bits
 
 _REGISTRY = {}
 
@@ -386,11 +387,7 @@ def random_signs(shape, seed, dtype="float32"):
     """
     static = isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape)
     n = math.prod(shape) if static else ops.prod(shape)
-    words = random_bits((n + 31) // 32, seed)
-    shifts = ops.convert_to_tensor([list(range(32))], dtype="uint32")
-    one = ops.convert_to_tensor(1, dtype="uint32")
-    bits = ops.bitwise_and(ops.right_shift(ops.expand_dims(words, 1), shifts), one)
-    bits = ops.reshape(bits, [-1])[:n]
+    bits = unpack_bits(random_bits((n + 31) // 32, seed), n)
     # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
     return ops.reshape(ops.cast(bits, dtype) * 2 - 1, shape)
 

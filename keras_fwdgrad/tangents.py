@@ -91,21 +91,28 @@ class PackedSigns:
 
     def dense(self, scale=None):
         """Returns `scale · v` as a tensor of the variable's shape."""
-        shifts = ops.convert_to_tensor([list(range(32))], dtype="uint32")
-        one = ops.convert_to_tensor(1, dtype="uint32")
-        bits = ops.bitwise_and(ops.right_shift(ops.expand_dims(self.words, 1), shifts), one)
-        bits = ops.reshape(ops.reshape(bits, [-1])[: math.prod(self._shape)], self._shape)
+        bits = ops.reshape(unpack_bits(self.words, math.prod(self._shape)), self._shape)
         if scale is None:
             # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
             return ops.cast(bits, self._dtype) * 2 - 1
         scale = ops.cast(scale, self._dtype)
-        return ops.where(ops.equal(bits, one), scale, -scale)
+        return ops.where(ops.equal(bits, ops.convert_to_tensor(1, "uint32")), scale, -scale)
 
     def cast(self, dtype):
         return PackedSigns(self.words, self._shape, dtype)
 
     def __repr__(self):
         return f"PackedSigns(shape={self._shape})"
+
+
+def unpack_bits(words, n):
+    """The first `n` bits of the uint32 `words`, as a flat uint32 tensor
+    of 0s and 1s: bit `j` of word `i` is element `32 i + j`. `n` may be a
+    dynamic scalar tensor (TensorFlow)."""
+    shifts = ops.convert_to_tensor([list(range(32))], dtype="uint32")
+    one = ops.convert_to_tensor(1, dtype="uint32")
+    bits = ops.bitwise_and(ops.right_shift(ops.expand_dims(words, 1), shifts), one)
+    return ops.reshape(bits, [-1])[:n]
 
 
 def to_dense(tangent, scale=None):
