@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import activity
 from keras_fwdgrad import backend
 from keras_fwdgrad import testing
 from tests import estimate_samples
@@ -133,14 +134,7 @@ def test_a_batch_normalization_in_its_own_block_keeps_per_example_derivatives(mo
     base = keras.Sequential(
         [keras.Input((4,)), dense, norm, keras.layers.Dense(3, activation="softmax")]
     )
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        local_losses="layers",
-        local_loss_groups="channels",
-        direction="rademacher",
-        seed=2,
-    )
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
     model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 4)).astype("float32")
@@ -190,15 +184,7 @@ def test_one_loss_per_unit_is_exact_for_general_rule_layers(case, mode):
     h = layer(inputs, inputs) if case == "multi_head_attention" else layer(inputs)
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(h))
     base = keras.Model(inputs, outputs)
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        local_losses="layers",
-        local_loss_groups="channels",
-        local_loss_patches="positions",
-        direction="rademacher",
-        seed=2,
-    )
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
     model.compile(optimizer="sgd", loss=LOSS)
     y = np.random.default_rng(1).integers(0, 3, size=(len(x),))
     head = model.local_heads[0]
@@ -207,6 +193,50 @@ def test_one_loss_per_unit_is_exact_for_general_rule_layers(case, mode):
     ids = [id(v) for v in model.trainable_variables]
     grads = dict(zip(ids, _forward_gradient(model, x, y, mode)))
     assert layer.trainable_variables
+    for v in layer.trainable_variables:
+        np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+@pytest.mark.parametrize("branch", ["dense", "einsum_dense"])
+def test_a_residual_branch_ends_its_block_after_the_merge(branch, mode):
+    """With `local_losses="layers"` a layer whose output reaches a residual
+    `Add` through per-channel layers alone ends its block after the `Add`
+    (and the per-channel layers that alone follow it), so its head reads
+    the residual stream. The skip comes from the block before, so the
+    sum's tangent is the branch's own: with one loss per unit and token and
+    random signs, one draw still equals the reverse-mode gradient of the
+    block's loss through the merge (rtol=atol=1e-4), for a closed-form
+    `Dense` and for a layer of the general rule."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 4))
+    first = keras.layers.Dense(4, activation="tanh")
+    norm = keras.layers.LayerNormalization(trainable=False)
+    if branch == "dense":
+        layer = keras.layers.Dense(4)
+    else:
+        layer = keras.layers.EinsumDense("abc,cd->abd", (3, 4), bias_axes="d")
+    merge_layers = [keras.layers.Activation("tanh"), keras.layers.Add(), keras.layers.ReLU()]
+    activation, add, relu = merge_layers
+
+    def block(h):
+        return relu(add([h, activation(layer(norm(h)))]))
+
+    h = first(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(block(h)))
+    base = keras.Model(inputs, outputs)
+    assert activity.block_ends(base, "layers") == [first.name, relu.name]
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(5,))
+    h_in = keras.Input((3, 4))
+    local = keras.Model(h_in, model.local_heads[1](block(h_in)))
+    expected = _reference_gradients(local, np.asarray(first(x)), y)
+    grads = dict(
+        zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
+    )
     for v in layer.trainable_variables:
         np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
 

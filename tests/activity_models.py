@@ -1,6 +1,18 @@
-"""A small model the activity-perturbation test files share."""
+"""A small model and an option set the activity-perturbation test files
+share."""
 
 import keras
+
+# Activity perturbation in which every unit's estimate is its exact local
+# gradient: a block after every layer with trainable variables, one loss
+# per channel and position, random-sign tangents (`u² = 1`).
+PER_UNIT_SIGNS = dict(
+    perturbation="activations",
+    local_losses="layers",
+    local_loss_groups="channels",
+    local_loss_patches="positions",
+    direction="rademacher",
+)
 
 
 def cnn():

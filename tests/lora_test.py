@@ -16,6 +16,7 @@ import pytest
 
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import testing
+from tests import activity_models
 from tests import estimate_samples
 from tests.conftest import backend_modes
 
@@ -213,15 +214,7 @@ def test_keras_hub_backbone_trains_with_a_loss_per_layer_and_unit():
     base, backbone = _bert()
     x, y = _bert_data(n=16)
     frozen = [(v, keras.ops.convert_to_numpy(v)) for v in backbone.weights if not v.trainable]
-    model = ForwardGradientModel(
-        base,
-        perturbation="activations",
-        local_losses="layers",
-        local_loss_groups="channels",
-        local_loss_patches="positions",
-        direction="rademacher",
-        seed=0,
-    )
+    model = ForwardGradientModel(base, seed=0, **activity_models.PER_UNIT_SIGNS)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
     lora = [(v, keras.ops.convert_to_numpy(v)) for v in base.trainable_variables]
     history = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history

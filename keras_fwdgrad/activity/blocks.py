@@ -137,15 +137,20 @@ def block_ends(base, local_losses):
         merge_ends = _residual_ends(layers) if residual else set()
 
         def ends_here(layer):
-            if local_losses == "layers":
-                return has_variables(layer)
             if residual:
                 return layer.name in merge_ends or isinstance(layer, _POOLING)
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
-        ends = [
-            layer.name for i, layer in enumerate(layers) if i < last_dense and ends_here(layer)
-        ]
+        if local_losses == "layers":
+            ends = [
+                _layer_end(layers, i).name
+                for i, layer in enumerate(layers)
+                if i < last_dense and has_variables(layer)
+            ]
+        else:
+            ends = [
+                layer.name for i, layer in enumerate(layers) if i < last_dense and ends_here(layer)
+            ]
     else:
         ends = list(local_losses)
         unknown = [n for n in ends if n not in names]
@@ -202,6 +207,55 @@ def _residual_ends(layers):
             end = after[0]
         ends.add(end.name)
     return ends
+
+
+def _passes_channels(layer):
+    """Whether `layer` has no trainable variables and maps unit `i` of its
+    one input to unit `i` of its output, for every example alone (an
+    activation, dropout; not pooling, which would merge the positions
+    that `local_loss_patches` tells apart)."""
+    return (
+        isinstance(layer, _PER_CHANNEL)
+        and not isinstance(layer, _MIXES_EXAMPLES + _POOLING)
+        and not has_variables(layer)
+        and getattr(layer, "activation", None)
+        not in (keras.activations.softmax, keras.activations.log_softmax)
+    )
+
+
+def _layer_end(layers, i):
+    """Where `local_losses="layers"` ends the block of `layers[i]`, a
+    layer with trainable variables: after it, or, when its output reaches
+    a residual `Add` through per-channel layers alone (dropout, an
+    activation) and nothing with trainable variables is called in
+    between, after that `Add` and the per-channel layers that alone
+    follow it. The head then reads the residual stream (a transformer's
+    attention and feed-forward outputs, a ResNet branch) rather than the
+    branch by itself; the branch's derivative is the same through the
+    merge."""
+    layer = layers[i]
+    if not any(isinstance(other, keras.layers.Add) for other in layers):
+        return layer
+    index = {id(other): j for j, other in enumerate(layers)}
+    end, merged = layer, False
+    while True:
+        after = _consumers(layers, end)
+        if len(after) != 1:
+            break
+        (nxt,) = after
+        j = index[id(nxt)]
+        if any(has_variables(other) for other in layers[index[id(end)] + 1 : j]):
+            break
+        if isinstance(nxt, keras.layers.Add) and not merged:
+            end, merged = nxt, True
+        elif _passes_channels(nxt):
+            end = nxt
+        else:
+            break
+    if not merged:
+        return layer
+    # Per-channel layers after the last merge, not those before it alone.
+    return end
 
 
 def check_num_directions(model):

@@ -95,27 +95,56 @@ class Alignment:
         self._aligned = {}
         # id(activation output) -> (output, record).
         self._outputs = {}
+        # id(output) -> output: outputs that carry a perturbed layer's
+        # tangent (block ends are cut, so what follows one does not).
+        self._carrying = {}
         self.grouped = {}
+
+    def _carries(self, x):
+        found = self._carrying.get(id(x))
+        return found is not None and found is x
+
+    def _source(self, x):
+        found = self._aligned.get(id(x))
+        return found if found is not None and found[0] is x else None
 
     def closed_form_output(self, y, record, block, layer, activation, rank):
         """`y = activation(z)` of a closed-form layer's pre-activations of
         rank `rank`."""
         self._outputs[id(y)] = (y, record)
+        self._carrying[id(y)] = y
         if channels_last(layer, rank) and elementwise(activation):
             self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
 
     def perturbed_output(self, y, record, block, rank):
         """`y`, the perturbed output of a layer of the general rule (channels
         last): its units are the perturbed units themselves."""
+        self._carrying[id(y)] = y
         if rank >= 2:
             self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
 
-    def layer_output(self, layer, args, y):
-        """`y = layer(*args)` of any other layer."""
-        source = self._aligned.get(id(args[0])) if args else None
-        if source is not None and source[0] is args[0] and keeps_channels(layer, args):
+    def layer_output(self, layer, args, y, kwargs=None):
+        """`y = layer(*args, **kwargs)` of any other layer or operation.
+
+        An `Add` of one aligned input and inputs that carry no tangent
+        (a residual merge with the skip from an earlier block) is aligned
+        as that input is: the tangent of its sum is that input's."""
+        inputs = keras.tree.flatten((args, kwargs or {}))
+        carried = [x for x in inputs if self._carries(x)]
+        if carried:
+            for out in keras.tree.flatten(y):
+                self._carrying[id(out)] = out
+        source = self._source(args[0]) if args else None
+        if source is not None and keeps_channels(layer, args):
             strides = spatial_strides(layer, source[3], len(y.shape))
             self._aligned[id(y)] = (y, source[1], source[2], strides)
+        elif isinstance(layer, keras.layers.Add) and len(carried) == 1:
+            source = self._source(carried[0])
+            same = all(
+                tuple(getattr(x, "shape", ())) == tuple(y.shape) for x in keras.tree.flatten(args)
+            )
+            if source is not None and same:
+                self._aligned[id(y)] = (y,) + tuple(source[1:])
 
     def block_end(self, y, block):
         """`y` ends block `block`."""

@@ -146,6 +146,7 @@ class _Pass:
             # An operation of a functional graph (`GetItem`, a `keras.ops`
             # call): no variables.
             y = layer(*args, **kwargs)
+            self.alignment.layer_output(layer, args, y, kwargs)
         elif isinstance(layer, LocalHead):
             closed_form = True
             y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True, head=True)
@@ -156,7 +157,7 @@ class _Pass:
             y = self.perturb(layer, args, kwargs, closed_form)
         else:
             y = layer(*args, **kwargs)
-            self.alignment.layer_output(layer, args, y)
+            self.alignment.layer_output(layer, args, y, kwargs)
         if layer.name in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)

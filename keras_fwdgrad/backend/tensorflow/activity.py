@@ -128,13 +128,14 @@ class _Pass:
             # An operation of a functional graph (`GetItem`, a `keras.ops`
             # call): no variables.
             y = layer(*args, **kwargs)
+            self.alignment.layer_output(layer, args, y, kwargs)
         elif has_variables(layer):
             y = self.call_general(layer, args, kwargs)
         else:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
-            self.alignment.layer_output(layer, args, y)
+            self.alignment.layer_output(layer, args, y, kwargs)
         if layer.name in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
