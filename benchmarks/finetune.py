@@ -14,7 +14,12 @@ their biases and the head train. Methods, all with Adam:
   (checkpointed backprop as the literature uses it);
 - `forward_k1`, `forward_k8`: `ForwardGradientModel` (weight perturbation,
   Gaussian directions), K = 1 and K = 8;
-- `activity`: `ForwardGradientModel(perturbation="activations")`.
+- `activity`: `ForwardGradientModel(perturbation="activations")`, one
+  loss;
+- `activity_layers`: activity perturbation as `examples/finetune_lora.py`
+  runs it, the setting that learns (`local_losses="layers"`,
+  `local_loss_groups="channels"`, `local_loss_patches="positions"`,
+  `direction="rademacher"`).
 
 The figure is `finetuning.step_memory`: what the step needs beyond the
 variables, optimizer slots and batch it is given. On JAX it is the
@@ -22,12 +27,15 @@ temporary buffer of XLA's buffer assignment for the jitted step (nothing
 runs; deterministic). On TensorFlow it is the allocator's peak during a
 step; Keras rematerializes with `tf.recompute_grad`, which takes keyword
 arguments only eagerly, so the `remat_*` rows run eagerly there
-(`run_eagerly=True`) and the others as `tf.function` graphs (the `mode`
-column says which).
+(`run_eagerly=True`) and the others as `tf.function` graphs, or with
+`--jit-compile` XLA-compiled (`jit_compile=True`, what Keras picks by
+default on TensorFlow where a GPU is present; on a CPU-only machine its
+default is no XLA); the `mode` column says which.
 
 Sweeps (each from the same base: depth 8, 64 tokens, batch 32): depth 2,
 4, 8, 16; tokens 16, 64, 256 (patches of 8, 4, 2 pixels); batch 8, 32,
-128. Writes `benchmarks/results/finetune_memory_<backend>.json` with the
+128. Writes `benchmarks/results/finetune_memory_<backend>.json` (with
+`--jit-compile`, `finetune_memory_tensorflow_xla.json`) with the
 commit, versions and device, and with `--figure` the figure
 `docs/results/finetune_memory.png` from whichever backends' results
 exist. `--xla-remat-check` measures, with plain JAX, whether the XLA
@@ -36,6 +44,7 @@ XLA:CPU it does not), into `benchmarks/results/xla_remat_check.json`.
 
 Usage:
     python benchmarks/finetune.py [--smoke] [--methods backprop,...] [--resume] [--figure]
+        [--jit-compile] [--sweeps depth,tokens,batch]
     KERAS_BACKEND=jax python benchmarks/finetune.py [--xla-remat-check]
 """
 
@@ -58,7 +67,22 @@ from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-METHODS = ("backprop", "remat_layers", "remat_blocks", "forward_k1", "forward_k8", "activity")
+METHODS = (
+    "backprop",
+    "remat_layers",
+    "remat_blocks",
+    "forward_k1",
+    "forward_k8",
+    "activity",
+    "activity_layers",
+)
+ACTIVITY_LAYERS = dict(
+    perturbation="activations",
+    local_losses="layers",
+    local_loss_groups="channels",
+    local_loss_patches="positions",
+    direction="rademacher",
+)
 BASE = dict(depth=8, tokens=64, batch=32)
 SWEEPS = {"depth": (2, 4, 8, 16), "tokens": (16, 64, 256), "batch": (8, 32, 128)}
 SMOKE_SWEEPS = {"depth": (1,), "tokens": (16,), "batch": (4,)}
@@ -78,8 +102,9 @@ def configs(sweeps, base):
     return out
 
 
-def measure(method, config, rank=4):
-    """`finetuning.step_memory` of one method at one configuration."""
+def measure(method, config, rank=4, jit_compile=False):
+    """`finetuning.step_memory` of one method at one configuration
+    (`jit_compile`: XLA for the TensorFlow rows that are not eager)."""
     keras.utils.set_random_seed(0)
     remat = method.startswith("remat")
     scope = keras.RematScope(mode="full") if remat else keras.RematScope(mode=None)
@@ -95,17 +120,21 @@ def measure(method, config, rank=4):
         model = ForwardGradientModel(base, num_directions=int(method[len("forward_k") :]))
     elif method == "activity":
         model = ForwardGradientModel(base, perturbation="activations")
+    elif method == "activity_layers":
+        model = ForwardGradientModel(base, **ACTIVITY_LAYERS)
     else:
         model = base
-    eager = remat and keras.backend.backend() == "tensorflow"
-    model.compile(optimizer="adam", loss=LOSS, run_eagerly=eager)
+    tensorflow = keras.backend.backend() == "tensorflow"
+    eager = remat and tensorflow
+    jit = "auto" if not tensorflow else (jit_compile and not eager)
+    model.compile(optimizer="adam", loss=LOSS, run_eagerly=eager, jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(config["batch"], 32, 32, 3)).astype("float32")
     y = rng.integers(0, 5, config["batch"]).astype("int32")
     memory = finetuning.step_memory(model, x, y)
     mode = "eager" if eager else "compiled"
-    if keras.backend.backend() == "tensorflow" and not eager:
-        mode = "graph"
+    if tensorflow and not eager:
+        mode = "xla" if jit else "graph"
     return {
         "step_mib": round(memory["step_bytes"] / 2**20, 2),
         "arguments_mib": round(memory["argument_bytes"] / 2**20, 2),
@@ -238,6 +267,16 @@ def main(argv=None):
         "--resume", action="store_true", help="keep the measurements already in the results file"
     )
     p.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="TensorFlow: XLA-compile the rows that are not eager",
+    )
+    p.add_argument(
+        "--sweeps",
+        default=",".join(SWEEPS),
+        help="comma-separated, from depth, tokens, batch (default: all)",
+    )
+    p.add_argument(
         "--xla-remat-check",
         action="store_true",
         help="only measure whether XLA keeps jax.checkpoint's saving (JAX)",
@@ -259,7 +298,13 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"--methods takes names from {METHODS}; received {unknown}")
+    if args.jit_compile and keras.backend.backend() != "tensorflow":
+        p.error("--jit-compile is for TensorFlow (on JAX every step is jitted)")
+    chosen = args.sweeps.split(",")
+    if [s for s in chosen if s not in SWEEPS]:
+        p.error(f"--sweeps takes names from {tuple(SWEEPS)}; received {chosen}")
     sweeps = SMOKE_SWEEPS if args.smoke else SWEEPS
+    sweeps = {k: v for k, v in sweeps.items() if k in chosen}
     base = dict(depth=1, tokens=16, batch=4) if args.smoke else BASE
     results = {
         "commit": code_version(HERE),
@@ -268,10 +313,12 @@ def main(argv=None):
         "base": base,
         "methods": methods,
         "sweeps": list(sweeps),
+        "jit_compile": args.jit_compile,
         "rows": [],
     }
+    suffix = "_xla" if args.jit_compile else ""
     out = args.out or os.path.join(
-        HERE, "results", f"finetune_memory_{keras.backend.backend()}.json"
+        HERE, "results", f"finetune_memory_{keras.backend.backend()}{suffix}.json"
     )
     measured = {}
     if args.resume and os.path.exists(out):
@@ -290,7 +337,7 @@ def main(argv=None):
                 start = time.perf_counter()
                 keras.backend.clear_session()
                 gc.collect()
-                measured[key] = measure(method, config)
+                measured[key] = measure(method, config, jit_compile=args.jit_compile)
                 print(
                     f"{method:13s} {config}: {measured[key]['step_mib']:8.1f} MiB "
                     f"({measured[key]['mode']}, {time.perf_counter() - start:.0f} s)",

@@ -41,6 +41,7 @@ Usage:
         [--forward-learning-rate LR] [--activity-learning-rate LR]
         [--activity-local-losses auto|layers] [--activity-groups 1|channels]
         [--activity-patches 1|positions] [--activity-direction gaussian|rademacher]
+        [--epochs N] [--activity-epochs N]
 """
 
 import argparse
@@ -94,6 +95,18 @@ def parse(argv):
         help="Adam's learning rate for (e) (default: %(default)s)",
     )
     p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs of every method (default: the budget's, 5)",
+    )
+    p.add_argument(
+        "--activity-epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs of (e) (default: those of the other methods)",
+    )
+    p.add_argument(
         "--activity-direction",
         default="rademacher",
         choices=["gaussian", "rademacher"],
@@ -127,12 +140,22 @@ def parse(argv):
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for flag in ("epochs", "activity_epochs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer; received {value}")
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"--methods takes letters from {sorted(METHODS)}; received {unknown}")
     args.methods = methods
     return args
+
+
+def epochs(args, budget, name):
+    """The fine-tuning epochs of method `name`."""
+    every = args.epochs or budget["epochs"]
+    return (args.activity_epochs or every) if name == "e" else every
 
 
 def split(arrays, classes):
@@ -206,7 +229,7 @@ def run_method(name, args, budget, data, weights):
         data["x_train"],
         data["y_train"],
         batch_size=budget["batch"],
-        epochs=budget["epochs"],
+        epochs=epochs(args, budget, name),
         callbacks=[curve],
         verbose=0,
     )
@@ -303,6 +326,8 @@ def main(argv=None):
             "num_directions": args.num_directions,
             "forward_learning_rate": args.forward_learning_rate,
             "activity_learning_rate": args.activity_learning_rate,
+            "epochs": epochs(args, budget, "a"),
+            "activity_epochs": epochs(args, budget, "e"),
         },
         "direction": args.direction,
         "activity": {

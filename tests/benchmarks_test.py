@@ -265,6 +265,7 @@ def test_finetune_memory_smoke_on_jax(tmp_path):
         "forward_k1",
         "forward_k8",
         "activity",
+        "activity_layers",
     }
     for sweep in report["sweeps"]:
         rows = [r for r in report["rows"] if r["sweep"] == sweep]

@@ -298,7 +298,8 @@ def test_help_answers_without_starting_tensorflow(script):
 def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     """`examples/finetune_lora.py --smoke` pre-trains, saves, and fine-tunes
     the five ways on tensorflow-datasets' mock CIFAR-10 (no bundled
-    subset), and writes one row per method with its step memory."""
+    subset), and writes one row per method with its step memory;
+    `--activity-epochs` gives (e) its own number of epochs."""
     import tensorflow_datasets as tfds
 
     monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
@@ -307,7 +308,9 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with tfds.testing.mock_data(num_examples=200):
         # K = 2 for (d): its eight passes are most of the smoke's time.
-        report = module.main(["--smoke", "--num-directions", "2", "--out", str(out)])
+        report = module.main(
+            ["--smoke", "--num-directions", "2", "--activity-epochs", "2", "--out", str(out)]
+        )
     assert (out / "pretrained.keras").exists()
     runs = {r["method"]: r for r in report["runs"]}
     assert sorted(runs) == ["a", "b", "c", "d", "e"]
@@ -315,6 +318,7 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     for name in "bcde":
         assert runs[name]["trainable_parameters"] == runs["b"]["trainable_parameters"]
     assert runs["b"]["trainable_parameters"] < runs["a"]["trainable_parameters"] / 10
+    assert [len(runs[name]["points"]) for name in "abcde"] == [1, 1, 1, 1, 2]
     for run in runs.values():
         assert 0 <= run["test_accuracy"] <= 1 and run["step_memory_mib"] > 0
     with open(out / "results.csv") as f:
@@ -330,3 +334,10 @@ def test_finetune_lora_help_and_bad_methods():
         [sys.executable, script, "--methods", "a,z"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "--methods takes letters from" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, script, "--activity-epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--activity-epochs must be a positive integer" in bad.stderr
