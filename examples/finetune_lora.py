@@ -23,7 +23,10 @@ training step needs beyond its variables (`research.finetuning.step_memory`:
 on JAX from XLA's buffer assignment of the compiled step, on TensorFlow
 from the allocator's peak). Every optimizer is Adam (3e-4 for (a), 1e-3 for
 (b), (c) and (d), 2e-3 for (e); `--forward-learning-rate` and
-`--activity-learning-rate` change those of (d) and (e)); no clipping.
+`--activity-learning-rate` change those of (d) and (e)), constant or with
+`--cosine` decaying to 0 over each method's epochs; no clipping.
+`--epochs` changes every method's epochs, `--activity-epochs` those of (e)
+alone (to compare at equal wall-clock rather than equal epochs).
 
 On TensorFlow, (c) runs eagerly: Keras rematerializes a layer with
 `tf.recompute_grad`, which takes keyword arguments (`training=`) only
@@ -41,7 +44,7 @@ Usage:
         [--forward-learning-rate LR] [--activity-learning-rate LR]
         [--activity-local-losses auto|layers] [--activity-groups 1|channels]
         [--activity-patches 1|positions] [--activity-direction gaussian|rademacher]
-        [--epochs N] [--activity-epochs N]
+        [--epochs N] [--activity-epochs N] [--cosine]
 """
 
 import argparse
@@ -99,6 +102,11 @@ def parse(argv):
         type=int,
         default=None,
         help="fine-tuning epochs of every method (default: the budget's, 5)",
+    )
+    p.add_argument(
+        "--cosine",
+        action="store_true",
+        help="every method's learning rate decays to 0 over its epochs (cosine)",
     )
     p.add_argument(
         "--activity-epochs",
@@ -205,7 +213,11 @@ def run_method(name, args, budget, data, weights):
     eager = remat and keras.backend.backend() == "tensorflow"
     evaluate_with = accuracy_model(base, run_eagerly=eager)
     rate = {"a": 3e-4, "d": args.forward_learning_rate, "e": args.activity_learning_rate}
-    optimizer = keras.optimizers.Adam(rate.get(name, 1e-3))
+    rate = rate.get(name, 1e-3)
+    if args.cosine:
+        steps = -(-len(data["y_train"]) // budget["batch"]) * epochs(args, budget, name)
+        rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=steps)
+    optimizer = keras.optimizers.Adam(rate)
     if name == "d":
         model = ForwardGradientModel(
             base, direction=args.direction, num_directions=args.num_directions, seed=args.seed
@@ -328,6 +340,7 @@ def main(argv=None):
             "activity_learning_rate": args.activity_learning_rate,
             "epochs": epochs(args, budget, "a"),
             "activity_epochs": epochs(args, budget, "e"),
+            "cosine": args.cosine,
         },
         "direction": args.direction,
         "activity": {

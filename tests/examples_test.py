@@ -299,7 +299,8 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     """`examples/finetune_lora.py --smoke` pre-trains, saves, and fine-tunes
     the five ways on tensorflow-datasets' mock CIFAR-10 (no bundled
     subset), and writes one row per method with its step memory;
-    `--activity-epochs` gives (e) its own number of epochs."""
+    `--activity-epochs` gives (e) its own number of epochs, `--cosine` each
+    method a decaying learning rate."""
     import tensorflow_datasets as tfds
 
     monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
@@ -309,7 +310,16 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=200):
         # K = 2 for (d): its eight passes are most of the smoke's time.
         report = module.main(
-            ["--smoke", "--num-directions", "2", "--activity-epochs", "2", "--out", str(out)]
+            [
+                "--smoke",
+                "--num-directions",
+                "2",
+                "--activity-epochs",
+                "2",
+                "--cosine",
+                "--out",
+                str(out),
+            ]
         )
     assert (out / "pretrained.keras").exists()
     runs = {r["method"]: r for r in report["runs"]}
@@ -319,6 +329,7 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
         assert runs[name]["trainable_parameters"] == runs["b"]["trainable_parameters"]
     assert runs["b"]["trainable_parameters"] < runs["a"]["trainable_parameters"] / 10
     assert [len(runs[name]["points"]) for name in "abcde"] == [1, 1, 1, 1, 2]
+    assert report["settings"]["cosine"] and report["settings"]["activity_epochs"] == 2
     for run in runs.values():
         assert 0 <= run["test_accuracy"] <= 1 and run["step_memory_mib"] > 0
     with open(out / "results.csv") as f:
