@@ -217,8 +217,24 @@ def group_indices(model, h_shape, z_shape, strides):
     return index(h_patch), index(z_patch), int(np.prod(counts)) * per_channel
 
 
+def _run_length(index, groups):
+    """`k` when the groups of `index` are `groups` consecutive runs of `k`
+    units each (`k = 1`: one unit per group, in order), else `None`: then
+    a group sum is a reshape and a sum, not a scatter (which XLA runs
+    element by element on a CPU)."""
+    flat = index.ravel()
+    if groups < 1 or flat.size % groups:
+        return None
+    k = flat.size // groups
+    return k if np.array_equal(flat, np.repeat(np.arange(groups), k)) else None
+
+
 def _segment_sum(per_unit, index, groups):
     """`[batch, units]` → `[G, batch]`: the sum over each group's units."""
+    k = _run_length(index, groups)
+    if k is not None:
+        summed = keras.ops.sum(keras.ops.reshape(per_unit, (-1, groups, k)), axis=-1)
+        return keras.ops.transpose(summed)
     ids = keras.ops.convert_to_tensor(index.ravel().astype("int32"))
     return keras.ops.segment_sum(keras.ops.transpose(per_unit), ids, num_segments=groups)
 
@@ -291,8 +307,16 @@ def per_unit(dg, u, index, mixing):
     ops = keras.ops
     if mixing:
         dg = ops.broadcast_to(ops.sum(dg, axis=1, keepdims=True), ops.shape(dg))
-    ids = ops.convert_to_tensor(index.ravel().astype("int32"))
-    dn = ops.take(ops.transpose(dg), ids, axis=1)
+    groups = dg.shape[0]
+    k = _run_length(index, groups) if groups is not None else None
+    if k is not None:
+        # Each group's derivative repeated over its run of units.
+        dn = ops.transpose(dg)
+        if k > 1:
+            dn = ops.repeat(dn, k, axis=1)
+    else:
+        ids = ops.convert_to_tensor(index.ravel().astype("int32"))
+        dn = ops.take(ops.transpose(dg), ids, axis=1)
     if index.ndim == 1:
         return ops.reshape(dn, (-1,) + (1,) * (len(u.shape) - 2) + (u.shape[-1],))
     return ops.reshape(dn, (-1,) + tuple(u.shape[1:]))
