@@ -106,9 +106,10 @@ class ForwardGradientModel(_Trainer, keras.Model):
             layers that alone follow it, and after each pooling layer),
             `"layers"` (after every layer with trainable variables but
             the last; a residual branch's layer, whose output reaches an
-            `Add` through activations or dropout only, after that `Add`
-            and the activations that alone follow it, so its head reads
-            the residual stream) or the names of the layers that end a
+            `Add` through activations or dropout only, each called once
+            and read by nothing else, after that `Add` and the
+            activations that alone follow it, so its head reads the
+            residual stream) or the names of the layers that end a
             block. Each
             block but the last learns only from the compiled loss of its
             own small head (`local_heads`, saved with this model but not

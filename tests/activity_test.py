@@ -311,6 +311,40 @@ def test_layers_local_losses_end_a_block_after_every_layer_with_variables():
     assert activity.block_ends(base, "layers") == [names[i] for i in (0, 2, 3, 5)]
 
 
+def test_layers_local_losses_keep_a_branch_block_where_it_cannot_end_at_the_merge():
+    """A residual branch ends its block after the `Add` only when the `Add`
+    alone takes its output and each layer on the way is called once (a
+    shared layer ends a block at every call): a shared layer on the way,
+    or a graph operation that also reads the branch, keeps the block end at
+    the branch's layer, and a shared layer after the merge is not
+    walked into."""
+    L = keras.layers
+    relu = L.ReLU(name="shared_relu")
+    x = keras.Input((8,))
+    h = relu(L.Dense(8, name="d0")(x))
+    b = L.Dense(8, name="d1")(h)
+    # The end stops at the merge, before the shared layer that follows it.
+    out = L.Dense(3, name="out")(relu(L.Add(name="add")([h, b])))
+    assert activity.block_ends(keras.Model(x, out), "layers") == ["d0", "add"]
+    # A shared layer between the branch's layer and the merge.
+    relu = L.ReLU(name="shared_relu_2")
+    h = relu(L.Dense(8, name="d0")(x))
+    b = relu(L.Dense(8, name="d1")(h))
+    out = L.Dense(3, name="out")(L.Add(name="add")([h, b]))
+    assert activity.block_ends(keras.Model(x, out), "layers") == ["d0", "d1"]
+
+    x = keras.Input((8,))
+    h = L.Dense(8, name="d0")(x)
+    b = L.Activation("relu", name="act")(L.Dense(8, name="d1")(h))
+    merged = L.Add(name="add")([h, b])
+    out = L.Dense(3, name="out")(L.Concatenate()([merged, b * 2.0]))
+    assert activity.block_ends(keras.Model(x, out), "layers") == ["d0", "d1"]
+
+    # Without the extra reader, the branch ends at the merge.
+    out = L.Dense(3, name="out")(L.Add(name="add2")([h, b]))
+    assert activity.block_ends(keras.Model(x, out), "layers") == ["d0", "add2"]
+
+
 def test_local_heads_are_saved_and_not_exported(tmp_path):
     keras.utils.set_random_seed(0)
     model = ForwardGradientModel(

@@ -142,8 +142,9 @@ def block_ends(base, local_losses):
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
         if local_losses == "layers":
+            operations = _operations(base)
             ends = [
-                _layer_end(layers, i).name
+                _layer_end(layers, operations, i).name
                 for i, layer in enumerate(layers)
                 if i < last_dense and has_variables(layer)
             ]
@@ -223,7 +224,25 @@ def _passes_channels(layer):
     )
 
 
-def _layer_end(layers, i):
+def _operations(model):
+    """Every layer and graph operation (`GetItem`, a `keras.ops` call) of
+    `model`, nested `Sequential` and functional models expanded, input
+    layers left out."""
+    if graph.is_sequential(model):
+        operations = model.layers
+    elif graph.is_functional(model):
+        operations = model.operations
+    else:
+        return [model]
+    out = []
+    for op in operations:
+        if isinstance(op, keras.layers.InputLayer):
+            continue
+        out.extend(_operations(op) if graph.is_container(op) else [op])
+    return out
+
+
+def _layer_end(layers, operations, i):
     """Where `local_losses="layers"` ends the block of `layers[i]`, a
     layer with trainable variables: after it, or, when its output reaches
     a residual `Add` through per-channel layers alone (dropout, an
@@ -236,13 +255,20 @@ def _layer_end(layers, i):
     layer = layers[i]
     if not any(isinstance(other, keras.layers.Add) for other in layers):
         return layer
+    if _compat.num_calls(layer) != 1:
+        return layer
     index = {id(other): j for j, other in enumerate(layers)}
     end, merged = layer, False
     while True:
-        after = _consumers(layers, end)
-        if len(after) != 1:
+        # Every consumer, graph operations included: a branch that also
+        # feeds one must keep its tangent inside its own block.
+        after = _consumers(operations, end)
+        if len(after) != 1 or id(after[0]) not in index:
             break
         (nxt,) = after
+        if _compat.num_calls(nxt) != 1:
+            # A shared layer ends a block at each of its calls.
+            break
         j = index[id(nxt)]
         if any(has_variables(other) for other in layers[index[id(end)] + 1 : j]):
             break
