@@ -12,7 +12,8 @@ a new 5-class head, five ways:
       `keras.RematScope(mode="full")`: each layer's activations are
       recomputed in the backward pass);
   (d) forward gradient (the papers' weight perturbation) on the LoRA
-      variables, K directions per step;
+      variables, one random-sign direction per step (`--num-directions`
+      and `--direction` change them);
   (e) activity perturbation on the LoRA variables: a block after every
       layer with trainable variables, one local loss per unit and token,
       random-sign tangents (`--activity-*` flags change them).
@@ -22,11 +23,12 @@ seconds, seconds to a fixed test accuracy (`--target`), and the memory one
 training step needs beyond its variables (`research.finetuning.step_memory`:
 on JAX from XLA's buffer assignment of the compiled step, on TensorFlow
 from the allocator's peak). Every optimizer is Adam (3e-4 for (a), 1e-3 for
-(b), (c) and (d), 2e-3 for (e); `--forward-learning-rate` and
+(b) and (c), 3e-3 for (d), 2e-3 for (e); `--forward-learning-rate` and
 `--activity-learning-rate` change those of (d) and (e)), constant or with
 `--cosine` decaying to 0 over each method's epochs; no clipping.
-`--epochs` changes every method's epochs, `--activity-epochs` those of (e)
-alone (to compare at equal wall-clock rather than equal epochs).
+`--epochs` changes every method's epochs, `--forward-epochs` and
+`--activity-epochs` those of (d) and (e) alone (to compare at equal
+wall-clock rather than equal epochs).
 
 On TensorFlow, (c) runs eagerly: Keras rematerializes a layer with
 `tf.recompute_grad`, which takes keyword arguments (`training=`) only
@@ -44,7 +46,7 @@ Usage:
         [--forward-learning-rate LR] [--activity-learning-rate LR]
         [--activity-local-losses auto|layers] [--activity-groups 1|channels]
         [--activity-patches 1|positions] [--activity-direction gaussian|rademacher]
-        [--epochs N] [--activity-epochs N] [--cosine]
+        [--epochs N] [--forward-epochs N] [--activity-epochs N] [--cosine]
 """
 
 import argparse
@@ -81,14 +83,14 @@ def parse(argv):
     p.add_argument("--out", default="results/finetune_lora", help="output folder")
     p.add_argument("--methods", default="a,b,c,d,e", help="comma-separated, from a-e")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--num-directions", type=int, default=8, help="K of (d) (default: %(default)s)")
+    p.add_argument("--num-directions", type=int, default=1, help="K of (d) (default: %(default)s)")
     p.add_argument(
         "--direction", default="rademacher", help="direction family of (d) (default: %(default)s)"
     )
     p.add_argument(
         "--forward-learning-rate",
         type=float,
-        default=1e-3,
+        default=3e-3,
         help="Adam's learning rate for (d) (default: %(default)s)",
     )
     p.add_argument(
@@ -107,6 +109,12 @@ def parse(argv):
         "--cosine",
         action="store_true",
         help="every method's learning rate decays to 0 over its epochs (cosine)",
+    )
+    p.add_argument(
+        "--forward-epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs of (d) (default: those of the other methods)",
     )
     p.add_argument(
         "--activity-epochs",
@@ -148,7 +156,7 @@ def parse(argv):
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for flag in ("epochs", "activity_epochs"):
+    for flag in ("epochs", "forward_epochs", "activity_epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer; received {value}")
@@ -163,7 +171,8 @@ def parse(argv):
 def epochs(args, budget, name):
     """The fine-tuning epochs of method `name`."""
     every = args.epochs or budget["epochs"]
-    return (args.activity_epochs or every) if name == "e" else every
+    own = {"d": args.forward_epochs, "e": args.activity_epochs}.get(name)
+    return own or every
 
 
 def split(arrays, classes):
@@ -339,6 +348,7 @@ def main(argv=None):
             "forward_learning_rate": args.forward_learning_rate,
             "activity_learning_rate": args.activity_learning_rate,
             "epochs": epochs(args, budget, "a"),
+            "forward_epochs": epochs(args, budget, "d"),
             "activity_epochs": epochs(args, budget, "e"),
             "cosine": args.cosine,
         },

@@ -299,8 +299,8 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     """`examples/finetune_lora.py --smoke` pre-trains, saves, and fine-tunes
     the five ways on tensorflow-datasets' mock CIFAR-10 (no bundled
     subset), and writes one row per method with its step memory;
-    `--activity-epochs` gives (e) its own number of epochs, `--cosine` each
-    method a decaying learning rate."""
+    `--forward-epochs` and `--activity-epochs` give (d) and (e) their own
+    numbers of epochs, `--cosine` each method a decaying learning rate."""
     import tensorflow_datasets as tfds
 
     monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
@@ -314,8 +314,10 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
                 "--smoke",
                 "--num-directions",
                 "2",
-                "--activity-epochs",
+                "--forward-epochs",
                 "2",
+                "--activity-epochs",
+                "3",
                 "--cosine",
                 "--out",
                 str(out),
@@ -328,8 +330,10 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
     for name in "bcde":
         assert runs[name]["trainable_parameters"] == runs["b"]["trainable_parameters"]
     assert runs["b"]["trainable_parameters"] < runs["a"]["trainable_parameters"] / 10
-    assert [len(runs[name]["points"]) for name in "abcde"] == [1, 1, 1, 1, 2]
-    assert report["settings"]["cosine"] and report["settings"]["activity_epochs"] == 2
+    assert [len(runs[name]["points"]) for name in "abcde"] == [1, 1, 1, 2, 3]
+    settings = report["settings"]
+    assert settings["cosine"] and settings["forward_epochs"] == 2
+    assert settings["activity_epochs"] == 3
     for run in runs.values():
         assert 0 <= run["test_accuracy"] <= 1 and run["step_memory_mib"] > 0
     with open(out / "results.csv") as f:
@@ -352,3 +356,10 @@ def test_finetune_lora_help_and_bad_methods():
         timeout=60,
     )
     assert bad.returncode == 2 and "--activity-epochs must be a positive integer" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, script, "--forward-epochs", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--forward-epochs must be a positive integer" in bad.stderr
