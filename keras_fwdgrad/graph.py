@@ -40,20 +40,24 @@ def is_container(layer):
 def flat_layers(model):
     """The layers of `model` in call order, nested `Sequential` and
     functional models expanded, input layers left out."""
+    return [op for op in flat_operations(model) if isinstance(op, keras.layers.Layer)]
+
+
+def flat_operations(model):
+    """Every layer and graph operation (`GetItem`, a `keras.ops` call) of
+    `model` in call order, nested `Sequential` and functional models
+    expanded, input layers left out."""
     if is_sequential(model):
-        layers = model.layers
+        operations = model.layers
     elif is_functional(model):
-        layers = [op for op in model.operations if isinstance(op, keras.layers.Layer)]
+        operations = model.operations
     else:
         return [model]
     out = []
-    for layer in layers:
-        if isinstance(layer, keras.layers.InputLayer):
+    for op in operations:
+        if isinstance(op, keras.layers.InputLayer):
             continue
-        if is_container(layer):
-            out.extend(flat_layers(layer))
-        else:
-            out.append(layer)
+        out.extend(flat_operations(op) if is_container(op) else [op])
     return out
 
 

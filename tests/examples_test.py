@@ -341,25 +341,16 @@ def test_finetune_lora_smoke_with_mock_data(tmp_path, monkeypatch):
 
 
 def test_finetune_lora_help_and_bad_methods():
-    """`--help` answers without starting TensorFlow; an unknown method is a
-    usage error naming the allowed ones."""
+    """`--help` answers without starting TensorFlow; an unknown method or
+    a number of epochs below 1 is a usage error saying what is allowed."""
     _help_probe("finetune_lora.py")
     script = os.path.join(EXAMPLES, "finetune_lora.py")
-    bad = subprocess.run(
-        [sys.executable, script, "--methods", "a,z"], capture_output=True, text=True, timeout=60
-    )
-    assert bad.returncode == 2 and "--methods takes letters from" in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, script, "--activity-epochs", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "--activity-epochs must be a positive integer" in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, script, "--forward-epochs", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "--forward-epochs must be a positive integer" in bad.stderr
+    for argv, message in [
+        (["--methods", "a,z"], "--methods takes letters from"),
+        (["--activity-epochs", "0"], "--activity-epochs must be a positive integer"),
+        (["--forward-epochs", "-1"], "--forward-epochs must be a positive integer"),
+    ]:
+        bad = subprocess.run(
+            [sys.executable, script, *argv], capture_output=True, text=True, timeout=60
+        )
+        assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr)

@@ -142,7 +142,7 @@ def block_ends(base, local_losses):
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
         if local_losses == "layers":
-            operations = _operations(base)
+            operations = graph.flat_operations(base)
             ends = [
                 _layer_end(layers, operations, i).name
                 for i, layer in enumerate(layers)
@@ -222,24 +222,6 @@ def _passes_channels(layer):
         and getattr(layer, "activation", None)
         not in (keras.activations.softmax, keras.activations.log_softmax)
     )
-
-
-def _operations(model):
-    """Every layer and graph operation (`GetItem`, a `keras.ops` call) of
-    `model`, nested `Sequential` and functional models expanded, input
-    layers left out."""
-    if graph.is_sequential(model):
-        operations = model.layers
-    elif graph.is_functional(model):
-        operations = model.operations
-    else:
-        return [model]
-    out = []
-    for op in operations:
-        if isinstance(op, keras.layers.InputLayer):
-            continue
-        out.extend(_operations(op) if graph.is_container(op) else [op])
-    return out
 
 
 def _layer_end(layers, operations, i):
