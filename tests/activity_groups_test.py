@@ -483,3 +483,66 @@ def test_fit_with_patches(mode):
         not np.allclose(b, np.asarray(v)) for b, v in zip(before, model.trainable_variables)
     ]
     assert all(changed)
+
+
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
+def test_a_nested_model_under_mixed_precision_groups_as_the_flat_one(mode):
+    """Under mixed precision Keras casts a nested model's inputs to the
+    input layer's dtype, which makes new tensors. The local-loss groups
+    follow them: a residual `Add` inside the nested model whose skip
+    carries the tangent of a layer of the same block is not taken for a
+    branch's merge (whose units could have losses of their own), so the
+    nested model's estimate is the flat model's: same weights, heads and
+    draws, rtol=atol=1e-5. (Without following the cast, the `Add` is
+    taken for a merge and `d1`'s estimate differs by far more.)"""
+    L = keras.layers
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+
+        def flat():
+            x = keras.Input((6,))
+            h = L.Dense(6, activation="tanh", name="d0")(x)
+            merged = L.Add(name="add")([h, L.Dense(6, name="d1")(h)])
+            base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
+            return base, base
+
+        def nested():
+            inner_in = keras.Input((6,))
+            merged = L.Add(name="add")([inner_in, L.Dense(6, name="d1")(inner_in)])
+            inner = keras.Model(inner_in, merged, name="inner")
+            x = keras.Input((6,))
+            h = L.Dense(6, activation="tanh", name="d0")(x)
+            out = L.Dense(3, activation="softmax", name="out")(inner(h))
+            return keras.Model(x, out), inner
+
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(5, 6)).astype("float32")
+        y = rng.integers(0, 3, size=(5,))
+        estimates, first = [], None
+        for build in (flat, nested):
+            keras.utils.set_random_seed(0)
+            base, inner = build()
+            layers = [base.get_layer("d0"), inner.get_layer("d1"), base.get_layer("out")]
+            model = ForwardGradientModel(
+                base,
+                perturbation="activations",
+                local_losses="auto",
+                local_loss_groups="channels",
+                direction="rademacher",
+                active_units_only=False,
+                seed=2,
+            )
+            if first is None:
+                first = (layers, model.local_heads)
+            for layer, source in zip(layers + model.local_heads, first[0] + first[1]):
+                layer.set_weights(source.get_weights())
+            assert len(model.local_heads) == 1
+            model.compile(optimizer="sgd", loss=LOSS)
+            estimates.append(_forward_gradient(model, x, y, mode))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    flat_estimate, nested_estimate = estimates
+    # d0, d1, out and the head: kernels and biases.
+    assert len(flat_estimate) == len(nested_estimate) == 8
+    for a, b in zip(flat_estimate, nested_estimate):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

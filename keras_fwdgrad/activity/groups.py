@@ -146,6 +146,20 @@ class Alignment:
             if source is not None and same:
                 self._aligned[id(y)] = (y,) + tuple(source[1:])
 
+    def inputs_standardized(self, given, inputs):
+        """A functional model (nested ones included) runs on `inputs`, the
+        flattened `given` after Keras standardized them: a cast to an
+        input's dtype (mixed precision) makes a new tensor with the same
+        units, which carries and is aligned as its source was."""
+        for source, x in zip(given, inputs):
+            if x is source:
+                continue
+            if self._carries(source):
+                self._carrying[id(x)] = x
+            found = self._source(source)
+            if found is not None:
+                self._aligned[id(x)] = (x,) + tuple(found[1:])
+
     def block_end(self, y, block):
         """`y` ends block `block`."""
         source = self._aligned.get(id(y))

@@ -218,7 +218,7 @@ def estimate(model, state, x, y, sample_weight, k):
     def run(eps):
         with keras.StatelessScope(state_mapping=mapping) as scope:
             p = _Pass(model, eps)
-            y_pred = graph.run(model.model, x, p.call_layer)
+            y_pred = graph.run(model.model, x, p.call_layer, p.alignment.inputs_standardized)
             head_preds = p.head_outputs(model.local_heads)
             block_losses = [
                 losses.per_example_losses(model, y, h, sample_weight)

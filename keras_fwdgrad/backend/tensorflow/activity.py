@@ -175,7 +175,7 @@ class _Pass:
         return out
 
     def run(self, base, x):
-        return graph.run(base, x, self.call_layer)
+        return graph.run(base, x, self.call_layer, self.alignment.inputs_standardized)
 
     def head_outputs(self):
         outputs = []
