@@ -136,6 +136,20 @@ METHODS = {
         dict(learning_rate=1e-3),
         10,
     ),
+    # The same with heads that map each position through a hidden ReLU
+    # layer before the mean (sequence and feature-map blocks).
+    "activations_layer_patches_signs_hidden_heads": (
+        dict(
+            perturbation="activations",
+            local_losses="layers",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+            direction="rademacher",
+            local_head_units=64,
+        ),
+        dict(learning_rate=3e-3),
+        10,
+    ),
     "activations_one_loss": (
         dict(perturbation="activations"),
         dict(learning_rate=1e-3),
@@ -186,8 +200,8 @@ def run(
     model = base if wrapper_args is None else ForwardGradientModel(base, seed=seed, **wrapper_args)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
-    base.compile(loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
-    curve = learning.TestCurve(data["x_test"], data["y_test"], base)
+    evaluate_with = learning.evaluation_model(base, model, loss, jit_compile)
+    curve = learning.TestCurve(data["x_test"], data["y_test"], evaluate_with)
     model.fit(
         data["x_train"],
         data["y_train"],

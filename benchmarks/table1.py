@@ -115,7 +115,7 @@ def run(
         model = ForwardGradientModel(base, direction="gaussian", jvp_clip=jvp_clip, seed=seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=True)
-    base.compile(loss=loss, metrics=["accuracy"], jit_compile=True)
+    evaluate_with = learning.evaluation_model(base, model, loss)
     train, val, test = data
     log = LossLog(log_every)
     start = time.perf_counter()
@@ -123,7 +123,7 @@ def run(
         train, validation_data=val, epochs=epochs, shuffle=False, verbose=0, callbacks=[log]
     )
     seconds = time.perf_counter() - start
-    test_loss, test_accuracy = base.evaluate(test, verbose=0)
+    test_loss, test_accuracy = evaluate_with.evaluate(test, verbose=0)
     return {
         "model": model_name,
         "row": row,

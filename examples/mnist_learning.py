@@ -80,8 +80,8 @@ def train(name, wrapper_args, adam, data, epochs, seed):
         metrics=["accuracy"],
         jit_compile=True,
     )
-    base.compile(loss=loss, metrics=["accuracy"], jit_compile=True)
-    curve = learning.TestCurve(data["x_test"], data["y_test"], base, verbose=False)
+    evaluate_with = learning.evaluation_model(base, model, loss)
+    curve = learning.TestCurve(data["x_test"], data["y_test"], evaluate_with, verbose=False)
     model.fit(
         data["x_train"],
         data["y_train"],

@@ -46,6 +46,7 @@ def checked_options(given):
         g["active_units_only"],
         g["local_loss_groups"],
         g["local_loss_patches"],
+        g["local_head_units"],
     )
     out = {k: v for k, v in g.items() if k != "seed"}
     out["direction"] = directions.get(g["direction"])
@@ -56,6 +57,8 @@ def checked_options(given):
         out["local_losses"] = list(g["local_losses"])
     for name, word in (("local_loss_groups", "channels"), ("local_loss_patches", "positions")):
         out[name] = g[name] if g[name] == word else int(g[name])
+    if g["local_head_units"] is not None:
+        out["local_head_units"] = int(g["local_head_units"])
     return out
 
 
@@ -154,6 +157,7 @@ def check_activity_arguments(
     active_units_only,
     local_loss_groups=1,
     local_loss_patches=1,
+    local_head_units=None,
 ):
     """Raises a `ValueError` or `TypeError` naming a bad argument."""
     if perturbation not in PERTURBATIONS:
@@ -202,4 +206,19 @@ def check_activity_arguments(
             raise ValueError(
                 f"`{name}` other than 1 requires `local_losses`. "
                 f"Received: {name}={value!r} with local_losses=None"
+            )
+    if local_head_units is not None:
+        if (
+            not isinstance(local_head_units, numbers.Integral)
+            or isinstance(local_head_units, bool)
+            or local_head_units < 1
+        ):
+            raise ValueError(
+                "`local_head_units` must be `None` or an integer of at least 1. "
+                f"Received: local_head_units={local_head_units!r}"
+            )
+        if local_losses is None:
+            raise ValueError(
+                "`local_head_units` requires `local_losses`. "
+                f"Received: local_head_units={local_head_units!r} with local_losses=None"
             )

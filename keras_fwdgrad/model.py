@@ -126,6 +126,13 @@ class ForwardGradientModel(_Trainer, keras.Model):
         local_loss_patches: Integer (default 1) or `"positions"`. With
             `local_losses`, also split each block's output positions into
             this many patches per spatial axis, each with its own loss.
+        local_head_units: Integer or `None` (default). With
+            `local_losses`, each head first maps every position of its
+            block's output through a `Dense(local_head_units,
+            activation="relu")` layer (one per head, shared by the
+            positions), then averages over positions. Sequence and
+            feature-map blocks learn much better from such heads than from
+            the average of their raw outputs (`docs/activity.md`).
             The activity options in full: `docs/activity.md`.
         **kwargs: Passed to `keras.Model` (for example `name`).
 
@@ -167,6 +174,7 @@ class ForwardGradientModel(_Trainer, keras.Model):
         active_units_only=True,
         local_loss_groups=1,
         local_loss_patches=1,
+        local_head_units=None,
         **kwargs,
     ):
         backend.check()

@@ -99,7 +99,9 @@ class Trainer:
             return
         activity.check_model(self.model)
         self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
-        self.local_heads = activity.make_heads(self.model, self._local_loss_ends)
+        self.local_heads = activity.make_heads(
+            self.model, self._local_loss_ends, self.local_head_units
+        )
         self._local_loss_trackers = [
             keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
         ]

@@ -91,6 +91,32 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path):
     assert learning.code_version(str(tmp_path)) == head + "+changes"
 
 
+def test_evaluating_a_backprop_run_keeps_its_optimizer():
+    """The learning benchmarks evaluate the wrapped model while its wrapper
+    trains; for backprop the trained model is the wrapped one, and
+    compiling it again for evaluation would train it with Keras' default
+    RMSprop instead of the optimizer asked for."""
+    import keras
+
+    from keras_fwdgrad import ForwardGradientModel
+    from keras_fwdgrad.research import learning
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    base.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss, metrics=["accuracy"])
+    assert learning.evaluation_model(base, base, loss) is base
+    assert isinstance(base.optimizer, keras.optimizers.SGD)
+    assert float(base.optimizer.learning_rate) == 0.5
+    model = ForwardGradientModel(base)
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss=loss)
+    evaluate_with = learning.evaluation_model(base, model, loss)
+    assert evaluate_with is base and isinstance(model.optimizer, keras.optimizers.Adam)
+    assert evaluate_with.evaluate(np.ones((4, 3)), np.zeros(4), verbose=0)[1] >= 0.0
+    with pytest.raises(ValueError, match="Compile"):
+        fresh = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        learning.evaluation_model(fresh, fresh, loss)
+
+
 def _run_on_jax(script, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "jax"}
     subprocess.run(

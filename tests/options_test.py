@@ -28,6 +28,7 @@ ALTERNATIVES = {
     "active_units_only": (False, ACTIVITY),
     "local_loss_groups": (2, dict(ACTIVITY, local_losses="layers")),
     "local_loss_patches": (2, dict(ACTIVITY, local_losses="layers")),
+    "local_head_units": (8, dict(ACTIVITY, local_losses="layers")),
 }
 
 

@@ -253,18 +253,53 @@ def _segment_sum(per_unit, index, groups):
     return keras.ops.segment_sum(keras.ops.transpose(per_unit), ids, num_segments=groups)
 
 
-def group_derivatives(kernel, h, th, jacobian, index, groups):
-    """Each group's directional derivative of a block's local loss.
+def head_gradients(kernel, jacobian, h, hidden_kernel=None, hidden_z=None):
+    """`∂L/∂h` of a block's local loss at the block's output `h`, from
+    the loss's derivative at the head's pre-activations, for every
+    example at once (the reverse products of the head alone).
 
-    The head (average over positions, then `Dense` with `kernel`) gives
-    `∂L/∂h` from the loss's derivative at its pre-activations, for every
-    group at once.
+    The head averages over positions, then applies `Dense` with `kernel`;
+    with a hidden layer (`LocalHead(hidden_units=...)`) it first applies
+    `relu(h @ hidden_kernel + b)` at every position.
 
     Args:
-        kernel: The value of the head's `Dense` kernel.
-        h, th: The block's output and its tangent.
+        kernel: The value of the head's output `Dense` kernel.
         jacobian: The head loss's derivative at its pre-activations
             (`[batch, units]`).
+        h: The block's output (channels last).
+        hidden_kernel, hidden_z: With a hidden layer, its kernel and its
+            pre-activations (`[batch, ..., hidden_units]`).
+
+    Returns:
+        `(grad_h, grad_hidden)`: float32 `∂L/∂h`, broadcastable against
+        `h`, and `∂L/∂hidden_z` (`None` without a hidden layer).
+    """
+    ops = keras.ops
+    # ∂L/∂(pooled input of the output Dense): [batch, width].
+    grad = ops.matmul(ops.cast(jacobian, "float32"), ops.transpose(ops.cast(kernel, "float32")))
+    rank = len(h.shape)
+    if rank > 2:
+        # The mean over positions spreads it.
+        positions = ops.cast(ops.size(h), "float32") / ops.cast(
+            ops.shape(h)[0] * h.shape[-1], "float32"
+        )
+        grad = ops.reshape(grad / positions, (-1,) + (1,) * (rank - 2) + (grad.shape[-1],))
+    if hidden_kernel is None:
+        return grad, None
+    active = ops.cast(ops.greater(hidden_z, 0), "float32")
+    grad_hidden = grad * active
+    grad_h = ops.matmul(grad_hidden, ops.transpose(ops.cast(hidden_kernel, "float32")))
+    return grad_h, grad_hidden
+
+
+def group_derivatives(grad, th, index, groups):
+    """Each group's directional derivative of a block's local loss:
+    `d_g = Σ_{i in g} ∂L/∂h_i · ṫh_i`.
+
+    Args:
+        grad: `∂L/∂h` (`head_gradients`), broadcastable against `th`.
+        th: The tangent of the block's output `h` (or of a head's hidden
+            pre-activations, with `grad` the loss's derivative there).
         index, groups: The group of each unit of `h` (`group_indices`)
             and their number.
 
@@ -272,23 +307,16 @@ def group_derivatives(kernel, h, th, jacobian, index, groups):
         A float32 `[G, batch]` tensor.
     """
     ops = keras.ops
-    # ∂L/∂(pooled h): [batch, C]; the mean over positions spreads it.
-    grad = ops.matmul(ops.cast(jacobian, "float32"), ops.transpose(ops.cast(kernel, "float32")))
     th = ops.cast(th, "float32")
-    channels = h.shape[-1]
-    rank = len(h.shape)
-    if rank > 2:
-        positions = ops.cast(ops.size(h), "float32") / ops.cast(
-            ops.shape(h)[0] * channels, "float32"
-        )
-        grad = ops.reshape(grad / positions, (-1,) + (1,) * (rank - 2) + (channels,))
+    channels = th.shape[-1]
+    rank = len(th.shape)
     per_unit = th * grad
     if index.ndim == 1:
         if rank > 2:
             per_unit = ops.sum(per_unit, axis=tuple(range(1, rank - 1)))
         units = channels
     else:
-        units = int(np.prod(h.shape[1:]))
+        units = int(np.prod(th.shape[1:]))
     return _segment_sum(ops.reshape(per_unit, (-1, units)), index, groups)
 
 

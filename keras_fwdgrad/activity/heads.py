@@ -10,25 +10,37 @@ from keras_fwdgrad import graph
 class LocalHead(keras.layers.Layer):
     """The small head that turns a block's output into a local loss.
 
-    Feature maps (rank above 2) are averaged over their spatial axes
-    (channels last), then a `Dense` layer maps them to the model's output
-    size.
+    With `hidden_units`, a `Dense(hidden_units, activation="relu")` layer
+    first maps each position of the block's output (the same weights at
+    every position). Feature maps and sequences (rank above 2) are then
+    averaged over their spatial axes (channels last), and a `Dense` layer
+    maps them to the model's output size.
 
     Args:
         units: Integer, the model's output size.
         activation: The activation of the model's output layer, so that the
             compiled loss applies to the head as it is.
+        hidden_units: Optional integer, the width of the hidden layer;
+            `None` (default) for none.
         **kwargs: Passed to `keras.layers.Layer` (for example `name`).
     """
 
-    def __init__(self, units, activation=None, **kwargs):
+    def __init__(self, units, activation=None, hidden_units=None, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.activation = keras.activations.get(activation)
+        self.hidden_units = None if hidden_units is None else int(hidden_units)
+        self.hidden = None
+        if self.hidden_units is not None:
+            self.hidden = keras.layers.Dense(self.hidden_units, activation="relu", name="hidden")
         self.dense = keras.layers.Dense(self.units, activation=self.activation, name="dense")
 
     def build(self, input_shape):
-        self.dense.build((input_shape[0], input_shape[-1]))
+        width = input_shape[-1]
+        if self.hidden is not None:
+            self.hidden.build(tuple(input_shape))
+            width = self.hidden_units
+        self.dense.build((input_shape[0], width))
 
     def pool(self, x):
         if len(x.shape) > 2:
@@ -36,6 +48,8 @@ class LocalHead(keras.layers.Layer):
         return x
 
     def call(self, inputs):
+        if self.hidden is not None:
+            inputs = self.hidden(inputs)
         return self.dense(self.pool(inputs))
 
     def compute_output_shape(self, input_shape):
@@ -47,13 +61,15 @@ class LocalHead(keras.layers.Layer):
             {
                 "units": self.units,
                 "activation": keras.activations.serialize(self.activation),
+                "hidden_units": self.hidden_units,
             }
         )
         return config
 
 
-def make_heads(base, ends):
-    """One `LocalHead` per block end, built for the block's output."""
+def make_heads(base, ends, hidden_units=None):
+    """One `LocalHead` per block end, built for the block's output (with
+    a hidden layer of `hidden_units`, if given)."""
     layers = {layer.name: layer for layer in graph.flat_layers(base)}
     output = keras.tree.flatten(base.outputs)[0]
     units = output.shape[-1]
@@ -70,7 +86,9 @@ def make_heads(base, ends):
                 f"Received: block output {name!r} of shape {shape} with "
                 f"image_data_format={keras.config.image_data_format()!r}"
             )
-        head = LocalHead(units, activation=activation, name=f"local_head_{i}")
+        head = LocalHead(
+            units, activation=activation, hidden_units=hidden_units, name=f"local_head_{i}"
+        )
         head.build(shape)
         heads.append(head)
     return heads

@@ -38,6 +38,30 @@ def normalized_arrays(name="mnist", data_dir=None, source="auto", train_size=Non
     }
 
 
+def evaluation_model(base, trained, loss, jit_compile=True):
+    """`base` compiled to evaluate test loss and accuracy while `trained`
+    (a `ForwardGradientModel` of it, or `base` itself for backprop) trains.
+
+    When `trained` is `base` it is returned as it is, and must already be
+    compiled with an `"accuracy"` metric: compiling it again would replace
+    its optimizer (`keras.Model.compile` defaults to RMSprop).
+
+    Args:
+        base: The wrapped Keras model.
+        trained: The model `fit` trains.
+        loss: The compiled loss.
+        jit_compile: Passed to `compile`.
+    """
+    if trained is base:
+        if not base.compiled or base.optimizer is None:
+            raise ValueError(
+                "Compile `trained` (with its optimizer) before asking to evaluate it."
+            )
+        return base
+    base.compile(loss=loss, metrics=["accuracy"], jit_compile=jit_compile)
+    return base
+
+
 class TestCurve(keras.callbacks.Callback):
     """Records test accuracy and loss after every epoch, against the
     training seconds so far (evaluation time excluded) and the median

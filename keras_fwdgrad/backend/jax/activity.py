@@ -62,7 +62,8 @@ class _Record:
     block: int
     closed_form: bool  # Pre-activations perturbed (activation after).
     relu: bool
-    head: bool = False  # A local head's `Dense`.
+    head: bool = False  # A local head's output `Dense`.
+    head_hidden: bool = False  # A local head's hidden `Dense`.
 
 
 def _linear_call(layer, args, kwargs, closed_form):
@@ -102,7 +103,7 @@ class _Pass:
         self.alignment = groups.Alignment()
         self.output_record = None
 
-    def perturb(self, layer, args, kwargs, closed_form, head=False):
+    def perturb(self, layer, args, kwargs, closed_form, head=False, head_hidden=False):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         index = len(self.records)
         self.records.append(
@@ -114,6 +115,7 @@ class _Pass:
                 closed_form,
                 closed_form and layer.activation is keras.activations.relu,
                 head,
+                head_hidden,
             )
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
@@ -149,7 +151,10 @@ class _Pass:
             self.alignment.layer_output(layer, args, y, kwargs)
         elif isinstance(layer, LocalHead):
             closed_form = True
-            y = self.perturb(layer.dense, (layer.pool(args[0]),), {}, True, head=True)
+            h = args[0]
+            if layer.hidden is not None:
+                h = self.perturb(layer.hidden, (h,), {}, True, head_hidden=True)
+            y = self.perturb(layer.dense, (layer.pool(h),), {}, True, head=True)
         elif has_variables(layer):
             closed_form = perturbed(layer) and len(args) == 1 and not set(kwargs) - {"training"}
             if closed_form:
@@ -299,16 +304,36 @@ def _group_derivatives(
     closed-form layer whose channels reach each block's output, each
     local head, and the model's output layer."""
     heads = {r.block: i for i, r in enumerate(p.records) if r.head}
+    hiddens = {r.block: i for i, r in enumerate(p.records) if r.head_hidden}
     jacobians = {
         i: _loss_jacobian(model, p.records[i].layer.activation, values[i], y, sample_weight)
         for i in heads.values()
     }
+    # `∂L/∂h` of each head at its block's output (and at its hidden
+    # pre-activations).
+    head_grads = {}
+    for block, i in heads.items():
+        head = model.local_heads[block]
+        hidden = {}
+        if block in hiddens:
+            hidden = dict(
+                hidden_kernel=by_id[id(head.hidden.kernel)], hidden_z=values[hiddens[block]]
+            )
+        head_grads[block] = groups.head_gradients(
+            by_id[id(head.dense.kernel)], jacobians[i], block_outputs[block], **hidden
+        )
     out = {}
     for block, (index, strides) in p.alignment.grouped.items():
         h, th = block_outputs[block], block_tangents[block]
         index_h, index_z, count = groups.group_indices(model, h.shape, us[index].shape, strides)
-        kernel = by_id[id(model.local_heads[block].dense.kernel)]
-        dg = groups.group_derivatives(kernel, h, th, jacobians[heads[block]], index_h, count)
+        dg = groups.group_derivatives(head_grads[block][0], th, index_h, count)
+        out[index] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
+    for block, index in hiddens.items():
+        # A head's hidden layer: one loss per group of its own units, the
+        # other tangents held constant (as for the head's output layer).
+        shape = us[index].shape
+        unit, index_z, count = groups.group_indices(model, shape, shape, (1,) * (len(shape) - 2))
+        dg = groups.group_derivatives(head_grads[block][1], us[index], unit, count)
         out[index] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
     outputs = dict(jacobians)
     if p.output_record is not None:

@@ -52,6 +52,7 @@ class _Record:
     # The general rule: `vjp(cotangent)` is the reverse pass through the
     # layer's recorded call, one gradient per trainable variable.
     vjp: object = None
+    head_hidden: bool = False  # A local head's hidden `Dense`.
 
 
 class _Pass:
@@ -101,29 +102,7 @@ class _Pass:
             and args[0].dtype == layer.compute_dtype
         )
         if closed_form:
-            x = args[0]
-            tx = None
-            if not isinstance(layer, (keras.layers.Dense, LocalHead)):
-                # The convolution of the input's tangent, computed here:
-                # TensorFlow's own forward mode through a convolution (the
-                # transpose of its input gradient) is many times slower
-                # under XLA.
-                tx = self.acc.jvp(x)
-                x = tf.stop_gradient(x)
-            z = _pre_activation(layer, x)
-            u = self.tangent(z, len(self.records))
-            tz = u if tx is None else u + layer_rules.convolution(layer)(tx, layer.kernel.value)
-            zero = tf.zeros_like(z)
-            _compat.watch(self.acc, zero, tz)
-            z = z + zero
-            self.records.append(_Record(layer, x, z, u, self.block))
-            activation = (
-                layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
-            )
-            y = activation(z)
-            self.alignment.closed_form_output(
-                y, self.records[-1], self.block, layer, activation, len(z.shape)
-            )
+            y = self.call_closed_form(layer, args[0])
         elif not isinstance(layer, keras.layers.Layer):
             # An operation of a functional graph (`GetItem`, a `keras.ops`
             # call): no variables.
@@ -141,6 +120,31 @@ class _Pass:
             self.block_outputs.append(y)
             self.block += 1
             y = tf.stop_gradient(y)
+        return y
+
+    def call_closed_form(self, layer, x, head_hidden=False):
+        """A perturbed `Dense`/convolution layer (or local head): its
+        pre-activations get this pass's tangent, then its activation."""
+        tx = None
+        if not isinstance(layer, (keras.layers.Dense, LocalHead)):
+            # The convolution of the input's tangent, computed here:
+            # TensorFlow's own forward mode through a convolution (the
+            # transpose of its input gradient) is many times slower
+            # under XLA.
+            tx = self.acc.jvp(x)
+            x = tf.stop_gradient(x)
+        z = _pre_activation(layer, x)
+        u = self.tangent(z, len(self.records))
+        tz = u if tx is None else u + layer_rules.convolution(layer)(tx, layer.kernel.value)
+        zero = tf.zeros_like(z)
+        _compat.watch(self.acc, zero, tz)
+        z = z + zero
+        self.records.append(_Record(layer, x, z, u, self.block, head_hidden=head_hidden))
+        activation = layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
+        y = activation(z)
+        self.alignment.closed_form_output(
+            y, self.records[-1], self.block, layer, activation, len(z.shape)
+        )
         return y
 
     def call_general(self, layer, args, kwargs):
@@ -181,6 +185,10 @@ class _Pass:
         outputs = []
         for block, (head, h) in enumerate(zip(self.heads, self.block_outputs)):
             self.block = block
+            if head.hidden is not None:
+                # Keras layers cast their inputs to their compute dtype.
+                h = tf.cast(h, head.hidden.compute_dtype)
+                h = self.call_closed_form(head.hidden, h, head_hidden=True)
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
@@ -239,18 +247,42 @@ def estimate(model, x, y, sample_weight, k):
     batch_d = tf.reduce_sum(d, axis=1)
     group_d = {}
     if model.local_loss_groups != 1 or model.local_loss_patches != 1:
-        # Each head's loss derivative at its pre-activations, once per
-        # block: its block's groups and its own units use it.
-        head_jacobians = {
-            block: _head_jacobian(model, heads[block], h, y, sample_weight)
-            for block, h in enumerate(p.block_outputs)
-        }
+        # Each head's loss derivative at its pre-activations, and `∂L/∂h`
+        # at its block's output (and hidden pre-activations), once per
+        # block: its block's groups and its own units use them.
+        head_records = {r.block: r for r in p.records if isinstance(r.layer, LocalHead)}
+        hidden_records = {r.block: r for r in p.records if r.head_hidden}
+        head_jacobians, head_grads = {}, {}
+        for block, r in head_records.items():
+            head = heads[block]
+            z = tf.stop_gradient(r.z)
+            head_jacobians[block] = _loss_jacobian(
+                model, head.dense.activation, z, y, sample_weight
+            )
+            hidden = {}
+            if block in hidden_records:
+                hidden = dict(
+                    hidden_kernel=head.hidden.kernel.value,
+                    hidden_z=tf.stop_gradient(hidden_records[block].z),
+                )
+            head_grads[block] = groups.head_gradients(
+                head.dense.kernel.value, head_jacobians[block], p.block_outputs[block], **hidden
+            )
         for block, (record, strides) in p.alignment.grouped.items():
             h = p.block_outputs[block]
             th = acc.jvp(h, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             index_h, index_z, count = groups.group_indices(model, h.shape, record.u.shape, strides)
-            kernel = heads[block].dense.kernel.value
-            dg = groups.group_derivatives(kernel, h, th, head_jacobians[block], index_h, count)
+            dg = groups.group_derivatives(head_grads[block][0], th, index_h, count)
+            group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
+        for block, record in hidden_records.items():
+            # A head's hidden layer: one loss per group of its own units,
+            # the other tangents held constant (as for the head's output
+            # layer).
+            shape = record.u.shape
+            unit, index_z, count = groups.group_indices(
+                model, shape, shape, (1,) * (len(shape) - 2)
+            )
+            dg = groups.group_derivatives(head_grads[block][1], record.u, unit, count)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
         # The heads, and the model's output layer when its activation's
         # output is the model's output: one loss per output-unit group.
@@ -325,13 +357,6 @@ def _loss_jacobian(model, activation, z, y, sample_weight):
         values = per_example_losses(model, y, activation(zt), sample_weight, copies=units)
     jacobian = acc.jvp(values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return tf.transpose(tf.reshape(jacobian, [units, -1]))
-
-
-def _head_jacobian(model, head, h, y, sample_weight):
-    """`∂L_n/∂z_n` of the head's loss at its pre-activations `z`, for the
-    block output `h` (`[batch, units]`)."""
-    z = _pre_activation(head, tf.stop_gradient(head.pool(h)))
-    return _loss_jacobian(model, head.dense.activation, z, y, sample_weight)
 
 
 def _with_regularizers(variables, grads):
