@@ -147,7 +147,19 @@ METHODS = {
             direction="rademacher",
             local_head_units=64,
         ),
-        dict(learning_rate=3e-3),
+        dict(learning_rate=1e-2),
+        10,
+    ),
+    "activations_layer_patches_signs_heads256": (
+        dict(
+            perturbation="activations",
+            local_losses="layers",
+            local_loss_groups="channels",
+            local_loss_patches="positions",
+            direction="rademacher",
+            local_head_units=256,
+        ),
+        dict(learning_rate=1e-2),
         10,
     ),
     "activations_one_loss": (

@@ -5,7 +5,9 @@ Builds the blocks and heads `ForwardGradientModel(perturbation=
 "activations", local_losses=...)` builds (a `LocalHead` per block but the
 last, `tf.stop_gradient` between blocks), but trains each block on its
 own loss with its exact gradient (backprop inside the block), Adam with
-cosine decay, batch 64. Evaluated like `benchmarks/learning.py` (test
+cosine decay, batch 64. With random-sign tangents and one local loss per
+unit (`local_loss_groups="channels"`, `local_loss_patches="positions"`)
+activity perturbation computes exactly this gradient. Evaluated like `benchmarks/learning.py` (test
 accuracy after every epoch against training seconds), so a forward-gradient
 run and this one differ only in the estimate: the gap between them is the
 estimator's noise; the gap between this one and backprop is what training
@@ -13,8 +15,8 @@ blocks greedily from small heads costs.
 
 Usage:
     python benchmarks/local_loss_ceiling.py --data-dir ../shared/data \
-        [--model mlp|cnn|vgg] [--local-losses layers|auto] [--epochs N] \
-        [--train-size N] [--test-size N]
+        [--model mlp|cnn|vgg|encoder] [--local-losses layers|auto] [--epochs N] \
+        [--train-size N] [--test-size N] [--local-head-units N] [--no-jit-compile]
 """
 
 import argparse
@@ -23,10 +25,10 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad import activity  # noqa: E402
+from keras_fwdgrad import graph  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad.research import learning  # noqa: E402
@@ -35,23 +37,33 @@ MODELS = {
     "mlp": architectures.mlp,
     "cnn": architectures.mnist_cnn,
     "vgg": architectures.cifar10_vgg,
+    "encoder": architectures.mnist_encoder,
 }
 
 
-def greedy_model(base, local_losses):
+def greedy_model(base, local_losses, local_head_units=None):
     """`(training model, heads)`: a functional model with the outputs of
     `base` and of one head per block, blocks separated by
-    `tf.stop_gradient`. `base` must be a `Sequential` model."""
-    wrapper = ForwardGradientModel(base, perturbation="activations", local_losses=local_losses)
+    `stop_gradient`, for a `Sequential` or functional `base`."""
+    wrapper = ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses=local_losses,
+        local_head_units=local_head_units,
+    )
     ends = activity.block_ends(base, local_losses)
     heads = wrapper.local_heads
+    outputs = []
+
+    def call(layer, args, kwargs):
+        y = layer(*args, **kwargs)
+        if getattr(layer, "name", None) in ends and len(outputs) < len(ends):
+            outputs.append(heads[len(outputs)](y))
+            y = keras.ops.stop_gradient(y)
+        return y
+
     inputs = keras.Input(base.input_shape[1:])
-    x, outputs = inputs, []
-    for layer in base.layers:
-        x = layer(x)
-        if layer.name in ends:
-            outputs.append(heads[len(outputs)](x))
-            x = keras.layers.Lambda(tf.stop_gradient)(x)
+    x = graph.run(base, inputs, call)
     return keras.Model(inputs, [x] + outputs), heads
 
 
@@ -65,6 +77,8 @@ def main():
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-head-units", type=int, default=None)
+    p.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default="benchmarks/results/learning/local_loss_ceiling.json")
     args = p.parse_args()
 
@@ -75,7 +89,7 @@ def main():
     )
     keras.utils.set_random_seed(args.seed)
     base = MODELS[args.model]()
-    model, heads = greedy_model(base, args.local_losses)
+    model, heads = greedy_model(base, args.local_losses, args.local_head_units)
     steps = len(data["x_train"]) // 64
     schedule = keras.optimizers.schedules.CosineDecay(
         args.learning_rate, decay_steps=args.epochs * steps
@@ -84,9 +98,9 @@ def main():
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=[loss] * (1 + len(heads)),
-        jit_compile=True,
+        jit_compile=args.jit_compile,
     )
-    base.compile(loss=loss, metrics=["accuracy"], jit_compile=True)
+    base.compile(loss=loss, metrics=["accuracy"], jit_compile=args.jit_compile)
     curve = learning.TestCurve(data["x_test"], data["y_test"], base)
     model.fit(
         data["x_train"],
@@ -98,9 +112,13 @@ def main():
         callbacks=[curve],
     )
     results = learning.load_runs(args.out)
-    name = f"{args.model}/{args.local_losses}/lr{args.learning_rate:g}/seed{args.seed}"
+    head = f"/head_units{args.local_head_units}" if args.local_head_units else ""
+    name = f"{args.model}/{args.local_losses}{head}/lr{args.learning_rate:g}/seed{args.seed}"
     results[name] = {
-        "method": f"exact local gradients, local_losses={args.local_losses!r}",
+        "method": (
+            f"exact local gradients, local_losses={args.local_losses!r}, "
+            f"local_head_units={args.local_head_units!r}"
+        ),
         "seed": args.seed,
         "commit": started_at,
         "settings": {
@@ -111,7 +129,8 @@ def main():
             "adam": {"learning_rate": args.learning_rate},
             "epochs": args.epochs,
             "clipping": "none",
-            "jit_compile": True,
+            "jit_compile": args.jit_compile,
+            "local_head_units": args.local_head_units,
         },
         "curve": curve.points,
         "median_step_seconds": curve.median_step_seconds(),
