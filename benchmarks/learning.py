@@ -41,6 +41,17 @@ from keras_fwdgrad.research import learning  # noqa: E402
 
 TARGETS = learning.TARGETS
 
+# A block after every layer with variables, one loss per unit and
+# position, random-sign tangents: each unit's estimate is its exact local
+# gradient.
+LAYER_PATCHES_SIGNS = dict(
+    perturbation="activations",
+    local_losses="layers",
+    local_loss_groups="channels",
+    local_loss_patches="positions",
+    direction="rademacher",
+)
+
 # name: (wrapper arguments or None for backprop, Adam settings, epochs).
 METHODS = {
     "backprop": (None, dict(learning_rate=1e-3), 10),
@@ -126,39 +137,19 @@ METHODS = {
         10,
     ),
     "activations_layer_patches_signs": (
-        dict(
-            perturbation="activations",
-            local_losses="layers",
-            local_loss_groups="channels",
-            local_loss_patches="positions",
-            direction="rademacher",
-        ),
+        LAYER_PATCHES_SIGNS,
         dict(learning_rate=1e-3),
         10,
     ),
     # The same with heads that map each position through a hidden ReLU
     # layer before the mean (sequence and feature-map blocks).
     "activations_layer_patches_signs_hidden_heads": (
-        dict(
-            perturbation="activations",
-            local_losses="layers",
-            local_loss_groups="channels",
-            local_loss_patches="positions",
-            direction="rademacher",
-            local_head_units=64,
-        ),
+        dict(LAYER_PATCHES_SIGNS, local_head_units=64),
         dict(learning_rate=1e-2),
         10,
     ),
     "activations_layer_patches_signs_heads256": (
-        dict(
-            perturbation="activations",
-            local_losses="layers",
-            local_loss_groups="channels",
-            local_loss_patches="positions",
-            direction="rademacher",
-            local_head_units=256,
-        ),
+        dict(LAYER_PATCHES_SIGNS, local_head_units=256),
         dict(learning_rate=1e-2),
         10,
     ),

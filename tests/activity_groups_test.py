@@ -12,7 +12,6 @@ import pytest
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import activity
 from keras_fwdgrad import backend
-from keras_fwdgrad import testing
 from tests import estimate_samples
 from tests import activity_models
 from tests.conftest import ARCHITECTURE_MODES
@@ -21,14 +20,6 @@ from tests.conftest import backend_modes
 LOSS = "sparse_categorical_crossentropy"
 NUM_SAMPLES = 3000
 Z = 5.0
-
-
-def _reference_gradients(base, x, y):
-    """`{id(variable): gradient}` of `base`'s compiled loss, by reverse mode."""
-    wrapper = ForwardGradientModel(base)
-    wrapper.compile(optimizer="sgd", loss=LOSS)
-    _, grads = testing.tape_gradients(wrapper, x, y)
-    return {id(v): g for v, g in zip(base.trainable_variables, grads)}
 
 
 def _block_reference(model, x, y, split=1):
@@ -41,7 +32,10 @@ def _block_reference(model, x, y, split=1):
     local = keras.Sequential([keras.Input(x.shape[1:])] + hidden + [model.local_heads[0]])
     h = np.asarray(keras.Sequential([keras.Input(x.shape[1:])] + hidden)(x, training=True))
     out = keras.Sequential([keras.Input(h.shape[1:])] + layers[split:])
-    by_id = {**_reference_gradients(local, x, y), **_reference_gradients(out, h, y)}
+    by_id = {
+        **activity_models.reference_gradients(local, x, y),
+        **activity_models.reference_gradients(out, h, y),
+    }
     return [by_id[id(v)] for v in model.trainable_variables]
 
 
@@ -141,7 +135,7 @@ def test_a_batch_normalization_in_its_own_block_keeps_per_example_derivatives(mo
     y = rng.integers(0, 3, size=(6,))
     h = np.asarray(dense(x))
     local = keras.Sequential([keras.Input((3,)), norm, model.local_heads[1]])
-    expected = _reference_gradients(local, h, y)
+    expected = activity_models.reference_gradients(local, h, y)
     grads = dict(
         zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
     )
@@ -189,7 +183,7 @@ def test_one_loss_per_unit_is_exact_for_general_rule_layers(case, mode):
     y = np.random.default_rng(1).integers(0, 3, size=(len(x),))
     head = model.local_heads[0]
     local = keras.Model(inputs, head(h))
-    expected = _reference_gradients(local, x, y)
+    expected = activity_models.reference_gradients(local, x, y)
     ids = [id(v) for v in model.trainable_variables]
     grads = dict(zip(ids, _forward_gradient(model, x, y, mode)))
     assert layer.trainable_variables
@@ -233,7 +227,7 @@ def test_a_residual_branch_ends_its_block_after_the_merge(branch, mode):
     y = rng.integers(0, 3, size=(5,))
     h_in = keras.Input((3, 4))
     local = keras.Model(h_in, model.local_heads[1](block(h_in)))
-    expected = _reference_gradients(local, np.asarray(first(x)), y)
+    expected = activity_models.reference_gradients(local, np.asarray(first(x)), y)
     grads = dict(
         zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
     )

@@ -10,7 +10,6 @@ import pytest
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import activity
 from keras_fwdgrad import backend
-from keras_fwdgrad import testing
 from tests import activity_models
 from tests import estimate_samples
 from tests.conftest import ARCHITECTURE_MODES
@@ -18,14 +17,6 @@ from tests.conftest import backend_modes
 
 LOSS = "sparse_categorical_crossentropy"
 Z = 5.0
-
-
-def _reference_gradients(base, x, y):
-    """`{id(variable): gradient}` of `base`'s compiled loss, by reverse mode."""
-    wrapper = ForwardGradientModel(base)
-    wrapper.compile(optimizer="sgd", loss=LOSS)
-    _, grads = testing.tape_gradients(wrapper, x, y)
-    return {id(v): g for v, g in zip(base.trainable_variables, grads)}
 
 
 def _forward_gradient(model, x, y, mode):
@@ -62,13 +53,15 @@ def _block_references(model, layers, x, y):
     h = x
     for layer, head in zip(layers, model.local_heads):
         inputs = keras.Input(h.shape[1:])
-        expected.update(_reference_gradients(keras.Model(inputs, head(layer(inputs))), h, y))
+        expected.update(
+            activity_models.reference_gradients(keras.Model(inputs, head(layer(inputs))), h, y)
+        )
         h = np.asarray(layer(h))
     inputs = keras.Input(h.shape[1:])
     top = keras.Model(
         inputs, model.model.layers[-1](keras.layers.GlobalAveragePooling1D()(inputs))
     )
-    expected.update(_reference_gradients(top, h, y))
+    expected.update(activity_models.reference_gradients(top, h, y))
     return expected
 
 

@@ -1,7 +1,10 @@
-"""A small model and an option set the activity-perturbation test files
-share."""
+"""A small model, an option set and a reference the activity-perturbation
+test files share."""
 
 import keras
+
+from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import testing
 
 # Activity perturbation in which every unit's estimate is its exact local
 # gradient: a block after every layer with trainable variables, one loss
@@ -32,3 +35,11 @@ def cnn():
             keras.layers.Dense(3, activation="softmax", kernel_regularizer="l2"),
         ]
     )
+
+
+def reference_gradients(base, x, y, loss="sparse_categorical_crossentropy"):
+    """`{id(variable): gradient}` of `base`'s loss, by reverse mode."""
+    wrapper = ForwardGradientModel(base)
+    wrapper.compile(optimizer="sgd", loss=loss)
+    _, grads = testing.tape_gradients(wrapper, x, y)
+    return {id(v): g for v, g in zip(base.trainable_variables, grads)}
