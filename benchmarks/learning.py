@@ -41,16 +41,7 @@ from keras_fwdgrad.research import learning  # noqa: E402
 
 TARGETS = learning.TARGETS
 
-# A block after every layer with variables, one loss per unit and
-# position, random-sign tangents: each unit's estimate is its exact local
-# gradient.
-LAYER_PATCHES_SIGNS = dict(
-    perturbation="activations",
-    local_losses="layers",
-    local_loss_groups="channels",
-    local_loss_patches="positions",
-    direction="rademacher",
-)
+LAYER_PATCHES_SIGNS = learning.LAYER_LOCAL_OPTIONS
 
 # name: (wrapper arguments or None for backprop, Adam settings, epochs).
 METHODS = {
