@@ -82,6 +82,38 @@ def test_hidden_heads_are_exact_with_one_loss_per_unit_and_random_signs(mode):
         np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
+def test_hidden_heads_follow_the_gradient_under_mixed_precision(mode):
+    """Under `mixed_bfloat16` the heads' hidden layers compute in bfloat16
+    (on TensorFlow they then take the general rule: their output is
+    perturbed). With one loss per unit and random signs one draw must
+    still point along each block's reverse-mode gradient under the same
+    policy: cosine above 0.99 for the blocks' and heads' variables
+    (bfloat16 rounds to about 3 digits, so equality to 1e-4 cannot hold).
+    The model's output layer is left out: in bfloat16 it takes the general
+    rule, whose output units share one derivative (unbiased, not exact)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model, layers, x, y = _sequence_model(**activity_models.PER_UNIT_SIGNS)
+        assert model.local_heads[0].hidden.compute_dtype == "bfloat16"
+        expected = _block_references(model, layers, x, y)
+        grads = _forward_gradient(model, x, y, mode)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    output_layer = model.model.layers[-1]
+    checked = [
+        v
+        for v in model.trainable_variables
+        if all(v is not w for w in output_layer.trainable_variables)
+    ]
+    assert len(checked) == len(model.trainable_variables) - 2
+    for v in checked:
+        g = np.ravel(grads[id(v)]).astype("float64")
+        e = np.ravel(np.asarray(expected[id(v)], dtype="float32")).astype("float64")
+        cosine = g @ e / (np.linalg.norm(g) * np.linalg.norm(e))
+        assert cosine > 0.99, (v.path, cosine)
+
+
 def test_the_exactness_check_rejects_gaussian_tangents():
     """The negative control of the check above: with Gaussian tangents
     (`u²` varies) the hidden layers' estimates are not the gradient."""

@@ -268,7 +268,8 @@ def head_gradients(kernel, jacobian, h, hidden_kernel=None, hidden_z=None):
             (`[batch, units]`).
         h: The block's output (channels last).
         hidden_kernel, hidden_z: With a hidden layer, its kernel and its
-            pre-activations (`[batch, ..., hidden_units]`).
+            pre-activations (`[batch, ..., hidden_units]`), or its ReLU
+            outputs, which are positive where those are.
 
     Returns:
         `(grad_h, grad_hidden)`: float32 `∂L/∂h`, broadcastable against

@@ -94,22 +94,13 @@ class _Pass:
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
             )
-        closed_form = (
-            perturbed(layer)
-            and len(args) == 1
-            and not set(kwargs) - {"training"}
-            and tf.is_tensor(args[0])
-            and args[0].dtype == layer.compute_dtype
-        )
-        if closed_form:
-            y = self.call_closed_form(layer, args[0])
-        elif not isinstance(layer, keras.layers.Layer):
+        if not isinstance(layer, keras.layers.Layer):
             # An operation of a functional graph (`GetItem`, a `keras.ops`
             # call): no variables.
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
         elif has_variables(layer):
-            y = self.call_general(layer, args, kwargs)
+            y = self.call_perturbed(layer, args, kwargs)
         else:
             if "training" in _compat.call_context_args(layer):
                 kwargs = {**kwargs, "training": True}
@@ -121,6 +112,21 @@ class _Pass:
             self.block += 1
             y = tf.stop_gradient(y)
         return y
+
+    def call_perturbed(self, layer, args, kwargs, head_hidden=False):
+        """A layer with trainable variables: in closed form when it is a
+        stock `Dense`/convolution layer (or a local head) called on one
+        tensor of its compute dtype, else by the general rule."""
+        closed_form = (
+            perturbed(layer)
+            and len(args) == 1
+            and not set(kwargs) - {"training"}
+            and tf.is_tensor(args[0])
+            and args[0].dtype == layer.compute_dtype
+        )
+        if closed_form:
+            return self.call_closed_form(layer, args[0], head_hidden)
+        return self.call_general(layer, args, kwargs, head_hidden)
 
     def call_closed_form(self, layer, x, head_hidden=False):
         """A perturbed `Dense`/convolution layer (or local head): its
@@ -147,7 +153,7 @@ class _Pass:
         )
         return y
 
-    def call_general(self, layer, args, kwargs):
+    def call_general(self, layer, args, kwargs, head_hidden=False):
         """The general rule: `layer`'s call is recorded on a tape of its
         own trainable variables (its inputs, and the tangents they carry,
         are constants for it), and its output gets this pass's tangent."""
@@ -174,7 +180,9 @@ class _Pass:
         zero = tf.zeros_like(y)
         _compat.watch(self.acc, zero, u)
         out = y + zero
-        self.records.append(_Record(layer, None, out, u, self.block, vjp=vjp))
+        self.records.append(
+            _Record(layer, None, out, u, self.block, vjp=vjp, head_hidden=head_hidden)
+        )
         self.alignment.perturbed_output(out, self.records[-1], self.block, len(out.shape))
         return out
 
@@ -186,9 +194,10 @@ class _Pass:
         for block, (head, h) in enumerate(zip(self.heads, self.block_outputs)):
             self.block = block
             if head.hidden is not None:
-                # Keras layers cast their inputs to their compute dtype.
-                h = tf.cast(h, head.hidden.compute_dtype)
-                h = self.call_closed_form(head.hidden, h, head_hidden=True)
+                # Under mixed precision the hidden layer is not plain: the
+                # general rule perturbs its output, whose ReLU has the signs
+                # of its pre-activations (`groups.head_gradients`).
+                h = self.call_perturbed(head.hidden, (h,), {}, head_hidden=True)
             outputs.append(self.call_layer(head, (head.pool(h),), {}))
         self.block = len(self.heads)
         return outputs
