@@ -23,6 +23,18 @@ from keras_fwdgrad.activity.blocks import _PER_CHANNEL
 from keras_fwdgrad.activity.blocks import _POOLING
 
 
+# Variable-free layers that map a tensor to one of the same shape, example
+# by example and deterministically: an output layer's loss may be taken
+# through them (`Alignment.output_of`).
+_TAIL = (
+    keras.layers.Activation,
+    keras.layers.Softmax,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+)
+
+
 def elementwise(activation):
     """Whether `activation` (or `None`) acts on each unit alone."""
     return activation not in (keras.activations.softmax, keras.activations.log_softmax)
@@ -83,8 +95,9 @@ class Alignment:
     (`perturbed_output`), every other layer's output (`layer_output`)
     and each block's end (`block_end`); `grouped` then maps a block to the
     `(record, strides)` of the layer whose channels reach its end, and
-    `record_of(y)` names the record whose activation gave `y`. A record is
-    whatever the pass uses to find a perturbed layer again.
+    `output_of(y)` names the record whose perturbed units give `y` through
+    variable-free activations alone. A record is whatever the pass uses
+    to find a perturbed layer again.
     """
 
     def __init__(self):
@@ -93,8 +106,10 @@ class Alignment:
         # and how their positions map to the pre-activations'
         # (`spatial_strides`).
         self._aligned = {}
-        # id(activation output) -> (output, record).
-        self._outputs = {}
+        # id(output) -> (output, record, functions): outputs computed from a
+        # record's perturbed values by `functions` alone (its activation,
+        # then `_TAIL` layers such as a float32 softmax).
+        self._tails = {}
         # id(output) -> output: outputs that carry a perturbed layer's
         # tangent (block ends are cut, so what follows one does not).
         self._carrying = {}
@@ -111,7 +126,7 @@ class Alignment:
     def closed_form_output(self, y, record, block, layer, activation, rank):
         """`y = activation(z)` of a closed-form layer's pre-activations of
         rank `rank`."""
-        self._outputs[id(y)] = (y, record)
+        self._tails[id(y)] = (y, record, (activation,))
         self._carrying[id(y)] = y
         if channels_last(layer, rank) and elementwise(activation):
             self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
@@ -119,6 +134,7 @@ class Alignment:
     def perturbed_output(self, y, record, block, rank):
         """`y`, the perturbed output of a layer of the general rule (channels
         last): its units are the perturbed units themselves."""
+        self._tails[id(y)] = (y, record, ())
         self._carrying[id(y)] = y
         if rank >= 2:
             self._aligned[id(y)] = (y, record, block, (1,) * (rank - 2))
@@ -134,6 +150,14 @@ class Alignment:
         if carried:
             for out in keras.tree.flatten(y):
                 self._carrying[id(out)] = out
+        tail = self._tail(args[0]) if len(args) == 1 else None
+        if (
+            tail is not None
+            and isinstance(layer, _TAIL)
+            and all(v is None for k, v in (kwargs or {}).items() if k != "training")
+            and tuple(y.shape) == tuple(args[0].shape)
+        ):
+            self._tails[id(y)] = (y, tail[1], tail[2] + (layer,))
         source = self._source(args[0]) if args else None
         if source is not None and keeps_channels(layer, args):
             strides = spatial_strides(layer, source[3], len(y.shape))
@@ -166,11 +190,28 @@ class Alignment:
         if source is not None and source[0] is y and source[2] == block:
             self.grouped[block] = (source[1], source[3])
 
-    def record_of(self, y):
-        """The record of the closed-form layer whose activation output is
-        `y`, or `None`."""
-        found = self._outputs.get(id(y))
-        return found[1] if found is not None and found[0] is y else None
+    def _tail(self, x):
+        found = self._tails.get(id(x))
+        return found if found is not None and found[0] is x else None
+
+    def output_of(self, y):
+        """`(record, function)` when `y = function(v)` for the perturbed
+        values `v` of `record` (a closed-form layer's pre-activations, or a
+        general-rule layer's output) with `function` the closed-form
+        layer's activation followed by variable-free activation layers
+        (`Activation`, `Softmax`, ...; for example the float32 softmax of
+        a mixed-precision model), else `None`."""
+        found = self._tail(y)
+        if found is None:
+            return None
+        functions = found[2]
+
+        def function(v):
+            for f in functions:
+                v = f(v)
+            return v
+
+        return found[1], function
 
 
 def channel_groups(model, channels):

@@ -99,7 +99,7 @@ class _Pass:
         self.mixing_records = set()
         self.ends = model._local_loss_ends
         # For local-loss groups (records are indices into `records`), and
-        # the record whose activation gave the model's output.
+        # `(record, function)` of the model's output (`Alignment.output_of`).
         self.alignment = groups.Alignment()
         self.output_record = None
 
@@ -236,8 +236,9 @@ def estimate(model, state, x, y, sample_weight, k):
             for v, value in zip(model.non_trainable_variables, non_trainable):
                 current = scope.get_current_value(v)
                 new_state.append(value if current is None else current)
-        if len(y_pred.shape) == 2:
-            p.output_record = p.alignment.record_of(y_pred)
+        found = p.alignment.output_of(y_pred)
+        if found is not None and len(y_pred.shape) == 2:
+            p.output_record = found
         holder["pass"] = p
         return block_losses, (
             loss,
@@ -337,10 +338,11 @@ def _group_derivatives(
         out[index] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
     outputs = dict(jacobians)
     if p.output_record is not None:
-        record = p.records[p.output_record]
-        outputs[p.output_record] = _loss_jacobian(
-            model, record.layer.activation, values[p.output_record], y, sample_weight
-        )
+        # The model's output comes from this layer's perturbed values
+        # through its activation and activation layers alone.
+        index, function = p.output_record
+        if len(values[index].shape) == 2:
+            outputs[index] = _loss_jacobian(model, function, values[index], y, sample_weight)
     for index, jacobian in outputs.items():
         dg, unit_groups = groups.output_unit_derivatives(model, values[index], us[index], jacobian)
         out[index] = (clip_directional_derivative(dg, model.jvp_clip), unit_groups)

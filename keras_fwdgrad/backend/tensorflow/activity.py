@@ -293,17 +293,18 @@ def estimate(model, x, y, sample_weight, k):
             )
             dg = groups.group_derivatives(head_grads[block][1], record.u, unit, count)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
-        # The heads, and the model's output layer when its activation's
-        # output is the model's output: one loss per output-unit group.
+        # The heads, and the model's output layer when the model's output
+        # is its activation's (or its perturbed output, by the general
+        # rule), through activation layers alone: one loss per
+        # output-unit group.
         outputs = [
             (r, head_jacobians[r.block]) for r in p.records if isinstance(r.layer, LocalHead)
         ]
-        record = p.alignment.record_of(y_pred)
-        if record is not None and len(y_pred.shape) == 2:
+        found = p.alignment.output_of(y_pred)
+        if found is not None and len(y_pred.shape) == len(found[0].z.shape) == 2:
+            record, function = found
             z = tf.stop_gradient(record.z)
-            outputs.append(
-                (record, _loss_jacobian(model, record.layer.activation, z, y, sample_weight))
-            )
+            outputs.append((record, _loss_jacobian(model, function, z, y, sample_weight)))
         for record, jacobian in outputs:
             dg, index = groups.output_unit_derivatives(model, record.z, record.u, jacobian)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
