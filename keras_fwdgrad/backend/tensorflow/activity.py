@@ -53,6 +53,9 @@ class _Record:
     # layer's recorded call, one gradient per trainable variable.
     vjp: object = None
     head_hidden: bool = False  # A local head's hidden `Dense`.
+    # `relu(z)` when the only tangent of `z` is `u`: its tangent is then
+    # `u` on the active units and 0 elsewhere, computed in the pass.
+    relu_output: object = None
 
 
 class _Pass:
@@ -142,12 +145,23 @@ class _Pass:
         z = _pre_activation(layer, x)
         u = self.tangent(z, len(self.records))
         tz = u if tx is None else u + layer_rules.convolution(layer)(tx, layer.kernel.value)
-        zero = tf.zeros_like(z)
-        _compat.watch(self.acc, zero, tz)
-        z = z + zero
-        self.records.append(_Record(layer, x, z, u, self.block, head_hidden=head_hidden))
+        own_tangent = self.acc.jvp(z) is None
+        if own_tangent:
+            # `z` carries no tangent yet (a block's first layer, or a
+            # convolution, whose input tangent is `tx`): it takes `tz`
+            # itself, without a sum with a watched zero (outside XLA a
+            # fill and an add over the layer's output).
+            _compat.watch(self.acc, z, tz)
+        else:
+            zero = tf.zeros_like(z)
+            _compat.watch(self.acc, zero, tz)
+            z = z + zero
+        record = _Record(layer, x, z, u, self.block, head_hidden=head_hidden)
+        self.records.append(record)
         activation = layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
         y = activation(z)
+        if own_tangent and tx is None and activation is keras.activations.relu:
+            record.relu_output = y
         self.alignment.closed_form_output(
             y, self.records[-1], self.block, layer, activation, len(z.shape)
         )
@@ -330,7 +344,10 @@ def estimate(model, x, y, sample_weight, k):
         if model.active_units_only and activation is keras.activations.relu:
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
-            u = u * tf.cast(r.z > 0, u.dtype)
+            if r.relu_output is not None:
+                u = acc.jvp(r.relu_output, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            else:
+                u = tf.where(r.z > 0, u, tf.zeros((), u.dtype))
         dn = tf.cast(dn, u.dtype)
         g_z = dn * u
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
