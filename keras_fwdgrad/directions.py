@@ -34,6 +34,7 @@ from keras_fwdgrad import backend
 from keras_fwdgrad.tangents import Factored  # noqa: F401
 from keras_fwdgrad.tangents import PackedSigns  # noqa: F401
 from keras_fwdgrad.tangents import to_dense  # noqa: F401
+from keras_fwdgrad.tangents import unpack_bits
 
 _REGISTRY = {}
 
@@ -375,12 +376,9 @@ def random_signs(shape, seed, dtype="float32"):
     """Independent random signs (`+1` or `-1`, each with probability 1/2)
     as a tensor of `shape`: the `"rademacher"` family's tangents.
 
-    32 signs per counter-based random 32-bit word (bit `j` of word `i`
-    gives component `32 i + j`, `+1` where it is set, as `PackedSigns`): a
-    sixteenth of the random words of `quantized_normal`. Each byte of the
-    words picks its 8 signs from a table of 256 rows (`sign_bytes`): one
-    gather where unpacking bits takes several element-wise operations,
-    each a pass over the tangent outside XLA.
+    32 signs per counter-based random 32-bit word, unpacked element-wise
+    (bit `j` of word `i` gives component `32 i + j`, as `PackedSigns`): a
+    sixteenth of the random words of `quantized_normal` and no table read.
 
     Args:
         shape: The shape; on TensorFlow it may be a dynamic shape tensor.
@@ -389,25 +387,9 @@ def random_signs(shape, seed, dtype="float32"):
     """
     static = isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape)
     n = math.prod(shape) if static else ops.prod(shape)
-    words = random_bits((n + 31) // 32, seed)
-    # Little-endian: byte k of word i holds its bits 8k ... 8k + 7.
-    index = ops.reshape(backend.bitcast(words, "uint8"), [-1])
-    signs = backend.gather(ops.convert_to_tensor(sign_bytes(), dtype=dtype), index)
-    return ops.reshape(ops.reshape(signs, [-1])[:n], shape)
-
-
-@functools.lru_cache(maxsize=None)
-def sign_bytes():
-    """The table of `random_signs`: row `b` holds `+1` in column `j` where
-    bit `j` of the byte `b` is set, else `-1`.
-
-    Returns:
-        A read-only float32 NumPy array of shape `[256, 8]`.
-    """
-    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
-    table = (2 * bits - 1).astype("float32")
-    table.setflags(write=False)
-    return table
+    bits = unpack_bits(random_bits((n + 31) // 32, seed), n)
+    # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
+    return ops.reshape(ops.cast(bits, dtype) * 2 - 1, shape)
 
 
 def _sign_flat(n, seed, dtype):

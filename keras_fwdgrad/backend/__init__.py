@@ -3,8 +3,7 @@
 Everything else in `keras_fwdgrad` that is shared between backends is
 written with `keras.ops`. This package holds what `keras.ops` does not
 offer, or offers at a cost on a hot path: counter-based random words, seed
-folding, reading words as bytes, and splitting or gathering with static
-sizes; and how a function
+folding, and splitting or gathering with static sizes; and how a function
 runs compiled (`run`, for `keras_fwdgrad.testing`). `keras_fwdgrad.
 backend.tensorflow` and `keras_fwdgrad.backend.jax` implement them; the
 functions here dispatch to the backend Keras runs on.
@@ -82,14 +81,6 @@ def split(flat, sizes):
 def gather(table, index):
     """`table[index]` for a 1-D table and non-negative integer indices."""
     return module().gather(table, index)
-
-
-def bitcast(x, dtype):
-    """`x`'s bits read as `dtype`; to a narrower dtype a new last axis
-    holds the pieces of each element, least significant first on a
-    little-endian machine (`tf.bitcast`,
-    `jax.lax.bitcast_convert_type`)."""
-    return module().bitcast(x, dtype)
 
 
 def run(fn, mode):

@@ -37,10 +37,6 @@ def gather(table, index):
     return jnp.take(table, index.astype(jnp.int32), axis=0)
 
 
-def bitcast(x, dtype):
-    return jax.lax.bitcast_convert_type(x, dtype)
-
-
 def run(fn, mode):
     return fn() if mode == "eager" else jax.jit(fn)()
 

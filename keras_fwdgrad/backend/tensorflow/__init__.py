@@ -48,10 +48,6 @@ def gather(table, index):
     return tf.gather(table, tf.cast(index, tf.int32))
 
 
-def bitcast(x, dtype):
-    return tf.bitcast(x, dtype)
-
-
 def run(fn, mode):
     if mode != "eager":
         fn = tf.function(fn, jit_compile=mode == "xla")
