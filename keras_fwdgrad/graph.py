@@ -61,6 +61,18 @@ def flat_operations(model):
     return out
 
 
+def _in_input_order(model, x):
+    """The flattened `x` in the order of `model`'s inputs: a dict given
+    to a model whose inputs are a list (or one tensor) is keyed by their
+    names, and Keras takes the inputs in the list's order."""
+    struct = model.input
+    if isinstance(x, dict) and not isinstance(struct, dict):
+        names = [t.name for t in keras.tree.flatten(struct)]
+        if set(names) <= set(x):
+            return [x[name] for name in names]
+    return keras.tree.flatten(x)
+
+
 def run(model, x, call, on_inputs=None, nested=False):
     """Runs `model` on `x` node by node.
 
@@ -73,7 +85,8 @@ def run(model, x, call, on_inputs=None, nested=False):
             `Sequential` or functional model, with the arguments the graph
             passes it (a `Sequential` model's layer gets `args=(x,)`).
             It returns the node's output.
-        on_inputs: Optional `on_inputs(x, inputs)`, called with the
+        on_inputs: Optional `on_inputs(given, inputs)`, called with the
+            flattened `x` (in the order of the model's inputs) and the
             flattened inputs a functional model runs on after Keras
             standardizes them (a cast to the input's dtype makes new
             tensors), so that a caller keyed on tensors can follow them.
@@ -95,7 +108,7 @@ def run(model, x, call, on_inputs=None, nested=False):
         return x
     inputs = _compat.standardize_inputs(model, x)
     if on_inputs is not None:
-        on_inputs(keras.tree.flatten(x), keras.tree.flatten(inputs))
+        on_inputs(_in_input_order(model, x), keras.tree.flatten(inputs))
 
     def operation_fn(op):
         def node(*args, **kwargs):

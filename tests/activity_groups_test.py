@@ -601,3 +601,67 @@ def test_the_output_layer_takes_one_loss_per_unit(case, policy, mode):
         else:
             cosine = np.dot(g.ravel(), e.ravel()) / (np.linalg.norm(g) * np.linalg.norm(e))
             assert cosine > 0.999, (v.path, cosine)
+
+
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
+def test_a_nested_model_called_with_a_dict_groups_as_the_flat_one(mode):
+    """A nested model whose inputs are a list may be called with a dict
+    keyed by their names, in any order: Keras reorders it, and under mixed
+    precision casts each input (new tensors). The local-loss groups follow
+    each input to its own cast, so the nested model's estimate is the flat
+    model's (same weights, heads and draws, rtol=atol=1e-5): its residual
+    `Add` merges the branch `d1` with a skip from the model's input, which
+    carries no tangent, and `d1` takes one loss per unit. (Paired by
+    position, the skip would take `h`'s tangent and `d1` the whole
+    block's derivative.)"""
+    L = keras.layers
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+
+        def flat():
+            x = keras.Input((6,))
+            h = L.Dense(6, activation="tanh", name="d0")(x)
+            merged = L.Add(name="add")([x, L.Dense(6, name="d1")(h)])
+            base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
+            return base, base
+
+        def nested():
+            skip_in = keras.Input((6,), name="b_skip")
+            branch_in = keras.Input((6,), name="a_branch")
+            merged = L.Add(name="add")([skip_in, L.Dense(6, name="d1")(branch_in)])
+            inner = keras.Model([skip_in, branch_in], merged, name="inner")
+            x = keras.Input((6,))
+            h = L.Dense(6, activation="tanh", name="d0")(x)
+            out = L.Dense(3, activation="softmax", name="out")(inner({"a_branch": h, "b_skip": x}))
+            return keras.Model(x, out), inner
+
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(5, 6)).astype("float32")
+        y = rng.integers(0, 3, size=(5,))
+        estimates, first = [], None
+        for build in (flat, nested):
+            keras.utils.set_random_seed(0)
+            base, inner = build()
+            layers = [base.get_layer("d0"), inner.get_layer("d1"), base.get_layer("out")]
+            model = ForwardGradientModel(
+                base,
+                perturbation="activations",
+                local_losses="auto",
+                local_loss_groups="channels",
+                direction="rademacher",
+                active_units_only=False,
+                seed=2,
+            )
+            if first is None:
+                first = (layers, model.local_heads)
+            for layer, source in zip(layers + model.local_heads, first[0] + first[1]):
+                layer.set_weights(source.get_weights())
+            assert len(model.local_heads) == len(first[1])
+            model.compile(optimizer="sgd", loss=LOSS)
+            estimates.append(_forward_gradient(model, x, y, mode))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    flat_estimate, nested_estimate = estimates
+    assert len(flat_estimate) == len(nested_estimate)
+    for a, b in zip(flat_estimate, nested_estimate):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
