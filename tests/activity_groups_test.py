@@ -479,6 +479,52 @@ def test_fit_with_patches(mode):
     assert all(changed)
 
 
+def _assert_nested_estimates_as_flat(flat, nested, mode):
+    """Under `mixed_bfloat16`, the estimates of the models `flat()` and
+    `nested()` build (each returns `(base, the model holding "d1")`, with
+    layers "d0", "d1" and "out") must agree to rtol=atol=1e-5, with the
+    same weights, heads and draws: `auto` blocks, one loss per channel,
+    random signs, every unit's tangent kept; a batch of 5 examples of 6
+    features. Eight tensors each: kernels and biases of d0, d1, out and
+    the head."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        flat_estimate, nested_estimate = _flat_and_nested_estimates(flat, nested, mode)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(flat_estimate) == len(nested_estimate) == 8
+    for a, b in zip(flat_estimate, nested_estimate):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _flat_and_nested_estimates(flat, nested, mode):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(5,))
+    estimates, first = [], None
+    for build in (flat, nested):
+        keras.utils.set_random_seed(0)
+        base, inner = build()
+        layers = [base.get_layer("d0"), inner.get_layer("d1"), base.get_layer("out")]
+        model = ForwardGradientModel(
+            base,
+            perturbation="activations",
+            local_losses="auto",
+            local_loss_groups="channels",
+            direction="rademacher",
+            active_units_only=False,
+            seed=2,
+        )
+        if first is None:
+            first = (layers, model.local_heads)
+        assert len(model.local_heads) == len(first[1]) == 1
+        for layer, source in zip(layers + model.local_heads, first[0] + first[1]):
+            layer.set_weights(source.get_weights())
+        model.compile(optimizer="sgd", loss=LOSS)
+        estimates.append(_forward_gradient(model, x, y, mode))
+    return estimates
+
+
 @pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
 def test_a_nested_model_under_mixed_precision_groups_as_the_flat_one(mode):
     """Under mixed precision Keras casts a nested model's inputs to the
@@ -490,56 +536,24 @@ def test_a_nested_model_under_mixed_precision_groups_as_the_flat_one(mode):
     draws, rtol=atol=1e-5. (Without following the cast, the `Add` is
     taken for a merge and `d1`'s estimate differs by far more.)"""
     L = keras.layers
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
 
-        def flat():
-            x = keras.Input((6,))
-            h = L.Dense(6, activation="tanh", name="d0")(x)
-            merged = L.Add(name="add")([h, L.Dense(6, name="d1")(h)])
-            base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
-            return base, base
+    def flat():
+        x = keras.Input((6,))
+        h = L.Dense(6, activation="tanh", name="d0")(x)
+        merged = L.Add(name="add")([h, L.Dense(6, name="d1")(h)])
+        base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
+        return base, base
 
-        def nested():
-            inner_in = keras.Input((6,))
-            merged = L.Add(name="add")([inner_in, L.Dense(6, name="d1")(inner_in)])
-            inner = keras.Model(inner_in, merged, name="inner")
-            x = keras.Input((6,))
-            h = L.Dense(6, activation="tanh", name="d0")(x)
-            out = L.Dense(3, activation="softmax", name="out")(inner(h))
-            return keras.Model(x, out), inner
+    def nested():
+        inner_in = keras.Input((6,))
+        merged = L.Add(name="add")([inner_in, L.Dense(6, name="d1")(inner_in)])
+        inner = keras.Model(inner_in, merged, name="inner")
+        x = keras.Input((6,))
+        h = L.Dense(6, activation="tanh", name="d0")(x)
+        out = L.Dense(3, activation="softmax", name="out")(inner(h))
+        return keras.Model(x, out), inner
 
-        rng = np.random.default_rng(1)
-        x = rng.normal(size=(5, 6)).astype("float32")
-        y = rng.integers(0, 3, size=(5,))
-        estimates, first = [], None
-        for build in (flat, nested):
-            keras.utils.set_random_seed(0)
-            base, inner = build()
-            layers = [base.get_layer("d0"), inner.get_layer("d1"), base.get_layer("out")]
-            model = ForwardGradientModel(
-                base,
-                perturbation="activations",
-                local_losses="auto",
-                local_loss_groups="channels",
-                direction="rademacher",
-                active_units_only=False,
-                seed=2,
-            )
-            if first is None:
-                first = (layers, model.local_heads)
-            for layer, source in zip(layers + model.local_heads, first[0] + first[1]):
-                layer.set_weights(source.get_weights())
-            assert len(model.local_heads) == 1
-            model.compile(optimizer="sgd", loss=LOSS)
-            estimates.append(_forward_gradient(model, x, y, mode))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    flat_estimate, nested_estimate = estimates
-    # d0, d1, out and the head: kernels and biases.
-    assert len(flat_estimate) == len(nested_estimate) == 8
-    for a, b in zip(flat_estimate, nested_estimate):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    _assert_nested_estimates_as_flat(flat, nested, mode)
 
 
 def _output_layer_cases():
@@ -615,53 +629,22 @@ def test_a_nested_model_called_with_a_dict_groups_as_the_flat_one(mode):
     position, the skip would take `h`'s tangent and `d1` the whole
     block's derivative.)"""
     L = keras.layers
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
 
-        def flat():
-            x = keras.Input((6,))
-            h = L.Dense(6, activation="tanh", name="d0")(x)
-            merged = L.Add(name="add")([x, L.Dense(6, name="d1")(h)])
-            base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
-            return base, base
+    def flat():
+        x = keras.Input((6,))
+        h = L.Dense(6, activation="tanh", name="d0")(x)
+        merged = L.Add(name="add")([x, L.Dense(6, name="d1")(h)])
+        base = keras.Model(x, L.Dense(3, activation="softmax", name="out")(merged))
+        return base, base
 
-        def nested():
-            skip_in = keras.Input((6,), name="b_skip")
-            branch_in = keras.Input((6,), name="a_branch")
-            merged = L.Add(name="add")([skip_in, L.Dense(6, name="d1")(branch_in)])
-            inner = keras.Model([skip_in, branch_in], merged, name="inner")
-            x = keras.Input((6,))
-            h = L.Dense(6, activation="tanh", name="d0")(x)
-            out = L.Dense(3, activation="softmax", name="out")(inner({"a_branch": h, "b_skip": x}))
-            return keras.Model(x, out), inner
+    def nested():
+        skip_in = keras.Input((6,), name="b_skip")
+        branch_in = keras.Input((6,), name="a_branch")
+        merged = L.Add(name="add")([skip_in, L.Dense(6, name="d1")(branch_in)])
+        inner = keras.Model([skip_in, branch_in], merged, name="inner")
+        x = keras.Input((6,))
+        h = L.Dense(6, activation="tanh", name="d0")(x)
+        out = L.Dense(3, activation="softmax", name="out")(inner({"a_branch": h, "b_skip": x}))
+        return keras.Model(x, out), inner
 
-        rng = np.random.default_rng(1)
-        x = rng.normal(size=(5, 6)).astype("float32")
-        y = rng.integers(0, 3, size=(5,))
-        estimates, first = [], None
-        for build in (flat, nested):
-            keras.utils.set_random_seed(0)
-            base, inner = build()
-            layers = [base.get_layer("d0"), inner.get_layer("d1"), base.get_layer("out")]
-            model = ForwardGradientModel(
-                base,
-                perturbation="activations",
-                local_losses="auto",
-                local_loss_groups="channels",
-                direction="rademacher",
-                active_units_only=False,
-                seed=2,
-            )
-            if first is None:
-                first = (layers, model.local_heads)
-            for layer, source in zip(layers + model.local_heads, first[0] + first[1]):
-                layer.set_weights(source.get_weights())
-            assert len(model.local_heads) == len(first[1])
-            model.compile(optimizer="sgd", loss=LOSS)
-            estimates.append(_forward_gradient(model, x, y, mode))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    flat_estimate, nested_estimate = estimates
-    assert len(flat_estimate) == len(nested_estimate)
-    for a, b in zip(flat_estimate, nested_estimate):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    _assert_nested_estimates_as_flat(flat, nested, mode)
