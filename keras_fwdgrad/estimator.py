@@ -200,10 +200,13 @@ def _activity_passes(model, x, y, sample_weight):
             restore(k)
             results.append(activity.estimate(model, x, y, sample_weight, k))
     forward_mode_fixes.check_traced_ops()
-    losses, y_preds, ds, grads, local = zip(*results)
+    losses, y_preds, ds, grads, local, bounded = zip(*results)
     grads = [_mean(gs) for gs in zip(*grads)]
     local = [_mean(ls) for ls in zip(*local)]
-    return trainer.Estimate(_mean(losses), y_preds[0], tf.stack(ds), grads, tuple(local))
+    # Every pass has the same layers, so the same bounded variables.
+    oks = [ok for ok, _ in bounded if ok is not None]
+    checked = (tf.reduce_all(tf.stack(oks)), bounded[0][1]) if oks else (None, ())
+    return trainer.Estimate(_mean(losses), y_preds[0], tf.stack(ds), grads, tuple(local), checked)
 
 
 def _mean(values):

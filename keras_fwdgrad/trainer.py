@@ -51,6 +51,11 @@ class Estimate(NamedTuple):
             not use).
         local_losses: The mean local loss of each block with a head
             (activity perturbation), else empty.
+        finite_from_factors: `(ok, indices)`: the estimates at `indices`
+            of `grads` are finite when the boolean scalar `ok` holds,
+            which is decided from the factors of their products without
+            reading them (TensorFlow's activity perturbation, for `Dense`
+            layers); `(None, ())` when there are none.
     """
 
     loss: Any
@@ -58,6 +63,7 @@ class Estimate(NamedTuple):
     d: Any
     grads: list
     local_losses: tuple = ()
+    finite_from_factors: tuple = (None, ())
 
 
 class Trainer:

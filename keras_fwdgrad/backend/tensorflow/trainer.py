@@ -68,11 +68,21 @@ class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
         if not distribute.reduces_directional_derivatives(self):
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(estimate.loss)))
         if self.perturbation == "activations":
-            # The kernels' estimates take part in the guard: used outside
-            # the guarded update's `cond`, they are not moved into its
-            # branch by Grappler, where XLA:CPU runs a convolution's
+            # The estimates take part in the guard. Used outside the
+            # guarded update's `cond`, convolution kernels' estimates are
+            # not moved into its branch by Grappler, where XLA:CPU runs a
             # filter gradient element by element (about 50 × slower).
-            finite = tf.logical_and(finite, trainer.all_finite(estimate.grads))
+            # `Dense` layers' estimates are known finite from their
+            # factors instead: reading them before the `cond` costs an
+            # MLP's step under XLA 2 ms (1.35 × backprop's, 0.99 ×
+            # without).
+            ok, indices = estimate.finite_from_factors
+            skip = set(indices)
+            read = [g for i, g in enumerate(estimate.grads) if i not in skip]
+            if read:
+                finite = tf.logical_and(finite, trainer.all_finite(read))
+            if ok is not None:
+                finite = tf.logical_and(finite, ok)
         if not self.optimizer.built:
             self.optimizer.build(variables)
         grads = self._scaled_for_optimizer(estimate.grads)
