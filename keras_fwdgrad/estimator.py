@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from keras_fwdgrad import _compat
 from keras_fwdgrad.backend.tensorflow import activity
+from keras_fwdgrad.activity import estimates as activity_estimates
 from keras_fwdgrad import connectivity
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import layer_rules
@@ -203,10 +204,14 @@ def _activity_passes(model, x, y, sample_weight):
     losses, y_preds, ds, grads, local, bounded = zip(*results)
     grads = [_mean(gs) for gs in zip(*grads)]
     local = [_mean(ls) for ls in zip(*local)]
-    # Every pass has the same layers, so the same bounded variables.
-    oks = [ok for ok, _ in bounded if ok is not None]
-    checked = (tf.reduce_all(tf.stack(oks)), bounded[0][1]) if oks else (None, ())
-    return trainer.Estimate(_mean(losses), y_preds[0], tf.stack(ds), grads, tuple(local), checked)
+    return trainer.Estimate(
+        _mean(losses),
+        y_preds[0],
+        tf.stack(ds),
+        grads,
+        tuple(local),
+        activity_estimates.combined(bounded),
+    )
 
 
 def _mean(values):

@@ -270,6 +270,9 @@ def estimate(model, state, x, y, sample_weight, k):
             model, p, values, us, block_outputs, aux_tangents[-1], by_id, y, sample_weight
         )
     grads = {}
+    # Closed-form `Dense` products whose finiteness follows from that of
+    # their factors (`estimates.factors_bound_product`).
+    bounded = {}
     for index, (record, arrays, layer_state, u, z) in enumerate(
         zip(p.records, inputs, states, us, values)
     ):
@@ -291,10 +294,16 @@ def estimate(model, state, x, y, sample_weight, k):
             trainable_variables(layer),
             _layer_vjp(record, arrays, layer_state, by_id, cotangent),
         )
+        if record.closed_form and isinstance(layer, keras.layers.Dense):
+            bounded.setdefault(id(layer), (layer, []))[1].append(
+                estimates.factors_bound_product(_arguments(record, arrays)[0][0], cotangent)
+            )
     grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, trainable, grads)
     local = tuple(jnp.sum(values) for values in block_losses[:-1])
-    return loss, y_pred, d, grads, local, new_state
+    general = {id(r.layer) for r in p.records if not r.closed_form}
+    checked = estimates.finite_from_factors(variables, bounded, general)
+    return loss, y_pred, d, grads, local, new_state, checked
 
 
 def _group_derivatives(
@@ -364,15 +373,20 @@ def _loss_jacobian(model, activation, z, y, sample_weight):
     return jax.vmap(column)(jnp.eye(z.shape[-1], dtype=z.dtype)).T
 
 
+def _arguments(record, arrays):
+    """`(args, kwargs)` of `record`'s layer call, from its array leaves."""
+    leaves = iter(arrays)
+    return jax.tree_util.tree_unflatten(
+        record.treedef, [next(leaves) if leaf is None else leaf for leaf in record.static]
+    )
+
+
 def _layer_vjp(record, arrays, layer_state, by_id, cotangent):
     """The reverse pass through `record`'s layer call alone: the gradient
     of `<call output, cotangent>` with respect to the layer's trainable
     values, its inputs and non-trainable state as they were."""
     layer = record.layer
-    leaves = iter(arrays)
-    args, kwargs = jax.tree_util.tree_unflatten(
-        record.treedef, [next(leaves) if leaf is None else leaf for leaf in record.static]
-    )
+    args, kwargs = _arguments(record, arrays)
     if record.closed_form and isinstance(layer, keras.layers.Dense):
         # `z = x W + b`: the products in closed form, without running the
         # layer again.

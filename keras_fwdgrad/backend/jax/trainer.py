@@ -39,6 +39,7 @@ import keras
 
 from keras_fwdgrad import ops
 from keras_fwdgrad.backend.jax import activity
+from keras_fwdgrad.activity import estimates as activity_estimates
 from keras_fwdgrad.backend.jax import distribution
 from keras_fwdgrad import stream
 from keras_fwdgrad import tangents
@@ -139,7 +140,7 @@ class JAXTrainer(trainer.Trainer):
             activity.estimate(self, (trainable, non_trainable), x, y, sample_weight, k)
             for k in range(self.num_directions)
         ]
-        losses, y_preds, ds, grads, local, states = zip(*results)
+        losses, y_preds, ds, grads, local, states, checked = zip(*results)
 
         def mean(values):
             return values[0] if len(values) == 1 else sum(values) / len(values)
@@ -150,6 +151,7 @@ class JAXTrainer(trainer.Trainer):
             jnp.stack(ds),
             [mean(gs) for gs in zip(*grads)],
             tuple(mean(ls) for ls in zip(*local)),
+            activity_estimates.combined(checked),
         )
         return estimate, list(states[0])
 
@@ -222,8 +224,17 @@ class JAXTrainer(trainer.Trainer):
         estimate, new_non_trainable, metrics = self._estimate(state, x, y, sample_weight)
         finite = jnp.all(jnp.isfinite(estimate.d)) & jnp.all(jnp.isfinite(estimate.loss))
         if self.perturbation == "activations":
-            # Each layer's estimate has its own reverse pass.
-            finite = finite & trainer.all_finite(estimate.grads)
+            # Each layer's estimate has its own reverse pass. `Dense`
+            # layers' estimates are known finite from their factors:
+            # reading them before the update's `cond` costs an MLP's step
+            # a tenth of its time (1.11 × backprop's, 0.99 × without).
+            ok, indices = estimate.finite_from_factors
+            skip = set(indices)
+            read = [g for i, g in enumerate(estimate.grads) if i not in skip]
+            if read:
+                finite = finite & trainer.all_finite(read)
+            if ok is not None:
+                finite = finite & ok
         with keras.StatelessScope(
             state_mapping=list(zip(self.optimizer.variables, optimizer_variables))
         ):

@@ -324,7 +324,7 @@ def estimate(model, x, y, sample_weight, k):
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
     grads = {}
     # Closed-form `Dense` products whose finiteness follows from that of
-    # their factors (`_factors_bound_product`): layer -> [ok, ...].
+    # their factors (`estimates.factors_bound_product`).
     bounded = {}
     for i, r in enumerate(p.records):
         mixing = i in p.mixing_records
@@ -357,7 +357,9 @@ def estimate(model, x, y, sample_weight, k):
         params = layer.trainable_variables
         x_in = tf.stop_gradient(r.x)
         if isinstance(layer, keras.layers.Dense):
-            bounded.setdefault(id(layer), (layer, []))[1].append(_factors_bound_product(x_in, g_z))
+            bounded.setdefault(id(layer), (layer, []))[1].append(
+                estimates.factors_bound_product(x_in, g_z)
+            )
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([v.value for v in params])
             z = _pre_activation(r.layer, x_in)
@@ -367,50 +369,9 @@ def estimate(model, x, y, sample_weight, k):
     grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
-    # A layer also called by the general rule has a reverse pass's share.
     general = {id(r.layer) for r in p.records if r.vjp is not None}
-    bounded = {k: v for k, v in bounded.items() if k not in general}
-    return loss, y_pred, d, grads, local, _bounded_checks(variables, bounded)
-
-
-def _factors_bound_product(x, g_z):
-    """Whether the kernel estimate `xᵀ g_z` of a `Dense` layer (summed over
-    all but the last axis) and its bias estimate (the sum of `g_z`) are
-    finite, decided from the factors alone: when `x` and `g_z` are finite
-    and `n · max|x| · max|g_z|` (`n` terms per entry) is at most 2⁻¹⁰ of
-    the dtype's largest number, no entry or partial sum can overflow, nor
-    a sum of up to 1,024 such estimates (a shared layer's calls). A
-    boolean scalar; `False` only for non-finite or astronomically large
-    factors (beyond about 3e35 in float32)."""
-    dtype = g_z.dtype
-    largest = tf.constant(float(tf.as_dtype(dtype).max) / 1024, dtype)
-    terms = tf.cast(tf.reduce_prod(tf.shape(g_z)[:-1]), dtype)
-    ax = tf.reduce_max(tf.abs(tf.cast(x, dtype)))
-    ag = tf.reduce_max(tf.abs(g_z))
-    # `<=` is false for NaN; an infinite factor makes a product infinite.
-    return tf.reduce_all(
-        tf.stack([terms * ag <= largest, terms * ax * ag <= largest, ax <= largest])
-    )
-
-
-def _bounded_checks(variables, bounded):
-    """`(ok, indices)`: the indices of the variables whose estimates
-    `_factors_bound_product` shows finite when `ok` holds (float32 `Dense`
-    layers without weight regularizers, called in closed form only), or
-    `(None, ())`."""
-    oks, indices = [], []
-    position = {id(v): i for i, v in enumerate(variables)}
-    for layer, checks in bounded.values():
-        params = layer.trainable_variables
-        if len(checks) > 1024 or any(
-            v.dtype != "float32" or getattr(v, "regularizer", None) is not None for v in params
-        ):
-            continue
-        oks.extend(checks)
-        indices.extend(position[id(v)] for v in params if id(v) in position)
-    if not oks:
-        return None, ()
-    return tf.reduce_all(tf.stack(oks)), tuple(sorted(indices))
+    checked = estimates.finite_from_factors(variables, bounded, general)
+    return loss, y_pred, d, grads, local, checked
 
 
 def _loss_jacobian(model, activation, z, y, sample_weight):
