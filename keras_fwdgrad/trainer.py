@@ -38,6 +38,19 @@ def all_finite(tensors):
     return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors if t is not None]))
 
 
+def estimate_finite(estimate):
+    """Whether every gradient estimate of `estimate` is finite, as a
+    boolean scalar tensor: those of `finite_from_factors` from their
+    factors' bound, the others read."""
+    ok, indices = estimate.finite_from_factors
+    skip = set(indices)
+    checks = [ok] if ok is not None else []
+    read = [g for i, g in enumerate(estimate.grads) if i not in skip and g is not None]
+    if read:
+        checks.append(all_finite(read))
+    return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+
+
 class Estimate(NamedTuple):
     """One step's forward-gradient estimate.
 
