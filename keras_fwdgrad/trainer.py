@@ -67,8 +67,8 @@ class Estimate(NamedTuple):
         finite_from_factors: `(ok, indices)`: the estimates at `indices`
             of `grads` are finite when the boolean scalar `ok` holds,
             which is decided from the factors of their products without
-            reading them (TensorFlow's activity perturbation, for `Dense`
-            layers); `(None, ())` when there are none.
+            reading them (activity perturbation's closed-form `Dense`
+            layers, on either backend); `(None, ())` when there are none.
     """
 
     loss: Any
