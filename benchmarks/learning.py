@@ -132,6 +132,12 @@ METHODS = {
         dict(learning_rate=1e-3),
         10,
     ),
+    # The same at a larger learning rate (the ResNet).
+    "activations_layer_patches_signs_lr3e-3": (
+        LAYER_PATCHES_SIGNS,
+        dict(learning_rate=3e-3),
+        10,
+    ),
     # The same with heads that map each position through a hidden ReLU
     # layer before the mean (sequence and feature-map blocks).
     "activations_layer_patches_signs_hidden_heads": (

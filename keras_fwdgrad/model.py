@@ -97,15 +97,23 @@ class ForwardGradientModel(_Trainer, keras.Model):
             `Embedding`, normalization, `MultiHeadAttention`, LoRA-enabled
             layers, your own) gets its output perturbed the same way, and
             its variables' estimate from a reverse pass through that one
-            layer with cotangent `d_n u_n`. Needs a `keras.Sequential` or
-            functional model with one output.
+            layer with cotangent `d_n u_n`. A `Dense`/convolution layer
+            without activation whose output only a `BatchNormalization`
+            reads (ResNet's convolution) is not perturbed: the
+            normalization's output is, and the layer's estimate takes the
+            cotangent that the normalization's reverse pass gives its
+            input. Needs a `keras.Sequential` or functional model with one
+            output.
         local_losses: With `perturbation="activations"`: `None` (default,
             one loss), `"auto"` (a block ends after each hidden `Dense` and
             each pooling layer; in a model with residual `Add` merges,
             after each merge, or after the normalization or activation
             layers that alone follow it, and after each pooling layer),
             `"layers"` (after every layer with trainable variables but
-            the last; a residual branch's layer, whose output reaches an
+            the last, and after the activation layers that alone follow
+            it; a `Dense`/convolution layer without activation that only
+            a `BatchNormalization` reads shares that normalization's
+            block; a residual branch's layer, whose output reaches an
             `Add` through activations or dropout only, each called once
             and read by nothing else, after that `Add` and the
             activations that alone follow it, so its head reads the
@@ -190,6 +198,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
             setattr(self, name, value)
         self.local_heads = []
         self._local_loss_ends = []
+        # `{layer name: normalization name}`: `activity.normalized_layers`.
+        self._normalized_layers = {}
         self._local_loss_trackers = []
         self._create_training_state()
         # Filled in by the first step (see `keras_fwdgrad.connectivity`).

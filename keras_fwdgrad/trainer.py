@@ -118,6 +118,7 @@ class Trainer:
             return
         activity.check_model(self.model)
         self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
+        self._normalized_layers = activity.normalized_layers(self.model, self._local_loss_ends)
         self.local_heads = activity.make_heads(
             self.model, self._local_loss_ends, self.local_head_units
         )

@@ -143,6 +143,64 @@ def test_a_batch_normalization_in_its_own_block_keeps_per_example_derivatives(mo
         np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", backend_modes(["eager", "graph", "xla"]))
+@pytest.mark.parametrize("first", ["conv", "dense"])
+def test_a_layer_before_batch_normalization_is_estimated_through_it(first, mode):
+    """A `Dense`/convolution layer without activation whose output only a
+    `BatchNormalization` reads (ResNet's `Conv2D(use_bias=False)` then
+    `BatchNormalization` then `ReLU`) is not perturbed itself: the
+    normalization's output is, and the layer's estimate takes the
+    cotangent of the normalization's input from the normalization's
+    reverse pass. With `local_losses="layers"` the three layers form one
+    block, whose head reads the `ReLU`'s output; with one loss per unit
+    and random signs, one draw of the estimates of the layer and of the
+    normalization equals the reverse-mode gradient of that block's loss
+    (rtol=atol=1e-4), and the layer's kernel estimate changes with the
+    block's loss (a second block's kernel is checked as well)."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    if first == "conv":
+        shape = (5, 5, 2)
+        layers = [L.Conv2D(3, 3, padding="same", use_bias=False), L.Conv2D(4, 3)]
+        tail = [L.GlobalAveragePooling2D()]
+        x = np.random.default_rng(1).normal(size=(6,) + shape).astype("float32")
+    else:
+        shape = (4,)
+        layers = [L.Dense(3), L.Dense(4)]
+        tail = []
+        x = np.random.default_rng(1).normal(size=(6,) + shape).astype("float32")
+    norms = [L.BatchNormalization(), L.BatchNormalization()]
+    relus = [L.ReLU(), L.ReLU()]
+    base = keras.Sequential(
+        [keras.Input(shape)]
+        + [layers[0], norms[0], relus[0], layers[1], norms[1], relus[1]]
+        + tail
+        + [L.Dense(3, activation="softmax")]
+    )
+    assert activity.normalized_layers(base) == {
+        layers[0].name: norms[0].name,
+        layers[1].name: norms[1].name,
+    }
+    assert activity.block_ends(base, "layers") == [relus[0].name, relus[1].name]
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
+    model.compile(optimizer="sgd", loss=LOSS)
+    y = np.random.default_rng(2).integers(0, 3, size=(6,))
+    grads = dict(
+        zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
+    )
+    h = x
+    for i in range(2):
+        local = keras.Sequential(
+            [keras.Input(h.shape[1:]), layers[i], norms[i], relus[i], model.local_heads[i]]
+        )
+        expected = activity_models.reference_gradients(local, h, y)
+        for v in layers[i].trainable_variables + norms[i].trainable_variables:
+            # (A bias before the normalization has no gradient.)
+            assert v.path.endswith("bias") or np.abs(expected[id(v)]).max() > 1e-3
+            np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
+        h = np.asarray(relus[i](norms[i](layers[i](h), training=True)))
+
+
 def _general_rule_cases():
     """`(inputs, the layer, its output from inputs, x)`: one layer of the
     general rule that ends the first block."""

@@ -44,7 +44,13 @@ tape's reverse pass with cotangent `d_n u_n` (docs/activity.md, "The
 general rule"); its perturbed output takes local-loss groups as a
 `Dense` layer's pre-activations do. Layers that mix examples (for now:
 `BatchNormalization`) make the derivatives of the layers recorded before
-them in their block whole-batch ones, which stays unbiased.
+them in their block whole-batch ones, which stays unbiased. A
+`Dense`/convolution layer without activation whose output only a
+`BatchNormalization` reads (`normalized_layers`) is therefore not
+perturbed: the normalization's output is, and the layer's estimate is its
+closed-form product with the cotangent of the normalization's input from
+the normalization's own reverse pass, the one place where a reverse pass
+crosses from one layer into another.
 
 The tangents are independent draws of the direction family's `tangent()`:
 by default the `"gaussian"` family's quantized normal
@@ -67,6 +73,7 @@ from keras_fwdgrad.activity.blocks import block_ends
 from keras_fwdgrad.activity.blocks import check_local_loss_groups
 from keras_fwdgrad.activity.blocks import check_model
 from keras_fwdgrad.activity.blocks import check_num_directions
+from keras_fwdgrad.activity.blocks import normalized_layers
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity.heads import make_heads
@@ -79,6 +86,7 @@ __all__ = [
     "check_model",
     "check_num_directions",
     "make_heads",
+    "normalized_layers",
     "per_example_losses",
     "perturbed",
 ]

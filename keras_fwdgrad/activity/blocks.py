@@ -50,6 +50,16 @@ _PER_CHANNEL = (
 ) + _POOLING
 
 
+# Variable-free activation layers: a block ends after those that alone
+# follow its last layer (`_layer_end`).
+_ACTIVATION_LAYERS = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+)
+
+
 def check_model(base):
     """Raises unless activity perturbation can run `base`: a `Sequential`
     or functional model with one output tensor."""
@@ -114,6 +124,45 @@ def has_variables(layer):
     return bool(trainable_variables(layer))
 
 
+def normalized_layers(base, ends=()):
+    """`{layer name: normalization name}` for each `Dense`/convolution
+    layer the pass does not perturb itself because a normalization that
+    mixes examples alone reads its output.
+
+    Such a layer (perturbed in closed form, no activation of its own,
+    called once) feeds only a `BatchNormalization` with trainable
+    variables, called once, as in `Conv2D(use_bias=False)` then
+    `BatchNormalization`. Perturbing its pre-activations would send their
+    tangents through the normalization's batch statistics, so that its
+    whole block takes the batch's derivative; instead the normalization's
+    output is perturbed, and the layer's estimate is its closed-form
+    product with the cotangent that the normalization's one-layer reverse
+    pass gives its input. The two layers then form one block with
+    `local_losses="layers"`. A layer in `ends` (the names of the layers
+    that end a block) is perturbed itself.
+    """
+    operations = graph.flat_operations(base)
+    out = {}
+    for layer in graph.flat_layers(base):
+        if (
+            not perturbed(layer)
+            or type(layer) is LocalHead
+            or layer.activation is not keras.activations.linear
+            or _compat.num_calls(layer) != 1
+            or layer.name in ends
+        ):
+            continue
+        after = _consumers(operations, layer)
+        if (
+            len(after) == 1
+            and isinstance(after[0], _MIXES_EXAMPLES)
+            and has_variables(after[0])
+            and _compat.num_calls(after[0]) == 1
+        ):
+            out[layer.name] = after[0].name
+    return out
+
+
 def block_ends(base, local_losses):
     """The names of the layers after which a block ends (the last block
     ends at the model's output)."""
@@ -143,10 +192,11 @@ def block_ends(base, local_losses):
 
         if local_losses == "layers":
             operations = graph.flat_operations(base)
+            normalized = normalized_layers(base)
             ends = [
                 _layer_end(layers, operations, i).name
                 for i, layer in enumerate(layers)
-                if i < last_dense and has_variables(layer)
+                if i < last_dense and has_variables(layer) and layer.name not in normalized
             ]
         else:
             ends = [
@@ -226,21 +276,24 @@ def _passes_channels(layer):
 
 def _layer_end(layers, operations, i):
     """Where `local_losses="layers"` ends the block of `layers[i]`, a
-    layer with trainable variables: after it, or, when its output reaches
-    a residual `Add` through per-channel layers alone (dropout, an
-    activation) and nothing with trainable variables is called in
-    between, after that `Add` and the per-channel layers that alone
-    follow it. The head then reads the residual stream (a transformer's
-    attention and feed-forward outputs, a ResNet branch) rather than the
-    branch by itself; the branch's derivative is the same through the
-    merge."""
+    layer with trainable variables: after it and the activation layers
+    (`Activation`, `ReLU`, `LeakyReLU`, `ELU`) that alone follow it, so
+    that its head reads what the next layer reads (a convolution's and
+    its normalization's block ends after the `ReLU` layer that follows);
+    or, when its output reaches a residual `Add` through per-channel
+    layers alone (dropout, an activation) and nothing with trainable
+    variables is called in between, after that `Add` and the per-channel
+    layers that alone follow it. The head then reads the residual stream
+    (a transformer's attention and feed-forward outputs, a ResNet branch)
+    rather than the branch by itself; the branch's derivative is the same
+    through the merge."""
     layer = layers[i]
-    if not any(isinstance(other, keras.layers.Add) for other in layers):
-        return layer
     if _compat.num_calls(layer) != 1:
         return layer
     index = {id(other): j for j, other in enumerate(layers)}
     end, merged = layer, False
+    # The end without a merge: after the activation layers alone.
+    activated, activations_only = layer, True
     while True:
         # Every consumer, graph operations included: a branch that also
         # feeds one must keep its tangent inside its own block.
@@ -258,10 +311,14 @@ def _layer_end(layers, operations, i):
             end, merged = nxt, True
         elif _passes_channels(nxt):
             end = nxt
+            if not merged and activations_only and isinstance(nxt, _ACTIVATION_LAYERS):
+                activated = nxt
+            elif not merged:
+                activations_only = False
         else:
             break
     if not merged:
-        return layer
+        return activated
     # Per-channel layers after the last merge, not those before it alone.
     return end
 

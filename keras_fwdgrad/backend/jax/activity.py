@@ -64,6 +64,9 @@ class _Record:
     relu: bool
     head: bool = False  # A local head's output `Dense`.
     head_hidden: bool = False  # A local head's hidden `Dense`.
+    # For a normalization whose input a `normalized_layers` layer made:
+    # that layer's index in `_Pass.normalized_records`.
+    normalized: int = None
 
 
 def _linear_call(layer, args, kwargs, closed_form):
@@ -102,6 +105,13 @@ class _Pass:
         # `(record, function)` of the model's output (`Alignment.output_of`).
         self.alignment = groups.Alignment()
         self.output_record = None
+        # The calls of `normalized_layers` layers (not perturbed), with
+        # their array leaves and states, and `{normalization name: (index,
+        # output)}` of the last one before each normalization.
+        self.normalized_records = []
+        self.normalized_inputs = []
+        self.normalized_states = []
+        self.pending = {}
 
     def perturb(self, layer, args, kwargs, closed_form, head=False, head_hidden=False):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
@@ -120,6 +130,15 @@ class _Pass:
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
         self.states.append([v.value for v in frozen_variables(layer)])
+        normalized = self.pending.pop(layer.name, None)
+        if normalized is not None:
+            if leaves[0] is not normalized[1]:
+                raise RuntimeError(
+                    f"Layer {layer.name!r} was not called on the output of "
+                    f"{self.normalized_records[normalized[0]].layer.name!r}, the "
+                    "one layer that feeds it."
+                )
+            self.records[-1].normalized = normalized[0]
         z = _linear_call(layer, args, kwargs, closed_form)
         if not _is_array(z) or not jnp.issubdtype(z.dtype, jnp.floating):
             raise not_one_tensor(layer, str(z.dtype) if _is_array(z) else type(z).__name__)
@@ -155,6 +174,20 @@ class _Pass:
             if layer.hidden is not None:
                 h = self.perturb(layer.hidden, (h,), {}, True, head_hidden=True)
             y = self.perturb(layer.dense, (layer.pool(h),), {}, True, head=True)
+        elif layer.name in self.model._normalized_layers:
+            # Not perturbed: the normalization after it is, and its
+            # reverse pass gives this layer's cotangent.
+            leaves, treedef = jax.tree_util.tree_flatten((args, {}))
+            self.normalized_records.append(
+                _Record(layer, treedef, [None] * len(leaves), self.block, True, False)
+            )
+            self.normalized_inputs.append(list(leaves))
+            self.normalized_states.append([v.value for v in frozen_variables(layer)])
+            y = _linear_call(layer, args, {}, True)
+            self.pending[self.model._normalized_layers[layer.name]] = (
+                len(self.normalized_records) - 1,
+                y,
+            )
         elif has_variables(layer):
             closed_form = perturbed(layer) and len(args) == 1 and not set(kwargs) - {"training"}
             if closed_form:
@@ -247,6 +280,7 @@ def estimate(model, state, x, y, sample_weight, k):
             p.inputs,
             p.states,
             p.perturbed_values,
+            (p.normalized_inputs, p.normalized_states),
             p.block_outputs,
         )
 
@@ -259,7 +293,7 @@ def estimate(model, state, x, y, sample_weight, k):
     ]
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
     (block_losses, aux), (d, aux_tangents) = jax.jvp(run, (zeros,), (us,))
-    loss, y_pred, new_state, inputs, states, values, block_outputs = aux
+    loss, y_pred, new_state, inputs, states, values, normalized, block_outputs = aux
     p = holder["pass"]
     d = clip_directional_derivative(jnp.stack(d).astype("float32"), model.jvp_clip)
     batch_d = jnp.sum(d, axis=1)
@@ -289,11 +323,26 @@ def estimate(model, state, x, y, sample_weight, k):
             # of the estimate is pure noise.
             cotangent = cotangent * (z > 0).astype(u.dtype)
         layer = record.layer
-        estimates.add(
-            grads,
-            trainable_variables(layer),
-            _layer_vjp(record, arrays, layer_state, by_id, cotangent),
+        estimate = _layer_vjp(
+            record, arrays, layer_state, by_id, cotangent, record.normalized is not None
         )
+        if record.normalized is not None:
+            # The layer before the normalization: its reverse pass with
+            # the cotangent of the normalization's input.
+            *estimate, g_x = estimate
+            before = p.normalized_records[record.normalized]
+            estimates.add(
+                grads,
+                trainable_variables(before.layer),
+                _layer_vjp(
+                    before,
+                    normalized[0][record.normalized],
+                    normalized[1][record.normalized],
+                    by_id,
+                    g_x,
+                ),
+            )
+        estimates.add(grads, trainable_variables(layer), estimate)
         if record.closed_form and isinstance(layer, keras.layers.Dense):
             bounded.setdefault(id(layer), (layer, []))[1].append(
                 estimates.factors_bound_product(_arguments(record, arrays)[0][0], cotangent)
@@ -381,12 +430,27 @@ def _arguments(record, arrays):
     )
 
 
-def _layer_vjp(record, arrays, layer_state, by_id, cotangent):
+def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
     """The reverse pass through `record`'s layer call alone: the gradient
     of `<call output, cotangent>` with respect to the layer's trainable
-    values, its inputs and non-trainable state as they were."""
+    values, its inputs and non-trainable state as they were; with
+    `with_input`, followed by the gradient with respect to its first
+    input."""
     layer = record.layer
     args, kwargs = _arguments(record, arrays)
+    if with_input:
+
+        def call_on(values, x):
+            mapping = list(zip(trainable_variables(layer), values)) + list(
+                zip(frozen_variables(layer), layer_state)
+            )
+            with keras.StatelessScope(state_mapping=mapping):
+                return _linear_call(layer, (x,) + tuple(args[1:]), kwargs, record.closed_form)
+
+        values = [by_id[id(v)] for v in trainable_variables(layer)]
+        out, vjp = jax.vjp(call_on, values, args[0])
+        grads, g_x = vjp(cotangent.astype(out.dtype))
+        return list(grads) + [g_x]
     if record.closed_form and isinstance(layer, keras.layers.Dense):
         # `z = x W + b`: the products in closed form, without running the
         # layer again.

@@ -56,6 +56,10 @@ class _Record:
     # `relu(z)` when the only tangent of `z` is `u`: its tangent is then
     # `u` on the active units and 0 elsewhere, computed in the pass.
     relu_output: object = None
+    # For a normalization whose input a `normalized_layers` layer made:
+    # that layer's record (`u` is `None`; its cotangent comes from this
+    # record's `vjp`, which then also returns its input's).
+    normalized: object = None
 
 
 class _Pass:
@@ -76,6 +80,9 @@ class _Pass:
         self.mixing_records = set()
         self.acc = None
         self.alignment = groups.Alignment()
+        # `{normalization name: record}` of the last call of each
+        # `normalized_layers` layer, for the normalization after it.
+        self.normalized = {}
 
     def tangent(self, z, index):
         seed = backend.fold_in(self.seed, index)
@@ -102,6 +109,8 @@ class _Pass:
             # call): no variables.
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
+        elif layer.name in self.model._normalized_layers:
+            y = self.call_normalized(layer, args[0])
         elif has_variables(layer):
             y = self.call_perturbed(layer, args, kwargs)
         else:
@@ -167,6 +176,22 @@ class _Pass:
         )
         return y
 
+    def call_normalized(self, layer, x):
+        """A `normalized_layers` layer: its pre-activations, not
+        perturbed (the normalization after it is), carrying its input's
+        tangent if any."""
+        tx = None
+        if not isinstance(layer, keras.layers.Dense):
+            # As in `call_closed_form`: the input tangent's convolution.
+            tx = self.acc.jvp(x)
+            x = tf.stop_gradient(x)
+        z = _pre_activation(layer, x)
+        if tx is not None:
+            _compat.watch(self.acc, z, layer_rules.convolution(layer)(tx, layer.kernel.value))
+        record = _Record(layer, x, z, None, self.block)
+        self.normalized[self.model._normalized_layers[layer.name]] = record
+        return z
+
     def call_general(self, layer, args, kwargs, head_hidden=False):
         """The general rule: `layer`'s call is recorded on a tape of its
         own trainable variables (its inputs, and the tangents they carry,
@@ -174,8 +199,15 @@ class _Pass:
         if "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
         values = [v.value for v in trainable_variables(layer)]
+        normalized = self.normalized.pop(layer.name, None)
+        if normalized is not None and args[0] is not normalized.z:
+            raise RuntimeError(
+                f"Layer {layer.name!r} was not called on the output of "
+                f"{normalized.layer.name!r}, the one layer that feeds it."
+            )
+        sources = values if normalized is None else values + [normalized.z]
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(values)
+            tape.watch(sources)
             y = layer(*args, **kwargs)
         if not tf.is_tensor(y) or not y.dtype.is_floating:
             raise not_one_tensor(layer, y.dtype.name if tf.is_tensor(y) else type(y).__name__)
@@ -183,7 +215,7 @@ class _Pass:
         def vjp(cotangent):
             grads = tape.gradient(
                 y,
-                values,
+                sources,
                 output_gradients=tf.cast(cotangent, y.dtype),
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
@@ -195,7 +227,16 @@ class _Pass:
         _compat.watch(self.acc, zero, u)
         out = y + zero
         self.records.append(
-            _Record(layer, None, out, u, self.block, vjp=vjp, head_hidden=head_hidden)
+            _Record(
+                layer,
+                None,
+                out,
+                u,
+                self.block,
+                vjp=vjp,
+                head_hidden=head_hidden,
+                normalized=normalized,
+            )
         )
         self.alignment.perturbed_output(out, self.records[-1], self.block, len(out.shape))
         return out
@@ -339,7 +380,13 @@ def estimate(model, x, y, sample_weight, k):
         if len(dn.shape) == 1:
             dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
         if r.vjp is not None:
-            estimates.add(grads, trainable_variables(r.layer), r.vjp(tf.cast(dn, u.dtype) * u))
+            estimate = r.vjp(tf.cast(dn, u.dtype) * u)
+            if r.normalized is not None:
+                # The layer before the normalization: its product with the
+                # cotangent of the normalization's input.
+                *estimate, g_z = estimate
+                _add_closed_form(grads, r.normalized, g_z)
+            estimates.add(grads, trainable_variables(r.layer), estimate)
             continue
         activation = (
             r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
@@ -354,24 +401,28 @@ def estimate(model, x, y, sample_weight, k):
         dn = tf.cast(dn, u.dtype)
         g_z = dn * u
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
-        params = layer.trainable_variables
-        x_in = tf.stop_gradient(r.x)
         if isinstance(layer, keras.layers.Dense):
             bounded.setdefault(id(layer), (layer, []))[1].append(
-                estimates.factors_bound_product(x_in, g_z)
+                estimates.factors_bound_product(tf.stop_gradient(r.x), g_z)
             )
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch([v.value for v in params])
-            z = _pre_activation(r.layer, x_in)
-        estimates.add(
-            grads, params, tape.gradient(z, [v.value for v in params], output_gradients=g_z)
-        )
+        _add_closed_form(grads, r, g_z, layer)
     grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
     general = {id(r.layer) for r in p.records if r.vjp is not None}
     checked = estimates.finite_from_factors(variables, bounded, general)
     return loss, y_pred, d, grads, local, checked
+
+
+def _add_closed_form(grads, r, g_z, layer=None):
+    """Adds the estimates of a closed-form record's variables: the reverse
+    pass of its pre-activations' product alone with cotangent `g_z`."""
+    layer = r.layer if layer is None else layer
+    params = [v.value for v in layer.trainable_variables]
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(params)
+        z = _pre_activation(r.layer, tf.stop_gradient(r.x))
+    estimates.add(grads, layer.trainable_variables, tape.gradient(z, params, output_gradients=g_z))
 
 
 def _loss_jacobian(model, activation, z, y, sample_weight):
