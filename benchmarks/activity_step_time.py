@@ -2,8 +2,9 @@
 the papers' forward gradient, with and without XLA.
 
 For each model (`--models`: the papers' MNIST MLP and CNN, the second
-paper's CIFAR-10 VGG) and each `jit_compile` setting, builds one model per
-method, compiles it (its first steps reported apart), then times
+paper's CIFAR-10 VGG, the small CIFAR-10 ResNet) and each `jit_compile`
+setting, builds one model per method (`--methods`: a subset, backprop
+always), compiles it (its first steps reported apart), then times
 `--rounds` interleaved rounds of `--steps` training steps each (method 1,
 method 2, ..., then again) and reports the median step time and its ratio
 to backprop's, all in one process. Batch 64, Adam, random data of the
@@ -22,6 +23,9 @@ Methods:
 - `activations_channels_signs`: the setting that learns fastest,
   `local_losses="auto"`, `local_loss_groups="channels"`,
   `direction="rademacher"`.
+- `activations_layer_patches_signs`: `local_losses="layers"`, one loss
+  per channel and position, random signs (`learning.LAYER_LOCAL_OPTIONS`,
+  the CNN and ResNet learning runs).
 
 Runs on the backend `KERAS_BACKEND` names (TensorFlow by default). On JAX
 `--jit off` runs the step op by op (Keras' `run_eagerly`-like path), so
@@ -29,7 +33,8 @@ only `--jit on` is a fair comparison there.
 
 Usage:
     [KERAS_BACKEND=jax] python benchmarks/activity_step_time.py
-        [--models mlp cnn vgg] [--jit on off] [--rounds 5] [--steps 10]
+        [--models mlp cnn vgg resnet] [--jit on off] [--rounds 5] [--steps 10]
+        [--methods NAME ...]
 """
 
 import argparse
@@ -45,6 +50,7 @@ import numpy as np  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
+from keras_fwdgrad.research import learning  # noqa: E402
 from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
 
@@ -52,6 +58,7 @@ MODELS = {
     "mlp": (architectures.mlp, (28, 28, 1)),
     "cnn": (architectures.mnist_cnn, (28, 28, 1)),
     "vgg": (architectures.cifar10_vgg, (32, 32, 3)),
+    "resnet": (architectures.cifar10_resnet, (32, 32, 3)),
 }
 METHODS = {
     "backprop": None,
@@ -70,6 +77,7 @@ METHODS = {
         local_loss_groups="channels",
         direction="rademacher",
     ),
+    "activations_layer_patches_signs": learning.LAYER_LOCAL_OPTIONS,
 }
 
 
@@ -83,13 +91,18 @@ def _backend_version():
     return f"tensorflow {tf.__version__}"
 
 
-def measure(model_name, jit, rounds, steps):
+def measure(model_name, jit, rounds, steps, methods=None):
     build, shape = MODELS[model_name]
+    methods = {
+        name: args
+        for name, args in METHODS.items()
+        if methods is None or name == "backprop" or name in methods
+    }
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64 * steps,) + shape).astype("float32")
     y = rng.integers(0, 10, size=(64 * steps,))
     models, first = {}, {}
-    for name, wrapper_args in METHODS.items():
+    for name, wrapper_args in methods.items():
         keras.utils.set_random_seed(0)
         base = build()
         model = (
@@ -104,7 +117,7 @@ def measure(model_name, jit, rounds, steps):
         model.fit(x[:128], y[:128], batch_size=64, epochs=1, verbose=0, callbacks=[timer])
         first[name] = float(sum(timer.warmup_times))
         models[name] = model
-    medians = {name: [] for name in METHODS}
+    medians = {name: [] for name in methods}
     for _ in range(rounds):
         for name, model in models.items():
             timer = StepTimer(warmup_steps=0)
@@ -121,7 +134,7 @@ def measure(model_name, jit, rounds, steps):
             "first_two_steps_s": first[name],
             "round_medians_ms": medians[name],
         }
-        for name in METHODS
+        for name in methods
     ]
 
 
@@ -132,6 +145,13 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=None,
+        help="only these methods (and backprop); default: all",
+    )
+    p.add_argument(
         "--out",
         default=f"benchmarks/results/activity_step_time_{keras.backend.backend()}.json",
     )
@@ -139,9 +159,10 @@ def main():
     rows = []
     for model_name in args.models:
         for jit in args.jit:
-            rows += measure(model_name, jit == "on", args.rounds, args.steps)
+            new = measure(model_name, jit == "on", args.rounds, args.steps, args.methods)
+            rows += new
             print(f"{'model':<5} {'jit':<5} {'method':<22} {'ms/step':>9} {'vs backprop':>11}")
-            for r in rows[-len(METHODS) :]:
+            for r in new:
                 print(
                     f"{r['model']:<5} {str(r['jit_compile']):<5} {r['method']:<22} "
                     f"{r['ms_per_step']:>9.1f} {r['vs_backprop']:>11.2f}",

@@ -15,7 +15,8 @@ the method's epochs and no clipping unless the table says so
 
 `--model cnn` (the papers' MNIST CNN), `--model vgg` (the second
 paper's CIFAR-10 VGG), `--model resnet` (a small residual CNN with batch
-normalization on CIFAR-10, `architectures.cifar10_resnet`) and `--model
+normalization on CIFAR-10, `architectures.cifar10_resnet`; `--model
+resnet_wide` with 32, 64 and 128 channels) and `--model
 encoder` (a 2-block transformer encoder on MNIST rows as 28 tokens,
 `architectures.mnist_encoder`) run the same measurement; `--epochs`, `--train-size`
 and `--test-size` set a reduced budget for them on a CPU.
@@ -23,7 +24,7 @@ and `--test-size` set a reduced budget for them on a CPU.
 Usage:
     python benchmarks/learning.py --data-dir ../shared/data \
         [--methods backprop,weights,activations_k1,...] [--seeds 0,1] \
-        [--model mlp|cnn|vgg|resnet|encoder] [--epochs N] [--train-size N] [--test-size N]
+        [--model mlp|cnn|vgg|resnet|resnet_wide|encoder] [--epochs N] [--train-size N] [--test-size N]
 """
 
 import argparse
@@ -190,6 +191,7 @@ def run(
         "cnn": architectures.mnist_cnn,
         "vgg": architectures.cifar10_vgg,
         "resnet": architectures.cifar10_resnet,
+        "resnet_wide": lambda: architectures.cifar10_resnet(widths=(32, 64, 128)),
         "encoder": architectures.mnist_encoder,
     }[model_name]()
     steps = len(data["x_train"]) // batch_size
@@ -221,7 +223,9 @@ def main():
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs-scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=None, help="the same for every method")
-    p.add_argument("--model", choices=("mlp", "cnn", "vgg", "resnet", "encoder"), default="mlp")
+    p.add_argument(
+        "--model", choices=("mlp", "cnn", "vgg", "resnet", "resnet_wide", "encoder"), default="mlp"
+    )
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", type=float, default=None, help="overrides every method's")
@@ -235,7 +239,7 @@ def main():
     p.add_argument("--out", default="benchmarks/results/learning/mnist_mlp.json")
     args = p.parse_args()
 
-    dataset = "cifar10" if args.model in ("vgg", "resnet") else "mnist"
+    dataset = "cifar10" if args.model in ("vgg", "resnet", "resnet_wide") else "mnist"
     data = learning.normalized_arrays(
         dataset, args.data_dir, train_size=args.train_size, test_size=args.test_size
     )
