@@ -140,20 +140,26 @@ class _Pass:
             return self.call_closed_form(layer, args[0], head_hidden)
         return self.call_general(layer, args, kwargs, head_hidden)
 
+    def pre_activations(self, layer, x):
+        """`(x, z, tx)`: a closed-form layer's input and pre-activations
+        `z`, and for a convolution whose input carries a tangent, that
+        tangent's convolution, which `z` does not carry (else `None`):
+        TensorFlow's own forward mode through a convolution (the transpose
+        of its input gradient) is many times slower under XLA."""
+        tx = None
+        if not isinstance(layer, (keras.layers.Dense, LocalHead)):
+            tx = self.acc.jvp(x)
+            x = tf.stop_gradient(x)
+            if tx is not None:
+                tx = layer_rules.convolution(layer)(tx, layer.kernel.value)
+        return x, _pre_activation(layer, x), tx
+
     def call_closed_form(self, layer, x, head_hidden=False):
         """A perturbed `Dense`/convolution layer (or local head): its
         pre-activations get this pass's tangent, then its activation."""
-        tx = None
-        if not isinstance(layer, (keras.layers.Dense, LocalHead)):
-            # The convolution of the input's tangent, computed here:
-            # TensorFlow's own forward mode through a convolution (the
-            # transpose of its input gradient) is many times slower
-            # under XLA.
-            tx = self.acc.jvp(x)
-            x = tf.stop_gradient(x)
-        z = _pre_activation(layer, x)
+        x, z, tx = self.pre_activations(layer, x)
         u = self.tangent(z, len(self.records))
-        tz = u if tx is None else u + layer_rules.convolution(layer)(tx, layer.kernel.value)
+        tz = u if tx is None else u + tx
         own_tangent = self.acc.jvp(z) is None
         if own_tangent:
             # `z` carries no tangent yet (a block's first layer, or a
@@ -180,14 +186,9 @@ class _Pass:
         """A `normalized_layers` layer: its pre-activations, not
         perturbed (the normalization after it is), carrying its input's
         tangent if any."""
-        tx = None
-        if not isinstance(layer, keras.layers.Dense):
-            # As in `call_closed_form`: the input tangent's convolution.
-            tx = self.acc.jvp(x)
-            x = tf.stop_gradient(x)
-        z = _pre_activation(layer, x)
+        x, z, tx = self.pre_activations(layer, x)
         if tx is not None:
-            _compat.watch(self.acc, z, layer_rules.convolution(layer)(tx, layer.kernel.value))
+            _compat.watch(self.acc, z, tx)
         record = _Record(layer, x, z, None, self.block)
         self.normalized[self.model._normalized_layers[layer.name]] = record
         return z
