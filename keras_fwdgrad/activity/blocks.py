@@ -51,7 +51,8 @@ _PER_CHANNEL = (
 
 
 # Variable-free activation layers: a block ends after those that alone
-# follow its last layer (`_layer_end`).
+# follow its last layer (`_layer_end`); with `Softmax`, the layers an
+# output layer's loss may be taken through (`groups._TAIL`).
 _ACTIVATION_LAYERS = (
     keras.layers.Activation,
     keras.layers.ReLU,

@@ -19,6 +19,7 @@ and the head loss's derivative at its pre-activations; the rest is here.
 import keras
 import numpy as np
 
+from keras_fwdgrad.activity.blocks import _ACTIVATION_LAYERS
 from keras_fwdgrad.activity.blocks import _PER_CHANNEL
 from keras_fwdgrad.activity.blocks import _POOLING
 
@@ -26,13 +27,7 @@ from keras_fwdgrad.activity.blocks import _POOLING
 # Variable-free layers that map a tensor to one of the same shape, example
 # by example and deterministically: an output layer's loss may be taken
 # through them (`Alignment.output_of`).
-_TAIL = (
-    keras.layers.Activation,
-    keras.layers.Softmax,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-)
+_TAIL = _ACTIVATION_LAYERS + (keras.layers.Softmax,)
 
 
 def elementwise(activation):
