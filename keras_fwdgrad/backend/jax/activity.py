@@ -438,17 +438,19 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
     input."""
     layer = record.layer
     args, kwargs = _arguments(record, arrays)
-    if with_input:
 
-        def call_on(values, x):
-            mapping = list(zip(trainable_variables(layer), values)) + list(
-                zip(frozen_variables(layer), layer_state)
+    def call(values, *first):
+        # `first`: the layer's first input, when it is differentiated too.
+        mapping = list(zip(trainable_variables(layer), values)) + list(
+            zip(frozen_variables(layer), layer_state)
+        )
+        with keras.StatelessScope(state_mapping=mapping):
+            return _linear_call(
+                layer, tuple(first) + tuple(args[len(first) :]), kwargs, record.closed_form
             )
-            with keras.StatelessScope(state_mapping=mapping):
-                return _linear_call(layer, (x,) + tuple(args[1:]), kwargs, record.closed_form)
 
-        values = [by_id[id(v)] for v in trainable_variables(layer)]
-        out, vjp = jax.vjp(call_on, values, args[0])
+    if with_input:
+        out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)], args[0])
         grads, g_x = vjp(cotangent.astype(out.dtype))
         return list(grads) + [g_x]
     if record.closed_form and isinstance(layer, keras.layers.Dense):
@@ -461,13 +463,6 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
         if layer.use_bias:
             grads.append(jnp.sum(cotangent, axis=axes))
         return grads
-
-    def call(values):
-        mapping = list(zip(trainable_variables(layer), values)) + list(
-            zip(frozen_variables(layer), layer_state)
-        )
-        with keras.StatelessScope(state_mapping=mapping):
-            return _linear_call(layer, args, kwargs, record.closed_form)
 
     out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)])
     return vjp(cotangent.astype(out.dtype))[0]
