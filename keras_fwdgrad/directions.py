@@ -29,12 +29,12 @@ import numpy as np
 from keras import ops
 
 from keras_fwdgrad import backend
+from keras_fwdgrad.tangents import unpack_bits
 
 # The compact forms `sample_structured` returns, re-exported here.
 from keras_fwdgrad.tangents import Factored  # noqa: F401
 from keras_fwdgrad.tangents import PackedSigns  # noqa: F401
 from keras_fwdgrad.tangents import to_dense  # noqa: F401
-from keras_fwdgrad.tangents import unpack_bits
 
 _REGISTRY = {}
 
@@ -387,9 +387,23 @@ def random_signs(shape, seed, dtype="float32"):
     """
     static = isinstance(shape, (tuple, list)) and all(isinstance(s, int) for s in shape)
     n = math.prod(shape) if static else ops.prod(shape)
-    bits = unpack_bits(random_bits((n + 31) // 32, seed), n)
-    # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
-    return ops.reshape(ops.cast(bits, dtype) * 2 - 1, shape)
+    words = random_bits((n + 31) // 32, seed)
+    if backend.compiled_by_xla():
+        # XLA fuses the unpacking into one loop; after the sign-bit
+        # formula below, its reshape runs several times slower (XLA:CPU).
+        bits = unpack_bits(words, n)
+        # Maps a bit b in {0, 1} to 2b - 1 in {-1, +1}.
+        return ops.reshape(ops.cast(bits, dtype) * 2 - 1, shape)
+    # Bit `j` of each word moved to the sign bit, then the bits of -1.0
+    # with that bit flipped: +1.0 where the bit is set, -1.0 where it is
+    # not. Outside XLA each operation is a pass over the tangent: three
+    # here, where the formula above takes five.
+    shifts = ops.convert_to_tensor([[31 - j for j in range(32)]], dtype="uint32")
+    sign = ops.convert_to_tensor(0x80000000, dtype="uint32")
+    minus_one = ops.convert_to_tensor(0xBF800000, dtype="uint32")
+    bits = ops.left_shift(ops.expand_dims(words, 1), shifts)
+    signs = ops.view(ops.bitwise_xor(ops.bitwise_and(bits, sign), minus_one), "float32")
+    return ops.cast(ops.reshape(ops.reshape(signs, [-1])[:n], shape), dtype)
 
 
 def _sign_flat(n, seed, dtype):

@@ -196,7 +196,8 @@ def test_quantized_normal_is_the_gaussian_family_in_any_shape():
 def test_random_signs_unpack_the_words_as_packed_signs_do():
     """`random_signs` (the Rademacher family's activity tangents) gives
     bit `j` of word `i` as component `32 i + j` (+1 where set), for a
-    static shape and, in a graph, for a shape known only when it runs."""
+    static shape, in a graph for a shape known only when it runs, and
+    under XLA."""
     seed = tf.constant([6, 7], tf.int64)
     v = directions.random_signs((3, 25), seed)
     assert v.shape == (3, 25) and v.dtype == tf.float32
@@ -212,6 +213,13 @@ def test_random_signs_unpack_the_words_as_packed_signs_do():
     assert w.dtype == tf.float16
     np.testing.assert_array_equal(w.numpy(), v.numpy().astype("float16"))
     assert directions.Rademacher().tangent((3, 25), seed).numpy().tolist() == v.numpy().tolist()
+
+    # Under XLA, which unpacks the bits by another formula.
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        return directions.random_signs(tf.shape(x), seed)
+
+    np.testing.assert_array_equal(compiled(tf.zeros((3, 25))).numpy(), v.numpy())
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -83,6 +83,14 @@ def gather(table, index):
     return module().gather(table, index)
 
 
+def compiled_by_xla():
+    """Whether the operations created now are compiled by XLA: on
+    TensorFlow inside `tf.function(jit_compile=True)`, on JAX always (its
+    training steps run under `jax.jit`). Only for choosing the faster of
+    two formulas of the same values."""
+    return module().compiled_by_xla()
+
+
 def run(fn, mode):
     """Calls `fn()` eagerly (`mode="eager"`) or compiled: `tf.function`
     (`"graph"`) or with XLA (`"xla"`) on TensorFlow, `jax.jit` for both on

@@ -6,6 +6,8 @@ Philox draw, the same on every device and replica for a given seed.
 
 import tensorflow as tf
 
+from keras_fwdgrad import _compat
+
 
 # The dtype of the step counters.
 COUNTER_DTYPE = "int64"
@@ -46,6 +48,10 @@ def split(flat, sizes):
 
 def gather(table, index):
     return tf.gather(table, tf.cast(index, tf.int32))
+
+
+def compiled_by_xla():
+    return _compat.in_xla_context()
 
 
 def run(fn, mode):
