@@ -23,6 +23,7 @@ times each family.
 import functools
 import math
 import statistics
+import sys
 
 import keras
 import numpy as np
@@ -342,9 +343,16 @@ def _gaussian_flat(n, seed, dtype):
     # half for 2i + 1): half the random words of one index per word, and a
     # table read in place of an inverse-CDF evaluation.
     words = random_bits(-(-n // 2), seed)
-    low = ops.bitwise_and(words, ops.convert_to_tensor(0xFFFF, "uint32"))
-    high = ops.right_shift(words, ops.convert_to_tensor(16, "uint32"))
-    index = ops.reshape(ops.stack([low, high], axis=1), [-1])[:n]
+    if backend.compiled_by_xla() or sys.byteorder != "little":
+        # Under XLA the halves are computed inside the table read's loop.
+        low = ops.bitwise_and(words, ops.convert_to_tensor(0xFFFF, "uint32"))
+        high = ops.right_shift(words, ops.convert_to_tensor(16, "uint32"))
+        index = ops.reshape(ops.stack([low, high], axis=1), [-1])[:n]
+    else:
+        # The same halves as a view of the words (low half first on a
+        # little-endian machine): outside XLA each operation is a pass
+        # over the tangent, and a view is none.
+        index = backend.halves(words)[:n]
     levels = ops.convert_to_tensor(gaussian_levels(), dtype="float32")
     return ops.cast(backend.gather(levels, index), dtype)
 

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import MODES
+from conftest import backend_modes
 from conftest import compile_kwargs
 import estimate_samples
 from keras import layers as L
@@ -155,6 +156,30 @@ def test_forward_gradient_is_unbiased(family):
 def test_unbiasedness_check_detects_a_biased_family():
     """The same check rejects directions with `E[v vᵀ] = 2.25 I`."""
     assert _max_z_score(_Scaled()) > 5.0
+
+
+@pytest.mark.parametrize("mode", backend_modes(MODES))
+def test_tangent_draws_read_the_words_the_same_way_in_every_mode(mode):
+    """Random signs and quantized normals (activity perturbation's
+    tangents) are formed otherwise outside XLA than under it; every mode
+    gives the values the random words define: bit `j` of word `i` is sign
+    `32 i + j` (+1 where set), and the low and high halves of word `i`
+    index the levels of components `2 i` and `2 i + 1`."""
+    from keras_fwdgrad import backend
+    from keras_fwdgrad import directions
+
+    seed = backend.step_seed(3, 4)
+    shape = (3, 25)
+    run = lambda fn: keras.ops.convert_to_numpy(backend.run(fn, mode))  # noqa: E731
+    signs = run(lambda: directions.random_signs(shape, seed))
+    words = keras.ops.convert_to_numpy(backend.random_bits(3, seed))
+    bits = (words[:, None] >> np.arange(32, dtype="uint32")) & 1
+    np.testing.assert_array_equal(signs.ravel(), 2.0 * bits.ravel()[:75] - 1)
+    normals = run(lambda: directions.quantized_normal(shape, seed))
+    words = keras.ops.convert_to_numpy(backend.random_bits(38, seed))
+    index = np.stack([words & 0xFFFF, words >> 16], axis=1).ravel()[:75]
+    levels = directions.gaussian_levels().astype("float32")
+    np.testing.assert_array_equal(normals.ravel(), levels[index])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -83,6 +83,14 @@ def gather(table, index):
     return module().gather(table, index)
 
 
+def halves(words):
+    """The 16-bit halves of the 1-D `uint32` tensor `words` as a `uint16`
+    tensor twice as long, in memory order (on a little-endian machine the
+    low half of each word first): a bitcast, which outside XLA reads and
+    writes nothing."""
+    return module().halves(words)
+
+
 def compiled_by_xla():
     """Whether the operations created now are compiled by XLA: on
     TensorFlow inside `tf.function(jit_compile=True)`, on JAX always (its

@@ -37,6 +37,10 @@ def gather(table, index):
     return jnp.take(table, index.astype(jnp.int32), axis=0)
 
 
+def halves(words):
+    return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)
+
+
 def compiled_by_xla():
     return True
 

@@ -50,6 +50,10 @@ def gather(table, index):
     return tf.gather(table, tf.cast(index, tf.int32))
 
 
+def halves(words):
+    return tf.reshape(tf.bitcast(words, tf.uint16), [-1])
+
+
 def compiled_by_xla():
     return _compat.in_xla_context()
 
