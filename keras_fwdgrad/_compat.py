@@ -318,6 +318,21 @@ def keras_tensorflow_nn_replaced(name, make_replacement):
                 del _NN_SWAPS[name]
 
 
+def carries_tangent(tensor):
+    """Whether `tensor` carries a tangent in an active
+    `tf.autodiff.ForwardAccumulator`:
+    `tensorflow.python.eager.forwardprop_util.pack_tangents`
+    (TensorFlow 2.21.0)."""
+    try:
+        from tensorflow.python.eager import forwardprop_util
+    except ImportError as e:  # pragma: no cover - depends on TF version
+        raise _missing("tensorflow.python.eager.forwardprop_util", e) from e
+    pack = _attribute(
+        forwardprop_util, "pack_tangents", "tensorflow.python.eager.forwardprop_util.pack_tangents"
+    )
+    return bool(pack([tensor]).tangents)
+
+
 def watch(accumulator, tensor, tangent):
     """Starts carrying `tangent` for `tensor`, a tensor made inside the
     `tf.autodiff.ForwardAccumulator` context: `ForwardAccumulator._watch`

@@ -191,6 +191,29 @@ def test_exact_max_pooling_fixes_keras_layers_under_xla(layer, data_format):
     np.testing.assert_allclose(float(_run("xla", fixed)), ref, rtol=RTOL, atol=ATOL)
 
 
+def test_exact_max_pooling_leaves_inputs_without_a_tangent_to_tensorflow():
+    """Under XLA, `exact_max_pooling` gathers where the pooled input
+    carries a tangent, and leaves an input without one (a block's input in
+    activity perturbation) to TensorFlow's own, faster max-pooling."""
+    layer = keras.layers.MaxPooling2D(2)
+    x, tangent = _normal(2, 6, 6, 3), _normal(2, 6, 6, 3, seed=1)
+
+    def op_types(with_tangent):
+        @tf.function(jit_compile=True)
+        def step(x):
+            with forward_mode_fixes.exact_max_pooling():
+                with tf.autodiff.ForwardAccumulator(
+                    x if with_tangent else [], tangent if with_tangent else []
+                ):
+                    return layer(x)
+
+        graph = step.get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "ArgMax" in op_types(True) and "MaxPool" not in op_types(True)
+    assert "MaxPool" in op_types(False) and "ArgMax" not in op_types(False)
+
+
 def test_exact_max_pooling_compiles_float64_under_xla():
     """TensorFlow cannot compile its forward-mode derivative of
     max-pooling in float64 under XLA, for any window; `exact_max_pooling`
