@@ -7,7 +7,9 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 # The three ways Keras runs a step: eagerly, as a traced graph, and compiled
-# with XLA.
+# with XLA. Tests trace their own compiled functions without AutoGraph
+# (`autograph=False`, or `keras_fwdgrad.backend.run`), as Keras traces a
+# step: converting the code they call only costs tracing time.
 MODES = ["eager", "graph", "xla"]
 
 # The same for a parametrization over many architectures: each XLA variant

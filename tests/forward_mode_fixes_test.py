@@ -22,7 +22,7 @@ ATOL = 1e-6
 def _run(mode, fn):
     if mode == "eager":
         return fn()
-    return tf.function(fn, jit_compile=mode == "xla")()
+    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
 
 
 def _normal(*shape, seed=0):

@@ -71,7 +71,7 @@ def sample_direction(direction, shapes, key, mode):
     """Draws a direction as the model does in `mode` (the shipped families
     give the same bits in every mode, a custom one need not)."""
     fn = lambda: directions.get(direction).sample(shapes, key)  # noqa: E731
-    return fn() if mode != "xla" else tf.function(fn, jit_compile=True)()
+    return fn() if mode != "xla" else tf.function(fn, jit_compile=True, autograph=False)()
 
 
 def tape_directional_derivative(model, x, y, v):

@@ -183,7 +183,7 @@ def _model_data(model, batch=8):
 def _run(mode, fn):
     if mode == "eager":
         return fn()
-    return tf.function(fn, jit_compile=mode == "xla")()
+    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
 
 
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher", "lowrank_gaussian"])

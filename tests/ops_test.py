@@ -156,7 +156,7 @@ CASES = [
 def _run(mode, fn):
     if mode == "eager":
         return fn()
-    return tf.function(fn, jit_compile=mode == "xla")()
+    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
 
 
 @pytest.mark.parametrize("mode", ARCHITECTURE_MODES)

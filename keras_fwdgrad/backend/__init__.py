@@ -102,5 +102,6 @@ def compiled_by_xla():
 def run(fn, mode):
     """Calls `fn()` eagerly (`mode="eager"`) or compiled: `tf.function`
     (`"graph"`) or with XLA (`"xla"`) on TensorFlow, `jax.jit` for both on
-    JAX."""
+    JAX. On TensorFlow `fn` is traced without AutoGraph, as Keras traces a
+    training step: it must not rely on Python control flow over tensors."""
     return module().run(fn, mode)

@@ -60,5 +60,5 @@ def compiled_by_xla():
 
 def run(fn, mode):
     if mode != "eager":
-        fn = tf.function(fn, jit_compile=mode == "xla")
+        fn = tf.function(fn, jit_compile=mode == "xla", autograph=False)
     return fn()

@@ -20,9 +20,14 @@ from keras_fwdgrad import trainer
 class TensorFlowTrainer(_compat.BuildsFromOneReplica, trainer.Trainer):
     """The backend-specific half of `ForwardGradientModel` on TensorFlow."""
 
+    # Not converted by AutoGraph when you trace `forward_gradient()` in a
+    # `tf.function` of your own: Keras' step does not convert it either, and
+    # converting the estimator's code doubled the tracing time.
+    @tf.autograph.experimental.do_not_convert
     def _forward_gradient(self, x, y, sample_weight):
         return estimator.estimate(self, x, y, sample_weight)
 
+    @tf.autograph.experimental.do_not_convert
     def _reference_gradient(self, x, y):
         """The loss and its gradient over the wrapped model's trainable
         variables by `tf.GradientTape` (`None` for a variable the loss does
