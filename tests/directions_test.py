@@ -236,6 +236,37 @@ def test_same_direction_with_and_without_xla(name):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_random_words_and_folded_seeds_are_tensorflows_philox(mode):
+    """`random_bits` and `backend.fold_in` scramble the seed in a few ops
+    of their own: they give TensorFlow's `stateless_uniform` and
+    `stateless_fold_in` (`alg="philox"`) bit for bit, for 100 random
+    `int64` seeds and the extreme ones, folding `int64` and `int32` data,
+    in every mode."""
+    from keras_fwdgrad import backend
+
+    def ours(seed, i):
+        return directions.random_bits(37, seed), backend.fold_in(seed, i), backend.fold_in(seed, 4)
+
+    def tensorflows(seed, i):
+        words = tf.random.stateless_uniform(
+            [37], seed, minval=None, maxval=None, dtype=tf.int32, alg="philox"
+        )
+        fold = tf.random.experimental.stateless_fold_in
+        return tf.bitcast(words, tf.uint32), fold(seed, i, "philox"), fold(seed, 4, "philox")
+
+    if mode != "eager":
+        ours = tf.function(ours, jit_compile=mode == "xla", autograph=False)
+    rng = np.random.default_rng(0)
+    seeds = list(rng.integers(-(2**63), 2**63 - 1, size=(100, 2), endpoint=True))
+    seeds += [[0, 0], [-1, -1], [2**63 - 1, -(2**63)]]
+    for k, seed in enumerate(seeds):
+        seed, i = tf.constant(seed, tf.int64), tf.constant(k - 50, tf.int64)
+        for a, b in zip(ours(seed, i), tensorflows(seed, i)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_random_bits_are_uniform_and_distinct_per_seed():
     """Probabilistic, fixed seed: each of the 32 bit positions of 10⁵ words
     is set with frequency within 5 standard errors of 1/2, and two seeds

@@ -13,27 +13,29 @@ from keras_fwdgrad import _compat
 COUNTER_DTYPE = "int64"
 
 
-def random_bits(n, seed):
-    # XLA keeps the draw as one op that every consumer reads, rather than
-    # recomputing it inside each fused consumer.
-    return tf.bitcast(
-        tf.random.stateless_uniform(
-            [n],
-            seed=seed,
-            minval=None,
-            maxval=None,
-            dtype=tf.int32,
-            alg="philox",
-        ),
-        tf.uint32,
+def _philox_words(shape, seed, dtype):
+    """`tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
+    dtype=dtype, alg="philox")`, with the seed scrambled in three ops
+    (`_compat.philox_key_counter`)."""
+    key, counter = _compat.philox_key_counter(seed)
+    return tf.raw_ops.StatelessRandomUniformFullIntV2(
+        shape=shape, key=key, counter=counter, alg=tf.random.Algorithm.PHILOX.value, dtype=dtype
     )
 
 
+def random_bits(n, seed):
+    # XLA keeps the draw as one op that every consumer reads, rather than
+    # recomputing it inside each fused consumer.
+    return tf.bitcast(_philox_words([n], seed, tf.int32), tf.uint32)
+
+
 def fold_in(seed, i):
+    # `tf.random.experimental.stateless_fold_in(seed, i, alg="philox")`.
     # Philox named: with the default ("auto_select") a seed folded twice
     # (as K > 1 directions do) gives another seed under XLA than eagerly
     # (TensorFlow 2.21), so XLA would draw other directions.
-    return tf.random.experimental.stateless_fold_in(seed, i, alg="philox")
+    i = tf.convert_to_tensor(i)
+    return tf.stack([_philox_words([], seed, i.dtype), i])
 
 
 def step_seed(seed, step):
