@@ -118,7 +118,8 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
         x: One input batch.
         y: Its targets.
         loss: The loss you would compile with.
-        mode: `"eager"`, `"graph"` (`tf.function`) or `"xla"`
+        mode: `"eager"`, `"graph"` (`tf.function`, traced without
+            AutoGraph as Keras traces a step) or `"xla"`
             (`jit_compile=True`); on JAX, `"graph"` and `"xla"` both run
             under `jax.jit`. Defaults to `"graph"`.
         layer_rules: Passed to `ForwardGradientModel`. Defaults to `True`.
