@@ -354,9 +354,9 @@ def philox_key_counter(seed):
     four 32-bit Philox words under a fixed key with the seed as counter,
     joins them (low word first) into the 64-bit key and the counter's
     second word, and builds this from about thirty small graph ops. Here
-    the same two 64-bit words are drawn as such: three ops, so a step that
-    folds seeds per variable or per layer traces, compiles and runs
-    smaller graphs. `tests/directions_test.py` checks that the words
+    the same two 64-bit words are drawn as such, then sliced and masked
+    (four ops besides constants), so a step that folds seeds per variable
+    or per layer traces, compiles and runs smaller graphs. `tests/directions_test.py` checks that the words
     equal TensorFlow's for many seeds, in eager, graph and XLA modes.
     """
     mix = tf.raw_ops.StatelessRandomUniformFullIntV2(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fwdgrad import backend
 from keras_fwdgrad.backend.tensorflow import forward_mode_fixes
 from tests.conftest import MODES
 
@@ -20,9 +21,7 @@ ATOL = 1e-6
 
 
 def _run(mode, fn):
-    if mode == "eager":
-        return fn()
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
+    return backend.run(fn, mode)
 
 
 def _normal(*shape, seed=0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fwdgrad import backend
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad import testing
@@ -181,9 +182,7 @@ def _model_data(model, batch=8):
 
 
 def _run(mode, fn):
-    if mode == "eager":
-        return fn()
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
+    return backend.run(fn, mode)
 
 
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher", "lowrank_gaussian"])

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 import keras
 
+from keras_fwdgrad import backend
 from keras_fwdgrad import directions
 from keras_fwdgrad.research import objectives
 from keras_fwdgrad.ops import clip_directional_derivative
@@ -154,9 +155,7 @@ CASES = [
 
 
 def _run(mode, fn):
-    if mode == "eager":
-        return fn()
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
+    return backend.run(fn, mode)
 
 
 @pytest.mark.parametrize("mode", ARCHITECTURE_MODES)

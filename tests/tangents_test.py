@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_fwdgrad import backend
 from keras_fwdgrad import directions
 from keras_fwdgrad import tangents
 from tests.conftest import MODES
 
 
 def _run(mode, fn):
-    if mode == "eager":
-        return fn()
-    return tf.function(fn, jit_compile=mode == "xla", autograph=False)()
+    return backend.run(fn, mode)
 
 
 def test_factored_is_the_outer_product_of_its_factors():

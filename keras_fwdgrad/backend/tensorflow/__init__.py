@@ -15,7 +15,7 @@ COUNTER_DTYPE = "int64"
 
 def _philox_words(shape, seed, dtype):
     """`tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
-    dtype=dtype, alg="philox")`, with the seed scrambled in three ops
+    dtype=dtype, alg="philox")`, with the seed scrambled in a few ops
     (`_compat.philox_key_counter`)."""
     key, counter = _compat.philox_key_counter(seed)
     return tf.raw_ops.StatelessRandomUniformFullIntV2(
