@@ -7,8 +7,9 @@ setting, builds one model per method (`--methods`: a subset, backprop
 always), compiles it (its first steps reported apart), then times
 `--rounds` interleaved rounds of `--steps` training steps each (method 1,
 method 2, ..., then again) and reports the median step time and its ratio
-to backprop's, all in one process. Batch 64, Adam, random data of the
-right shape (a step's cost does not depend on the values).
+to backprop's, all in one process. Batch 64, Adam (or `--optimizer sgd`),
+random data of the right shape (a step's cost does not depend on the
+values).
 
 Methods:
 - `backprop`: the base model's own `fit`.
@@ -27,6 +28,10 @@ Methods:
   per channel and position, random signs (`learning.LAYER_LOCAL_OPTIONS`,
   the CNN and ResNet learning runs).
 
+`--optimizer sgd` replaces Adam (the default) by plain SGD for every
+method, whose update is one pass over the weights: the step is then
+mostly the gradient or its estimate.
+
 Runs on the backend `KERAS_BACKEND` names (TensorFlow by default). On JAX
 `--jit off` runs the step op by op (Keras' `run_eagerly`-like path), so
 only `--jit on` is a fair comparison there.
@@ -34,7 +39,7 @@ only `--jit on` is a fair comparison there.
 Usage:
     [KERAS_BACKEND=jax] python benchmarks/activity_step_time.py
         [--models mlp cnn vgg resnet] [--jit on off] [--rounds 5] [--steps 10]
-        [--methods NAME ...]
+        [--methods NAME ...] [--optimizer adam|sgd]
 """
 
 import argparse
@@ -91,7 +96,7 @@ def _backend_version():
     return f"tensorflow {tf.__version__}"
 
 
-def measure(model_name, jit, rounds, steps, methods=None):
+def measure(model_name, jit, rounds, steps, methods=None, optimizer="adam"):
     build, shape = MODELS[model_name]
     methods = {
         name: args
@@ -109,7 +114,7 @@ def measure(model_name, jit, rounds, steps, methods=None):
             base if wrapper_args is None else ForwardGradientModel(base, seed=0, **wrapper_args)
         )
         model.compile(
-            optimizer="adam",
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit,
         )
@@ -128,6 +133,7 @@ def measure(model_name, jit, rounds, steps, methods=None):
         {
             "model": model_name,
             "jit_compile": jit,
+            "optimizer": type(models[name].optimizer).__name__,
             "method": name,
             "ms_per_step": float(np.median(medians[name])),
             "vs_backprop": float(np.median(medians[name])) / backprop,
@@ -152,6 +158,12 @@ def main():
         help="only these methods (and backprop); default: all",
     )
     p.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="every method's optimizer (default: adam)",
+    )
+    p.add_argument(
         "--out",
         default=f"benchmarks/results/activity_step_time_{keras.backend.backend()}.json",
     )
@@ -159,7 +171,9 @@ def main():
     rows = []
     for model_name in args.models:
         for jit in args.jit:
-            new = measure(model_name, jit == "on", args.rounds, args.steps, args.methods)
+            new = measure(
+                model_name, jit == "on", args.rounds, args.steps, args.methods, args.optimizer
+            )
             rows += new
             print(f"{'model':<5} {'jit':<5} {'method':<22} {'ms/step':>9} {'vs backprop':>11}")
             for r in new:
@@ -170,6 +184,7 @@ def main():
                 )
     report = {
         "batch_size": 64,
+        "optimizer": args.optimizer,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "machine": f"{platform.machine()} {os.cpu_count()} cores",

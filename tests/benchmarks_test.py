@@ -71,6 +71,43 @@ def test_step_costs_smoke(tmp_path):
     assert report["machine"]["cpus"] >= 1
 
 
+def test_activity_step_time_smoke(tmp_path):
+    """`benchmarks/activity_step_time.py` times each method against
+    backprop with the optimizer asked for."""
+    out = tmp_path / "activity.json"
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "activity_step_time.py"),
+            "--models",
+            "mlp",
+            "--jit",
+            "off",
+            "--rounds",
+            "1",
+            "--steps",
+            "2",
+            "--methods",
+            "activations_layers_signs",
+            "--optimizer",
+            "sgd",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=ROOT,
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert {r["method"] for r in rows} == {"backprop", "activations_layers_signs"}
+    backprop_ms = next(r["ms_per_step"] for r in rows if r["method"] == "backprop")
+    for r in rows:
+        assert r["optimizer"] == "SGD"
+        assert r["ms_per_step"] > 0
+        assert r["vs_backprop"] == pytest.approx(r["ms_per_step"] / backprop_ms, rel=1e-12)
+
+
 def test_code_version_names_the_commit_and_local_changes(tmp_path):
     from keras_fwdgrad.research import learning
 

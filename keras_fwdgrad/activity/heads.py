@@ -43,9 +43,20 @@ class LocalHead(keras.layers.Layer):
         self.dense.build((input_shape[0], width))
 
     def pool(self, x):
-        if len(x.shape) > 2:
-            x = keras.ops.mean(x, axis=tuple(range(1, len(x.shape) - 1)))
-        return x
+        if len(x.shape) <= 2:
+            return x
+        axes = tuple(range(1, len(x.shape) - 1))
+        if keras.backend.standardize_dtype(x.dtype) not in ("float32", "float64"):
+            # `keras.ops.mean` sums lower precision in float32.
+            return keras.ops.mean(x, axis=axes)
+        # A sum, then a division of the small result: TensorFlow's forward
+        # mode of a mean scales the whole tangent before summing it (two
+        # passes over a block's output outside XLA), of a sum it only sums.
+        shape = keras.ops.shape(x)
+        count = 1
+        for axis in axes:
+            count = count * shape[axis]
+        return keras.ops.sum(x, axis=axes) / keras.ops.cast(count, x.dtype)
 
     def call(self, inputs):
         if self.hidden is not None:

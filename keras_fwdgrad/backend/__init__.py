@@ -79,16 +79,17 @@ def split(flat, sizes):
 
 
 def gather(table, index):
-    """`table[index]` for a 1-D table and non-negative integer indices."""
+    """`table[index]`: rows of `table` for non-negative integer indices."""
     return module().gather(table, index)
 
 
-def halves(words):
-    """The 16-bit halves of the 1-D `uint32` tensor `words` as a `uint16`
-    tensor twice as long, in memory order (on a little-endian machine the
-    low half of each word first): a bitcast, which outside XLA reads and
-    writes nothing."""
-    return module().halves(words)
+def view(words, dtype):
+    """The 1-D `uint32` tensor `words` as a 1-D tensor of the narrower
+    unsigned integer `dtype` (`"uint8"` or `"uint16"`), in memory order (on
+    a little-endian machine the low part of each word first): a bitcast,
+    which outside XLA reads and writes nothing. Unlike `keras.ops.view`,
+    the length may be dynamic."""
+    return module().view(words, dtype)
 
 
 def compiled_by_xla():

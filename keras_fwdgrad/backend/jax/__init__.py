@@ -37,8 +37,8 @@ def gather(table, index):
     return jnp.take(table, index.astype(jnp.int32), axis=0)
 
 
-def halves(words):
-    return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)
+def view(words, dtype):
+    return jax.lax.bitcast_convert_type(words, dtype).reshape(-1)
 
 
 def compiled_by_xla():

@@ -52,8 +52,8 @@ def gather(table, index):
     return tf.gather(table, tf.cast(index, tf.int32))
 
 
-def halves(words):
-    return tf.reshape(tf.bitcast(words, tf.uint16), [-1])
+def view(words, dtype):
+    return tf.reshape(tf.bitcast(words, dtype), [-1])
 
 
 def compiled_by_xla():
