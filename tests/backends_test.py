@@ -324,3 +324,61 @@ def test_gradient_cosine_callback():
     callback = keras_fwdgrad.GradientCosine(x, y, every=1)
     history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
     assert 0.5 < history.history["gradient_cosine"][0] <= 1.0
+
+
+_ON_JAX = keras.backend.backend() == "jax"
+
+
+@pytest.mark.skipif(not _ON_JAX, reason="JAX's closed-form convolution products")
+@pytest.mark.parametrize(
+    "kernel_size, padding",
+    [((3, 3), "same"), ((1, 1), "same"), ((2, 2), "same"), ((4, 3), "same"), ((3, 5), "valid")],
+)
+def test_jax_convolution_kernel_products_are_the_filter_gradient(kernel_size, padding):
+    """On the CPU, activity perturbation forms a stride-1 `Conv2D`'s kernel
+    estimate as matrix products (`backend.jax.kernel_products`): equal to
+    the gradient of `<conv(x, W), g>` by `jax.vjp`, to float32 rounding
+    (rtol 1e-5 of the largest entry), for odd, even and non-square
+    kernels."""
+    import jax
+
+    from keras_fwdgrad.backend.jax import kernel_products
+
+    layer = L.Conv2D(5, kernel_size, padding=padding)
+    layer.build((2, 9, 7, 3))
+    rng = np.random.default_rng(0)
+    x = jax.numpy.asarray(rng.normal(size=(2, 9, 7, 3)), "float32")
+    kernel = layer.kernel.value
+    out, vjp = jax.vjp(lambda w: layer.convolution_op(x, w), kernel)
+    g = jax.numpy.asarray(rng.normal(size=out.shape), "float32")
+    assert kernel_products.applies(layer, x)
+    got = np.asarray(kernel_products.kernel_product(layer, x, g))
+    want = np.asarray(vjp(g)[0])
+    assert got.shape == want.shape == tuple(kernel_size) + (3, 5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not _ON_JAX, reason="JAX's closed-form convolution products")
+def test_jax_convolution_kernel_products_leave_other_convolutions_to_jax():
+    """Strides, dilation, groups, channels first, other ranks and a frozen
+    kernel keep JAX's own reverse pass."""
+    from keras_fwdgrad.backend.jax import kernel_products
+
+    x = keras.ops.zeros((2, 8, 8, 4))
+    others = [
+        L.Conv2D(4, 3, strides=2),
+        L.Conv2D(4, 3, dilation_rate=2),
+        L.Conv2D(4, 3, groups=2),
+        L.Conv2D(4, 3, data_format="channels_first"),
+        L.DepthwiseConv2D(3),
+    ]
+    for layer in others:
+        layer.build(x.shape)
+        assert not kernel_products.applies(layer, x), layer.get_config()
+    frozen = L.Conv2D(4, 3)
+    frozen.build(x.shape)
+    frozen.kernel.trainable = False
+    assert not kernel_products.applies(frozen, x)
+    plain = L.Conv2D(4, 3)
+    plain.build(x.shape)
+    assert kernel_products.applies(plain, x)

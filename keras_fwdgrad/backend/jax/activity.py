@@ -16,7 +16,10 @@ estimated; docs/activity.md, "The general rule"), written functionally:
    call alone (`jax.vjp` of the layer as a function of its own trainable
    values, on the inputs and state it was called with), with cotangent
    `d_n u_n`. Under `jax.jit` XLA shares the layer's forward computation
-   with the pass's.
+   with the pass's. Closed-form `Dense` layers form their products
+   directly, and so do stride-1 `Conv2D` kernels on the CPU
+   (`kernel_products`: XLA:CPU's own filter gradient is several times
+   slower than the forward convolution).
 
 With `local_loss_groups` or `local_loss_patches`, the pass also tracks
 which perturbed layer's channels reach a block's output unit by unit
@@ -38,6 +41,7 @@ from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
+from keras_fwdgrad.backend.jax import kernel_products
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import frozen_variables
 from keras_fwdgrad.activity.blocks import has_variables
@@ -462,6 +466,13 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
         grads = [jnp.tensordot(x, cotangent, axes=(axes, axes))]
         if layer.use_bias:
             grads.append(jnp.sum(cotangent, axis=axes))
+        return grads
+    if record.closed_form and kernel_products.applies(layer, args[0]):
+        x = args[0]
+        cotangent = cotangent.astype(x.dtype)
+        grads = [kernel_products.kernel_product(layer, x, cotangent)]
+        if layer.use_bias:
+            grads.append(jnp.sum(cotangent, axis=(0, 1, 2)))
         return grads
 
     out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)])
