@@ -338,7 +338,7 @@ def test_jax_convolution_kernel_products_are_the_filter_gradient(kernel_size, pa
     """On the CPU, activity perturbation forms a stride-1 `Conv2D`'s kernel
     estimate as matrix products (`backend.jax.kernel_products`): equal to
     the gradient of `<conv(x, W), g>` by `jax.vjp`, to float32 rounding
-    (rtol 1e-5 of the largest entry), for odd, even and non-square
+    (each entry within 1e-5 of the largest), for odd, even and non-square
     kernels."""
     import jax
 
@@ -360,8 +360,8 @@ def test_jax_convolution_kernel_products_are_the_filter_gradient(kernel_size, pa
 
 @pytest.mark.skipif(not _ON_JAX, reason="JAX's closed-form convolution products")
 def test_jax_convolution_kernel_products_leave_other_convolutions_to_jax():
-    """Strides, dilation, groups, channels first, other ranks and a frozen
-    kernel keep JAX's own reverse pass."""
+    """Strides, dilation, groups, channels first, a depthwise convolution
+    and a frozen kernel keep JAX's own reverse pass."""
     from keras_fwdgrad.backend.jax import kernel_products
 
     x = keras.ops.zeros((2, 8, 8, 4))
