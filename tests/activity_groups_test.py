@@ -113,6 +113,43 @@ def test_one_loss_per_unit_with_random_signs_is_the_block_gradient(direction, mo
         assert not any(close), close
 
 
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
+@pytest.mark.parametrize("channels, filters", [(2, 4), (5, 3)])
+def test_a_relu_convolution_bias_estimate_is_its_kernel_on_a_constant_channel(
+    channels, filters, mode
+):
+    """A ReLU `Conv2D` (1 x 1) with one local loss per example (no groups,
+    tangents on the active units only): on an input channel that is 1
+    everywhere, each example's kernel product is the sum of its cotangent
+    over positions, which is the bias's product, so in every draw the
+    kernel's row for that channel must equal the bias's estimate (rtol=
+    1e-5), and not be all zero. On TensorFlow the bias's product comes from
+    the head's pooled tangent and each example's factor scales the
+    smaller of the convolution's input and output tangent: its input
+    with 2 channels and 4 filters, its output with 5 and 3. A wrong factor
+    on either product (or on the sums) breaks the equality."""
+    keras.utils.set_random_seed(0)
+    conv = keras.layers.Conv2D(filters, 1, activation="relu")
+    base = keras.Sequential(
+        [
+            keras.Input((4, 4, channels)),
+            conv,
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model = ForwardGradientModel(base, perturbation="activations", local_losses="layers", seed=2)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 4, 4, channels)).astype("float32")
+    x[..., -1] = 1.0
+    y = rng.integers(0, 3, size=(5,))
+    kernel, bias = _forward_gradient(model, x, y, mode)[:2]
+    assert kernel.shape == (1, 1, channels, filters) and bias.shape == (filters,)
+    assert np.abs(bias).max() > 1e-3, bias
+    np.testing.assert_allclose(kernel[0, 0, -1], bias, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
 def test_a_batch_normalization_in_its_own_block_keeps_per_example_derivatives(mode):
     """`BatchNormalization` mixes examples, but only tangents that pass

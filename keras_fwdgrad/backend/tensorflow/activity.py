@@ -60,6 +60,10 @@ class _Record:
     # that layer's record (`u` is `None`; its cotangent comes from this
     # record's `vjp`, which then also returns its input's).
     normalized: object = None
+    # For a closed-form ReLU layer whose output a local head pools over
+    # positions (channels last): the sums over positions of its active
+    # tangent, `[batch, channels]`.
+    pooled_tangent: object = None
 
 
 class _Pass:
@@ -83,6 +87,9 @@ class _Pass:
         # `{normalization name: record}` of the last call of each
         # `normalized_layers` layer, for the normalization after it.
         self.normalized = {}
+        # `{id(relu output): record}` of the closed-form ReLU layers whose
+        # output takes its tangent directly (`call_closed_form`).
+        self.relu_outputs = {}
 
     def tangent(self, z, index):
         seed = backend.fold_in(self.seed, index)
@@ -161,26 +168,46 @@ class _Pass:
         u = self.tangent(z, len(self.records))
         tz = u if tx is None else u + tx
         own_tangent = self.acc.jvp(z) is None
-        if own_tangent:
-            # `z` carries no tangent yet (a block's first layer, or a
-            # convolution, whose input tangent is `tx`): it takes `tz`
-            # itself, without a sum with a watched zero (outside XLA a
-            # fill and an add over the layer's output).
-            _compat.watch(self.acc, z, tz)
-        else:
-            zero = tf.zeros_like(z)
-            _compat.watch(self.acc, zero, tz)
-            z = z + zero
         record = _Record(layer, x, z, u, self.block, head_hidden=head_hidden)
         self.records.append(record)
         activation = layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
-        y = activation(z)
         if own_tangent and tx is None and activation is keras.activations.relu:
+            # The ReLU's output takes its tangent, `u` on the active units,
+            # directly: `z` then has no consumer but the ReLU, which
+            # TensorFlow fuses into the layer's product (one
+            # `_MklNativeFusedConv2D` for convolution, bias and ReLU
+            # outside XLA), and the tangent is one pass (`ReluGrad` of `u`
+            # at the output, where the forward mode of `relu(z)` reads `z`).
+            y = activation(z)
+            _compat.watch(self.acc, y, tf.raw_ops.ReluGrad(gradients=u, features=y))
             record.relu_output = y
-        self.alignment.closed_form_output(
-            y, self.records[-1], self.block, layer, activation, len(z.shape)
-        )
+            self.relu_outputs[id(y)] = record
+        else:
+            if own_tangent:
+                # `z` carries no tangent yet (a block's first layer, or a
+                # convolution, whose input tangent is `tx`): it takes `tz`
+                # itself, without a sum with a watched zero (outside XLA a
+                # fill and an add over the layer's output).
+                _compat.watch(self.acc, z, tz)
+            else:
+                zero = tf.zeros_like(z)
+                _compat.watch(self.acc, zero, tz)
+                z = z + zero
+                record.z = z
+            y = activation(z)
+        self.alignment.closed_form_output(y, record, self.block, layer, activation, len(z.shape))
         return y
+
+    def pool(self, head, h):
+        """`head.pool(h)`; for the output of a closed-form ReLU layer pooled
+        over positions, keeps the tangent of the pooled output (its active
+        tangent's mean over positions) for that layer's bias."""
+        pooled = head.pool(h)
+        record = self.relu_outputs.get(id(h))
+        if record is not None and head.hidden is None and len(h.shape) >= 3:
+            count = tf.reduce_prod(tf.shape(h)[1:-1])
+            record.pooled_tangent = self.acc.jvp(pooled) * tf.cast(count, pooled.dtype)
+        return pooled
 
     def call_normalized(self, layer, x):
         """A `normalized_layers` layer: its pre-activations, not
@@ -254,7 +281,7 @@ class _Pass:
                 # general rule perturbs its output, whose ReLU has the signs
                 # of its pre-activations (`groups.head_gradients`).
                 h = self.call_perturbed(head.hidden, (h,), {}, head_hidden=True)
-            outputs.append(self.call_layer(head, (head.pool(h),), {}))
+            outputs.append(self.call_layer(head, (self.pool(head, h),), {}))
         self.block = len(self.heads)
         return outputs
 
@@ -378,7 +405,9 @@ def estimate(model, x, y, sample_weight, k):
         else:
             dn = d[r.block]
         u = r.u
-        if len(dn.shape) == 1:
+        per_example = len(dn.shape) == 1
+        if per_example:
+            dn_examples = dn
             dn = tf.reshape(dn, (-1,) + (1,) * (len(u.shape) - 1))
         if r.vjp is not None:
             estimate = r.vjp(tf.cast(dn, u.dtype) * u)
@@ -392,21 +421,29 @@ def estimate(model, x, y, sample_weight, k):
         activation = (
             r.layer.dense.activation if isinstance(r.layer, LocalHead) else r.layer.activation
         )
+        bias_sums = None
         if model.active_units_only and activation is keras.activations.relu:
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
             if r.relu_output is not None:
                 u = acc.jvp(r.relu_output, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                bias_sums = r.pooled_tangent
             else:
                 u = tf.where(r.z > 0, u, tf.zeros((), u.dtype))
         dn = tf.cast(dn, u.dtype)
-        g_z = dn * u
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
         if isinstance(layer, keras.layers.Dense):
+            g_z = dn * u
             bounded.setdefault(id(layer), (layer, []))[1].append(
                 estimates.factors_bound_product(tf.stop_gradient(r.x), g_z)
             )
-        _add_closed_form(grads, r, g_z, layer)
+            _add_closed_form(grads, r, g_z, layer)
+        elif per_example:
+            # A factor per example: on the kernel's product it may scale
+            # either factor, and the bias's product is that of the sums.
+            _add_closed_form(grads, r, u, layer, tf.cast(dn_examples, u.dtype), bias_sums)
+        else:
+            _add_closed_form(grads, r, dn * u, layer)
     grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, grads)
     local = [tf.reduce_sum(values) for values in block_losses[:-1]]
@@ -415,29 +452,59 @@ def estimate(model, x, y, sample_weight, k):
     return loss, y_pred, d, grads, local, checked
 
 
-def _add_closed_form(grads, r, g_z, layer=None):
+def _add_closed_form(grads, r, g_z, layer=None, dn=None, bias_sums=None):
     """Adds the estimates of a closed-form record's variables: the reverse
-    pass of its pre-activations' product alone with cotangent `g_z`."""
+    pass of its pre-activations' product alone with cotangent `g_z`, or,
+    given `dn` (`[batch]`), with cotangent `dn * g_z`.
+
+    The kernel's product is bilinear in each example's input and
+    cotangent, so `dn` scales whichever of the two is smaller (on the
+    first convolution of an image model, its input, by the number of
+    channels); the bias's product is `bias_sums` (`[batch, channels]`, the
+    sums of `g_z` over positions, the local head's) times `dn` when given.
+    """
     layer = r.layer if layer is None else layer
+    x = tf.stop_gradient(r.x)
+    if dn is not None:
+
+        def scaled(t):
+            return tf.reshape(dn, (-1,) + (1,) * (len(t.shape) - 1)) * t
+
+        smaller_input = (
+            x.shape[1:].is_fully_defined()
+            and g_z.shape[1:].is_fully_defined()
+            and x.shape[1:].num_elements() < g_z.shape[1:].num_elements()
+        )
+        if smaller_input:
+            x, g_z, g_all = scaled(x), g_z, None
+        else:
+            g_z = g_all = scaled(g_z)
+    else:
+        g_all = g_z
     variables = list(layer.trainable_variables)
     bias = getattr(layer, "bias", None)
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
     if bias is not None and channels_last and any(v is bias for v in variables):
-        # The bias's product is the sum of `g_z` over every axis but the
-        # last, formed as a matrix product with ones: XLA:CPU lowers that
-        # sum of a large channels-last tensor to a strided reduce-window
-        # many times slower (on a [64, 28, 28, 64] tensor 12.8 ms against
-        # 2.0 ms; TensorFlow 2.21), and the tape's gradient of the bias
-        # is that sum.
         variables = [v for v in variables if v is not bias]
-        flat = tf.reshape(g_z, [-1, g_z.shape[-1]])
-        ones = tf.ones(tf.shape(flat)[:1], flat.dtype)
-        g_bias = tf.linalg.matvec(flat, ones, transpose_a=True)
+        if dn is not None and bias_sums is not None:
+            g_bias = tf.linalg.matvec(bias_sums, dn, transpose_a=True)
+        else:
+            if g_all is None:
+                g_all = scaled(g_z)
+            # The bias's product is the sum of `g_z` over every axis but
+            # the last, formed as a matrix product with ones: XLA:CPU
+            # lowers that sum of a large channels-last tensor to a strided
+            # reduce-window many times slower (on a [64, 28, 28, 64]
+            # tensor 12.8 ms against 2.0 ms; TensorFlow 2.21), and the
+            # tape's gradient of the bias is that sum.
+            flat = tf.reshape(g_all, [-1, g_all.shape[-1]])
+            ones = tf.ones(tf.shape(flat)[:1], flat.dtype)
+            g_bias = tf.linalg.matvec(flat, ones, transpose_a=True)
         estimates.add(grads, [bias], [tf.cast(g_bias, bias.dtype)])
     params = [v.value for v in variables]
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(params)
-        z = _pre_activation(r.layer, tf.stop_gradient(r.x))
+        z = _pre_activation(r.layer, x)
     estimates.add(grads, variables, tape.gradient(z, params, output_gradients=g_z))
 
 
