@@ -7,7 +7,9 @@ setting, builds one model per method (`--methods`: a subset, backprop
 always), compiles it (its first steps reported apart), then times
 `--rounds` interleaved rounds of `--steps` training steps each (method 1,
 method 2, ..., then again) and reports the median step time and its ratio
-to backprop's, all in one process. Batch 64, Adam (or `--optimizer sgd`),
+to backprop's, all in one process, and the median over rounds of each
+round's ratio to backprop's round (`paired_vs_backprop`: this machine's
+slow spells then slow both sides of a ratio). Batch 64, Adam (or `--optimizer sgd`),
 random data of the right shape (a step's cost does not depend on the
 values).
 
@@ -129,6 +131,11 @@ def measure(model_name, jit, rounds, steps, methods=None, optimizer="adam"):
             model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=[timer])
             medians[name].append(timer.median_ms())
     backprop = float(np.median(medians["backprop"]))
+    # Each round's ratio to backprop's round just before it: a slow spell
+    # of the machine then slows both sides of a ratio.
+    paired = {
+        name: float(np.median(np.divide(medians[name], medians["backprop"]))) for name in methods
+    }
     return [
         {
             "model": model_name,
@@ -137,6 +144,7 @@ def measure(model_name, jit, rounds, steps, methods=None, optimizer="adam"):
             "method": name,
             "ms_per_step": float(np.median(medians[name])),
             "vs_backprop": float(np.median(medians[name])) / backprop,
+            "paired_vs_backprop": paired[name],
             "first_two_steps_s": first[name],
             "round_medians_ms": medians[name],
         }
@@ -175,11 +183,15 @@ def main():
                 model_name, jit == "on", args.rounds, args.steps, args.methods, args.optimizer
             )
             rows += new
-            print(f"{'model':<5} {'jit':<5} {'method':<22} {'ms/step':>9} {'vs backprop':>11}")
+            print(
+                f"{'model':<5} {'jit':<5} {'method':<22} {'ms/step':>9} {'vs backprop':>11} "
+                f"{'paired':>7}"
+            )
             for r in new:
                 print(
                     f"{r['model']:<5} {str(r['jit_compile']):<5} {r['method']:<22} "
-                    f"{r['ms_per_step']:>9.1f} {r['vs_backprop']:>11.2f}",
+                    f"{r['ms_per_step']:>9.1f} {r['vs_backprop']:>11.2f} "
+                    f"{r['paired_vs_backprop']:>7.2f}",
                     flush=True,
                 )
     report = {

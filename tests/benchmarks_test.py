@@ -73,7 +73,8 @@ def test_step_costs_smoke(tmp_path):
 
 def test_activity_step_time_smoke(tmp_path):
     """`benchmarks/activity_step_time.py` times each method against
-    backprop with the optimizer asked for."""
+    backprop with the optimizer asked for, and each round against
+    backprop's round."""
     out = tmp_path / "activity.json"
     subprocess.run(
         [
@@ -106,6 +107,11 @@ def test_activity_step_time_smoke(tmp_path):
         assert r["optimizer"] == "SGD"
         assert r["ms_per_step"] > 0
         assert r["vs_backprop"] == pytest.approx(r["ms_per_step"] / backprop_ms, rel=1e-12)
+    # One round: the paired ratio is that round's ratio.
+    backprop_round = next(r["round_medians_ms"] for r in rows if r["method"] == "backprop")
+    for r in rows:
+        expected = r["round_medians_ms"][0] / backprop_round[0]
+        assert r["paired_vs_backprop"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_code_version_names_the_commit_and_local_changes(tmp_path):
