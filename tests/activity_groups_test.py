@@ -114,9 +114,12 @@ def test_one_loss_per_unit_with_random_signs_is_the_block_gradient(direction, mo
 
 
 @pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
-@pytest.mark.parametrize("channels, filters", [(2, 4), (5, 3)])
+@pytest.mark.parametrize(
+    "channels, filters, data_format",
+    [(2, 4, "channels_last"), (5, 3, "channels_last"), (2, 4, "channels_first")],
+)
 def test_a_relu_convolution_bias_estimate_is_its_kernel_on_a_constant_channel(
-    channels, filters, mode
+    channels, filters, data_format, mode
 ):
     """A ReLU `Conv2D` (1 x 1) with one local loss per example (no groups,
     tangents on the active units only): on an input channel that is 1
@@ -126,13 +129,16 @@ def test_a_relu_convolution_bias_estimate_is_its_kernel_on_a_constant_channel(
     1e-5), and not be all zero. On TensorFlow the bias's product comes from
     the head's pooled tangent and each example's factor scales the
     smaller of the convolution's input and output tangent: its input
-    with 2 channels and 4 filters, its output with 5 and 3. A wrong factor
-    on either product (or on the sums) breaks the equality."""
+    with 2 channels and 4 filters, its output with 5 and 3; channels first,
+    whose bias's product comes from the tape, neither. A wrong factor on
+    either product (or on the sums) breaks the equality."""
     keras.utils.set_random_seed(0)
-    conv = keras.layers.Conv2D(filters, 1, activation="relu")
+    conv = keras.layers.Conv2D(filters, 1, activation="relu", data_format=data_format)
+    first = data_format == "channels_first"
+    shape = (channels, 4, 4) if first else (4, 4, channels)
     base = keras.Sequential(
         [
-            keras.Input((4, 4, channels)),
+            keras.Input(shape),
             conv,
             keras.layers.Flatten(),
             keras.layers.Dense(3, activation="softmax"),
@@ -141,8 +147,11 @@ def test_a_relu_convolution_bias_estimate_is_its_kernel_on_a_constant_channel(
     model = ForwardGradientModel(base, perturbation="activations", local_losses="layers", seed=2)
     model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(5, 4, 4, channels)).astype("float32")
-    x[..., -1] = 1.0
+    x = rng.normal(size=(5,) + shape).astype("float32")
+    if first:
+        x[:, -1] = 1.0
+    else:
+        x[..., -1] = 1.0
     y = rng.integers(0, 3, size=(5,))
     kernel, bias = _forward_gradient(model, x, y, mode)[:2]
     assert kernel.shape == (1, 1, channels, filters) and bias.shape == (filters,)

@@ -471,13 +471,21 @@ def _add_closed_form(grads, r, g_z, layer=None, dn=None, bias_sums=None):
     """
     layer = r.layer if layer is None else layer
     x = tf.stop_gradient(r.x)
+    variables = list(layer.trainable_variables)
+    bias = getattr(layer, "bias", None)
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    # A channels-last bias's product is formed apart (below); any other
+    # bias's comes from the tape with the kernel's cotangent.
+    bias_apart = bias is not None and channels_last and any(v is bias for v in variables)
+    bias_on_tape = bias is not None and not bias_apart and any(v is bias for v in variables)
     if dn is not None:
 
         def scaled(t):
             return tf.reshape(dn, (-1,) + (1,) * (len(t.shape) - 1)) * t
 
         smaller_input = (
-            x.shape[1:].is_fully_defined()
+            not bias_on_tape
+            and x.shape[1:].is_fully_defined()
             and g_z.shape[1:].is_fully_defined()
             and x.shape[1:].num_elements() < g_z.shape[1:].num_elements()
         )
@@ -487,10 +495,7 @@ def _add_closed_form(grads, r, g_z, layer=None, dn=None, bias_sums=None):
             g_z = g_all = scaled(g_z)
     else:
         g_all = g_z
-    variables = list(layer.trainable_variables)
-    bias = getattr(layer, "bias", None)
-    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
-    if bias is not None and channels_last and any(v is bias for v in variables):
+    if bias_apart:
         variables = [v for v in variables if v is not bias]
         if dn is not None and bias_sums is not None:
             g_bias = tf.linalg.matvec(bias_sums, dn, transpose_a=True)
