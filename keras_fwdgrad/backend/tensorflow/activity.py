@@ -60,9 +60,11 @@ class _Record:
     # that layer's record (`u` is `None`; its cotangent comes from this
     # record's `vjp`, which then also returns its input's).
     normalized: object = None
-    # For a closed-form ReLU layer whose output a local head pools over
-    # positions (channels last): the sums over positions of its active
-    # tangent, `[batch, channels]`.
+    # For a closed-form ReLU layer whose output (rank >= 3) a local head
+    # pools: its active tangent pooled as the head pools, times the number
+    # of pooled units; for a channels-last layer, the sums over positions
+    # of its active tangent, `[batch, channels]`, which its bias's product
+    # takes (`_add_closed_form`).
     pooled_tangent: object = None
 
 
