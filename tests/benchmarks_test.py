@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from compile_flags import runtime_env
 
 # Each test runs a benchmark script in a process of its own.
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ METHODS = {
 
 
 def test_step_costs_smoke(tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run(
         [
             sys.executable,
@@ -244,7 +245,7 @@ def test_table1_rows_of_the_cnn(tmp_path):
         tmp_path / "mnist.npz", x_train=x[:384], y_train=y[:384], x_test=x[384:], y_test=y[384:]
     )
     out = tmp_path / "table1_cnn.json"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     common = [sys.executable, os.path.join(ROOT, "benchmarks", "table1.py"), "--data-dir"]
     common += [str(tmp_path), "--model", "cnn", "--epochs", "2", "--log-every", "2"]
     common += ["--out", str(out)]

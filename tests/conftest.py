@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import compile_flags  # noqa: E402
+
+# XLA programs compile faster in tests (see compile_flags.py).
+compile_flags.use_fast_compile()
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from compile_flags import runtime_env
 
 from keras_fwdgrad.research import table1
 
@@ -17,15 +18,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
 
-def _run(script, out, *flags):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+def _run(script, out, *flags, mock_examples=None):
+    """Runs `examples/<script> --smoke`; with `mock_examples`, on that many
+    examples of tensorflow-datasets' mock data (for datasets without a
+    bundled subset)."""
+    env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("KERAS_FWDGRAD_DATA_DIR", None)  # Smoke runs use bundled data.
-    subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, script), "--smoke", "--out", str(out), *flags],
-        check=True,
-        timeout=600,
-        env=env,
-    )
+    argv = [os.path.join(EXAMPLES, script), "--smoke", "--out", str(out), *flags]
+    if mock_examples is None:
+        command = [sys.executable, *argv]
+    else:
+        command = [
+            sys.executable,
+            "-c",
+            "import runpy, sys\n"
+            "import tensorflow_datasets as tfds\n"
+            f"sys.argv = {argv!r}\n"
+            f"sys.path.insert(0, {EXAMPLES!r})\n"
+            f"with tfds.testing.mock_data(num_examples={mock_examples}):\n"
+            f"    runpy.run_path({argv[0]!r}, run_name='__main__')\n",
+        ]
+    subprocess.run(command, check=True, timeout=600, env=env)
     report = json.loads((out / "results.json").read_text())
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -81,20 +94,11 @@ def test_mnist_mlp_smoke_two_directions_no_jit(tmp_path):
     _check_classification(report, rows, pngs, 2, directions=("gaussian", "rademacher"))
 
 
-def test_cifar10_vgg_smoke_with_mock_data(tmp_path, monkeypatch):
-    """CIFAR-10 has no bundled subset: run the script in this process on
+def test_cifar10_vgg_smoke_with_mock_data(tmp_path):
+    """CIFAR-10 has no bundled subset: the script runs on
     tensorflow-datasets' mock data."""
-    import tensorflow_datasets as tfds
-
-    monkeypatch.delenv("KERAS_FWDGRAD_DATA_DIR", raising=False)
-    monkeypatch.syspath_prepend(EXAMPLES)
-    module = importlib.import_module("cifar10_vgg")
-    out = tmp_path / "out"
-    with tfds.testing.mock_data(num_examples=160):
-        report = module.main(["--smoke", "--out", str(out)])
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    _check_classification(report, rows, sorted(p.name for p in out.glob("*.png")), 1)
+    report, rows, pngs = _run("cifar10_vgg.py", tmp_path / "out", mock_examples=160)
+    _check_classification(report, rows, pngs, 1)
 
 
 def test_test_functions_smoke(tmp_path):
@@ -213,7 +217,7 @@ def test_mnist_learning_example_runs(tmp_path):
     """The main job prints a line per epoch and method while it trains, and
     backprop and activity perturbation learn (fixed seed, 2 epochs of 1,024
     bundled digits)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     out = tmp_path / "learning.json"
     stdout = subprocess.run(
         [

@@ -17,7 +17,9 @@ import os
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# Added to the flags the tests pass down (conftest.py).
+flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
 
 import jax  # noqa: E402
 import keras  # noqa: E402
