@@ -19,6 +19,9 @@ Methods:
 - `activations`: `perturbation="activations"`, `local_losses="auto"`.
 - `activations_layers`: `local_losses="layers"` (a block per perturbed
   layer: a layer's tangent travels through its own head only).
+- `activations_one_loss_signs`: `local_losses=None` (the model's loss
+  alone, every tangent travelling to the output) with random-sign
+  tangents.
 - `activations_groups32`: `local_losses="auto"` with
   `local_loss_groups=32`.
 - `activations_layers_signs`: `activations_layers` with random-sign
@@ -72,6 +75,9 @@ METHODS = {
     "weights": dict(),
     "activations": dict(perturbation="activations", local_losses="auto"),
     "activations_layers": dict(perturbation="activations", local_losses="layers"),
+    "activations_one_loss_signs": dict(
+        perturbation="activations", local_losses=None, direction="rademacher"
+    ),
     "activations_groups32": dict(
         perturbation="activations", local_losses="auto", local_loss_groups=32
     ),

@@ -151,15 +151,20 @@ class _Pass:
 
     def pre_activations(self, layer, x):
         """`(x, z, tx)`: a closed-form layer's input and pre-activations
-        `z`, and for a convolution whose input carries a tangent, that
-        tangent's convolution, which `z` does not carry (else `None`):
-        TensorFlow's own forward mode through a convolution (the transpose
-        of its input gradient) is many times slower under XLA."""
-        tx = None
-        if not isinstance(layer, (keras.layers.Dense, LocalHead)):
-            tx = self.acc.jvp(x)
-            x = tf.stop_gradient(x)
-            if tx is not None:
+        `z`, and when its input carries a tangent, that tangent's product
+        with the kernel, which `z` does not carry (else `None`).
+        TensorFlow's own forward mode of a product also multiplies the
+        input by the kernel's tangent, zeros here, which XLA computes (for
+        a `Dense` layer, a product as large as its forward one); of a
+        convolution (the transpose of its input gradient), it is many
+        times slower under XLA."""
+        tx = self.acc.jvp(x)
+        x = tf.stop_gradient(x)
+        if tx is not None:
+            dense = layer.dense if isinstance(layer, LocalHead) else layer
+            if isinstance(dense, keras.layers.Dense):
+                tx = keras.ops.matmul(tx, dense.kernel.value)
+            else:
                 tx = layer_rules.convolution(layer)(tx, layer.kernel.value)
         return x, _pre_activation(layer, x), tx
 
@@ -168,12 +173,10 @@ class _Pass:
         pre-activations get this pass's tangent, then its activation."""
         x, z, tx = self.pre_activations(layer, x)
         u = self.tangent(z, len(self.records))
-        tz = u if tx is None else u + tx
-        own_tangent = self.acc.jvp(z) is None
         record = _Record(layer, x, z, u, self.block, head_hidden=head_hidden)
         self.records.append(record)
         activation = layer.dense.activation if isinstance(layer, LocalHead) else layer.activation
-        if own_tangent and tx is None and activation is keras.activations.relu:
+        if tx is None and activation is keras.activations.relu:
             # The ReLU's output takes its tangent, `u` on the active units,
             # directly: `z` then has no consumer but the ReLU, which
             # TensorFlow fuses into the layer's product (one
@@ -185,17 +188,10 @@ class _Pass:
             record.relu_output = y
             self.relu_outputs[id(y)] = record
         else:
-            if own_tangent:
-                # `z` carries no tangent yet (a block's first layer, or a
-                # convolution, whose input tangent is `tx`): it takes `tz`
-                # itself, without a sum with a watched zero (outside XLA a
-                # fill and an add over the layer's output).
-                _compat.watch(self.acc, z, tz)
-            else:
-                zero = tf.zeros_like(z)
-                _compat.watch(self.acc, zero, tz)
-                z = z + zero
-                record.z = z
+            # `z` carries no tangent (its input's is `tx`): it takes
+            # `u + tx` itself, without a sum with a watched zero (outside
+            # XLA a fill and an add over the layer's output).
+            _compat.watch(self.acc, z, u if tx is None else u + tx)
             y = activation(z)
         self.alignment.closed_form_output(y, record, self.block, layer, activation, len(z.shape))
         return y
