@@ -235,19 +235,39 @@ def test_rule_and_accumulator_give_the_same_step():
     """One SGD step with the layer rules and one with
     `tf.autodiff.ForwardAccumulator` over the whole model move the weights
     identically (same seed, so same direction), to float rounding."""
-    results = []
-    for rules in (True, False):
-        keras.utils.set_random_seed(2)
-        base = CASES["conv2d_same_relu"]()
-        x, y = _data((8, 8, 2))
-        model = ForwardGradientModel(
-            base, direction="lowrank_rademacher", seed=3, layer_rules=rules
-        )
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE, jit_compile=True)
-        model.train_on_batch(x, y)
-        results.append([v.numpy() for v in base.trainable_variables])
+    results = [
+        _sgd_step("conv2d_same_relu", rules, direction="lowrank_rademacher")[1]
+        for rules in (True, False)
+    ]
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _sgd_step(case, rules, mode="xla", **options):
+    """One SGD step (learning rate 0.1) of
+    `ForwardGradientModel(CASES[case](), seed=3, layer_rules=rules,
+    **options)` on `_model_data`, run in `mode`.
+
+    Returns:
+        `(base, trainable, weights, before)`: the wrapped model, its
+        trainable variables' values after the step, and all its weights'
+        (moving statistics included) after and before it.
+    """
+    keras.utils.set_random_seed(2)
+    base = CASES[case]()
+    x, y = _model_data(base)
+    model = ForwardGradientModel(base, seed=3, layer_rules=rules, **options)
+    assert model.uses_layer_rules is rules
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=SCCE,
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "xla",
+    )
+    before = [v.numpy() for v in base.weights]
+    model.train_on_batch(x, y)
+    trainable = [v.numpy() for v in base.trainable_variables]
+    return base, trainable, [v.numpy() for v in base.weights], before
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -413,17 +433,9 @@ def test_several_directions_in_one_pass_match_separate_passes(case, mode):
 def test_several_directions_step_equals_the_accumulator_step(case, direction):
     """With K = 3, one SGD step through the layer rules moves the weights
     as K passes of `tf.autodiff.ForwardAccumulator` do."""
-    results = []
-    for rules in (True, False):
-        keras.utils.set_random_seed(2)
-        base = CASES[case]()
-        x, y = _model_data(base)
-        model = ForwardGradientModel(
-            base, direction=direction, seed=3, num_directions=3, layer_rules=rules
-        )
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=SCCE, jit_compile=True)
-        model.train_on_batch(x, y)
-        results.append([v.numpy() for v in base.trainable_variables])
+    results = [
+        _sgd_step(case, rules, direction=direction, num_directions=3)[1] for rules in (True, False)
+    ]
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -435,28 +447,16 @@ def test_batch_normalization_step_moves_every_variable_as_the_accumulator(mode, 
     per-layer fallback, K directions in K passes) moves the weights and
     the moving statistics as a step of `tf.autodiff.ForwardAccumulator`
     over the whole model (run eagerly), rtol 1e-5; every variable moved."""
-    results = []
-    for rules in (True, False):
-        keras.utils.set_random_seed(2)
-        base = CASES["batch_normalization"]()
-        x, y = _data((8, 8, 2))
-        model = ForwardGradientModel(
-            base, seed=3, num_directions=num_directions, layer_rules=rules
-        )
-        assert model.uses_layer_rules is rules
-        eager = mode == "eager" or not rules
-        model.compile(
-            optimizer=keras.optimizers.SGD(0.1),
-            loss=SCCE,
-            run_eagerly=eager,
-            jit_compile=mode == "xla" and rules,
-        )
-        before = [v.numpy() for v in base.weights]
-        model.train_on_batch(x, y)
-        results.append([v.numpy() for v in base.weights])
+    # The reference: the accumulator's step, run eagerly.
+    base, _, with_rules, before = _sgd_step(
+        "batch_normalization", True, mode, num_directions=num_directions
+    )
+    _, _, reference, _ = _sgd_step(
+        "batch_normalization", False, "eager", num_directions=num_directions
+    )
     names = [v.path for v in base.weights]
     assert any("moving_mean" in n for n in names) and any("moving_variance" in n for n in names)
-    for name, a, b, start in zip(names, *results, before):
+    for name, a, b, start in zip(names, with_rules, reference, before):
         assert not np.allclose(a, start), name
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
 
