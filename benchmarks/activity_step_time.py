@@ -32,6 +32,9 @@ Methods:
 - `activations_layer_patches_signs`: `local_losses="layers"`, one loss
   per channel and position, random signs (`learning.LAYER_LOCAL_OPTIONS`,
   the CNN and ResNet learning runs).
+- `activations_layers_orthogonal3`: `local_losses="layers"` with three
+  orthogonal Gaussian tangents per example and layer
+  (`num_directions=3`, `orthogonal_directions=True`): three passes.
 
 `--optimizer sgd` replaces Adam (the default) by plain SGD for every
 method, whose update is one pass over the weights: the step is then
@@ -91,6 +94,12 @@ METHODS = {
         direction="rademacher",
     ),
     "activations_layer_patches_signs": learning.LAYER_LOCAL_OPTIONS,
+    "activations_layers_orthogonal3": dict(
+        perturbation="activations",
+        local_losses="layers",
+        num_directions=3,
+        orthogonal_directions=True,
+    ),
 }
 
 

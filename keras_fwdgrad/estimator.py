@@ -193,13 +193,14 @@ def _activity_passes(model, x, y, sample_weight):
     """The K passes of `keras_fwdgrad.activity`, averaged."""
     restore = _state_restorer(model)
     results = []
+    bases = {}
     with (
         forward_mode_fixes.recurrences_unrolled(model.model),
         forward_mode_fixes.exact_keras_ops(),
     ):
         for k in range(model.num_directions):
             restore(k)
-            results.append(activity.estimate(model, x, y, sample_weight, k))
+            results.append(activity.estimate(model, x, y, sample_weight, k, bases))
     forward_mode_fixes.check_traced_ops()
     losses, y_preds, ds, grads, local, bounded = zip(*results)
     grads = [_mean(gs) for gs in zip(*grads)]

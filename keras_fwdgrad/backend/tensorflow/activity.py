@@ -71,10 +71,13 @@ class _Record:
 class _Pass:
     """One forward-mode pass with per-example tangents on pre-activations."""
 
-    def __init__(self, model, seed, k, ends, heads):
+    def __init__(self, model, seed, k, ends, heads, bases):
         self.model = model
         self.seed = seed
         self.k = k
+        # `{layer index: [batch, units, K] orthonormal columns}`, shared by
+        # the step's K passes (`tangent`).
+        self.bases = bases
         self.ends = ends
         self.heads = heads
         self.block = 0
@@ -100,11 +103,15 @@ class _Pass:
             seed = backend.fold_in(seed, self.k)
             return self.model.direction.tangent(tf.shape(z), seed, z.dtype)
         # All K tangents of this layer, made orthogonal per example and
-        # scaled so that each has the expected norm of a Gaussian one.
-        batch = tf.shape(z)[0]
+        # scaled so that each has the expected norm of a Gaussian one. The
+        # K passes take their columns of one factorization: outside XLA
+        # nothing merges the passes' identical ones.
         size = tf.reduce_prod(tf.shape(z)[1:])
-        g = tf.random.stateless_normal(tf.stack([batch, size, num]), seed, dtype="float32")
-        q, _ = tf.linalg.qr(g)
+        q = self.bases.get(index)
+        if q is None:
+            shape = tf.stack([tf.shape(z)[0], size, num])
+            q, _ = tf.linalg.qr(tf.random.stateless_normal(shape, seed, dtype="float32"))
+            self.bases[index] = q
         u = q[:, :, self.k] * tf.sqrt(tf.cast(size, "float32"))
         return tf.cast(tf.reshape(u, tf.shape(z)), z.dtype)
 
@@ -290,8 +297,12 @@ class _Pass:
         return outputs
 
 
-def estimate(model, x, y, sample_weight, k):
+def estimate(model, x, y, sample_weight, k, bases=None):
     """One pass of activity perturbation, for direction `k` of the step.
+
+    `bases`, a `dict` that the step's K passes share, holds each layer's
+    orthogonal tangents under `orthogonal_directions` (formed in the first
+    pass, read in the others).
 
     Returns:
         `(loss, y_pred, d, grads, local_losses)`: the model's compiled loss,
@@ -315,7 +326,7 @@ def estimate(model, x, y, sample_weight, k):
         seed = backend.fold_in(seed, replica)
     ends = model._local_loss_ends
     heads = model.local_heads
-    p = _Pass(model, seed, k, ends, heads)
+    p = _Pass(model, seed, k, ends, heads, {} if bases is None else bases)
     _compat.clear_losses(model.model)
     compute_dtype = model.model.compute_dtype
     x = tf.nest.map_structure(
