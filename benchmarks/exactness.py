@@ -1,4 +1,4 @@
-"""Exactness of the forward gradient on models nobody here wrote.
+"""Exactness of the forward gradient on models written outside this project.
 
 For every architecture of `tests/model_zoo.py` (and the
 `keras.applications` models), the relative error of the directional

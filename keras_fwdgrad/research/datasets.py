@@ -5,9 +5,11 @@ Data comes, in order of preference, from:
 1. a local folder given as `data_dir=` or in the environment variable
    `KERAS_FWDGRAD_DATA_DIR`, holding `mnist.npz` (keys `x_train`,
    `y_train`, `x_test`, `y_test`, the layout `keras.datasets.mnist`
-   downloads) or `cifar10_jpeg.npz` (JPEG bytes with offsets, see
-   `docs/data.md`) or `cifar10.npz` (uint8 arrays with the same keys as
-   MNIST); `data_dir` may also name such an `.npz` file itself;
+   downloads) or `cifar10_jpeg.npz` (each split's JPEG files end to end
+   in `train_jpeg`/`test_jpeg`, image `i` from byte `offsets[i]` to
+   `offsets[i + 1]` of `train_offsets`/`test_offsets`, labels in
+   `y_train`/`y_test`) or `cifar10.npz` (uint8 arrays with the same keys
+   as MNIST); `data_dir` may also name such an `.npz` file itself;
 2. Keras' own download of MNIST (`~/.keras/datasets/mnist.npz`, or under
    `KERAS_HOME`), left by `keras.datasets.mnist.load_data()`;
 3. tensorflow-datasets (`tfds.load`), which downloads on first use;
