@@ -51,13 +51,15 @@ def main():
     # 1. Wrap the model. Each step perturbs the hidden units' inputs with a
     #    random tangent, reads every unit's directional derivative from one
     #    forward-mode pass (no backward pass), and trains each hidden unit
-    #    on a local loss of its own.
+    #    on a local loss of its own. With random-sign tangents and one loss
+    #    per unit, each unit's estimate is its exact local gradient.
     keras.utils.set_random_seed(args.seed)
     model = ForwardGradientModel(
         build_classifier(),
         perturbation="activations",
         local_losses="auto",
         local_loss_groups="channels",
+        direction="rademacher",
         seed=args.seed,
     )
     # 2. Compile and fit as usual, with a stock optimizer.
