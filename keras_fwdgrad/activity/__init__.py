@@ -61,8 +61,9 @@ which `u² = 1`, so a unit with a local loss of its own gets its exact local
 gradient. They are keyed by the model's seed and step counter: half a random
 word and a table read per number, several times cheaper on a CPU than an
 inverse-CDF normal, and the same numbers with and without XLA. With
-`orthogonal_directions`, each example's K tangents are made orthogonal
-from Gaussian draws (`tf.random.stateless_normal`, `jax.random.normal`).
+`orthogonal_directions`, each example's K draws of a layer are made
+orthogonal by Gram-Schmidt (`orthogonal.tangents`), each scaled to a
+Gaussian tangent's expected norm; `E[u uᵀ] = I` still holds.
 Within a step the same tangents are used throughout.
 
 `model` in this module is a `ForwardGradientModel`; nothing here changes

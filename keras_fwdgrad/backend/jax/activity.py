@@ -29,7 +29,6 @@ pre-activations from one `jax.jvp` per unit (`jax.vmap`).
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +40,7 @@ from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
+from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.jax import kernel_products
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
 from keras_fwdgrad.activity.blocks import frozen_variables
@@ -218,17 +218,15 @@ class _Pass:
 
 def _tangent(model, seed, shape, dtype, k):
     """One layer's tangent (`seed` is that layer's) for direction `k` of
-    the step: independent quantized normals
-    (`direction.tangent`: the quantized normal, or random signs), or with
-    `orthogonal_directions` the K Gaussian tangents of each example made
-    orthogonal (each with a Gaussian one's expected norm)."""
+    the step: independent draws of `direction.tangent` (the quantized
+    normal, or random signs), or with `orthogonal_directions` row `k` of
+    each example's K orthogonal tangents (`activity.orthogonal`; the K
+    passes form the same ones, which XLA computes once)."""
     num = model.num_directions
     if not model.orthogonal_directions or num == 1:
         return model.direction.tangent(shape, backend.fold_in(seed, k), dtype)
-    batch, size = shape[0], math.prod(shape[1:])
-    g = jax.random.normal(seed, (batch, size, num), "float32")
-    q, _ = jnp.linalg.qr(g)
-    return (q[:, :, k] * jnp.sqrt(float(size))).reshape(shape).astype(dtype)
+    rows = orthogonal.tangents(model.direction, tuple(shape), num, seed)
+    return rows[:, k].reshape(shape).astype(dtype)
 
 
 def estimate(model, state, x, y, sample_weight, k):
@@ -261,7 +259,7 @@ def estimate(model, state, x, y, sample_weight, k):
         with keras.StatelessScope(state_mapping=mapping) as scope:
             p = _Pass(model, eps)
             y_pred = graph.run(model.model, x, p.call_layer, p.alignment.inputs_standardized)
-            head_preds = p.head_outputs(model.local_heads)
+                head_preds = p.head_outputs(model.local_heads)
             block_losses = [
                 losses.per_example_losses(model, y, h, sample_weight)
                 for h in head_preds + [y_pred]

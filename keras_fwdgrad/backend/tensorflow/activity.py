@@ -20,6 +20,7 @@ from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
+from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import graph
 from keras_fwdgrad.ops import clip_directional_derivative
@@ -102,18 +103,14 @@ class _Pass:
         if not self.model.orthogonal_directions or num == 1:
             seed = backend.fold_in(seed, self.k)
             return self.model.direction.tangent(tf.shape(z), seed, z.dtype)
-        # All K tangents of this layer, made orthogonal per example and
-        # scaled so that each has the expected norm of a Gaussian one. The
-        # K passes take their columns of one factorization: outside XLA
-        # nothing merges the passes' identical ones.
-        size = tf.reduce_prod(tf.shape(z)[1:])
-        q = self.bases.get(index)
-        if q is None:
-            shape = tf.stack([tf.shape(z)[0], size, num])
-            q, _ = tf.linalg.qr(tf.random.stateless_normal(shape, seed, dtype="float32"))
-            self.bases[index] = q
-        u = q[:, :, self.k] * tf.sqrt(tf.cast(size, "float32"))
-        return tf.cast(tf.reshape(u, tf.shape(z)), z.dtype)
+        # All K tangents of this layer, orthogonal per example, formed in
+        # the step's first pass and read in the others: outside XLA nothing
+        # merges the passes' identical ones.
+        rows = self.bases.get(index)
+        if rows is None:
+            rows = orthogonal.tangents(self.model.direction, tf.shape(z), num, seed)
+            self.bases[index] = rows
+        return tf.cast(tf.reshape(rows[:, self.k], tf.shape(z)), z.dtype)
 
     def call_layer(self, layer, args, kwargs):
         if isinstance(layer, _MIXES_EXAMPLES):
