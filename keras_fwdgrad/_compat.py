@@ -181,6 +181,19 @@ def clear_losses(layer):
     _attribute(layer, "_clear_losses", "Layer._clear_losses")()
 
 
+def added_losses(layer):
+    """`[(layer name, loss)]`: the losses `add_loss()` added in the current
+    call of `layer` and every layer inside it (in a `StatelessScope`, those
+    the scope collected), without weight regularizers' losses:
+    `Layer._flatten_layers` and `Layer._get_own_losses` (Keras 3.15.1)."""
+    flatten = _attribute(layer, "_flatten_layers", "Layer._flatten_layers")
+    return [
+        (inner.name, loss)
+        for inner in flatten(include_self=True)
+        for loss in _attribute(inner, "_get_own_losses", "Layer._get_own_losses")()
+    ]
+
+
 def loss_tracker(model):
     """The `Mean` metric behind the `loss` log: `Trainer._loss_tracker`
     (Keras 3.15.1)."""

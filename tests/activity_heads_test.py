@@ -82,6 +82,40 @@ def test_hidden_heads_are_exact_with_one_loss_per_unit_and_random_signs(mode):
         np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("output", ["activation_layer", "dense_softmax"])
+def test_auto_ends_the_same_blocks_under_mixed_precision(policy, output):
+    """`local_losses="auto"` ends a block after each hidden `Dense` and
+    none at the output layer, under mixed precision (where no `Dense`
+    runs in closed form) as in float32: the heads read the two hidden
+    layers, and the model's output layer learns from the model's loss."""
+
+    def heads(policy):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            layers = [
+                keras.Input((20,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(16, activation="relu"),
+            ]
+            if output == "activation_layer":
+                layers += [
+                    keras.layers.Dense(4),
+                    keras.layers.Activation("softmax", dtype="float32"),
+                ]
+            else:
+                layers += [keras.layers.Dense(4, activation="softmax")]
+            model = ForwardGradientModel(
+                keras.Sequential(layers), perturbation="activations", local_losses="auto"
+            )
+            return [tuple(head.dense.kernel.shape) for head in model.local_heads]
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    assert heads("float32") == [(64, 4), (16, 4)]
+    assert heads(policy) == [(64, 4), (16, 4)]
+
+
 @pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
 def test_hidden_heads_follow_the_gradient_under_mixed_precision(mode):
     """Under `mixed_bfloat16` the heads' hidden layers compute in bfloat16

@@ -293,6 +293,68 @@ def test_a_layer_with_several_outputs_is_named():
         model.forward_gradient(np.zeros((2, 3, 2), "float32"), np.zeros((2, 2), "float32"))
 
 
+def test_a_block_ending_at_a_layer_with_several_outputs_is_named():
+    """With `local_losses="layers"` the GRU ends a block whose head would
+    read its output: the same error as above, at construction."""
+    inputs = keras.Input((3, 2))
+    outputs, state = keras.layers.GRU(2, return_state=True)(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Concatenate()([outputs, state])))
+    with pytest.raises(ValueError, match="layer 'gru'.*one floating tensor|one floating.*'gru'"):
+        ForwardGradientModel(base, perturbation="activations", local_losses="layers")
+
+
+@pytest.mark.parametrize("local_losses", ["auto", "layers"])
+def test_local_losses_refuse_per_position_outputs(local_losses):
+    """A token tagger's output, `(batch, tokens, classes)`, has one target
+    per position, which a head averaging over positions cannot predict:
+    a `ValueError` naming the output's shape and `local_losses=None`,
+    which trains it."""
+    base = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(8, 4),
+            keras.layers.Dense(6, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    with pytest.raises(ValueError, match=r"\(batch, units\).*\(None, 5, 3\).*local_losses=None"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=local_losses)
+    model = ForwardGradientModel(base, perturbation="activations")
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    x = np.arange(10, dtype="int32").reshape(2, 5) % 8
+    model.fit(x, x % 3, epochs=1, verbose=0)
+
+
+@keras.saving.register_keras_serializable(package="keras_fwdgrad_tests")
+class Penalty(keras.layers.Layer):
+    """Adds `mean(h²)` to the model's loss with `add_loss()`."""
+
+    def call(self, h):
+        self.add_loss(keras.ops.mean(h**2))
+        return h
+
+
+def test_a_layer_adding_a_loss_is_named():
+    """A loss added with `add_loss()` is a batch's term, not an example's:
+    activity perturbation refuses it, naming the layer, where it would
+    otherwise leave its gradient out; a weight regularizer's loss, which
+    it does take, raises nothing."""
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    y = np.arange(4) % 2
+
+    def wrapped(middle):
+        inputs = keras.Input((3,))
+        h = keras.layers.Dense(5, activation="relu", kernel_regularizer="l2")(inputs)
+        outputs = keras.layers.Dense(2, activation="softmax")(middle(h))
+        model = ForwardGradientModel(keras.Model(inputs, outputs), perturbation="activations")
+        model.compile(optimizer="sgd", loss=LOSS)
+        return model
+
+    with pytest.raises(ValueError, match="layer 'penalty' added a loss.*perturbation=\"weights\""):
+        wrapped(Penalty(name="penalty")).forward_gradient(x, y)
+    wrapped(keras.layers.Identity()).forward_gradient(x, y)
+
+
 def _token_task():
     """Each class draws its 4 tokens from its own pair: 256 examples."""
     rng = np.random.default_rng(4)

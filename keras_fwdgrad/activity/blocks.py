@@ -119,6 +119,10 @@ def frozen_variables(layer):
     return [v for v in layer.variables if not v.trainable]
 
 
+def _dense_or_convolution(layer):
+    return isinstance(layer, _PERTURBED) and has_variables(layer)
+
+
 def has_variables(layer):
     """Whether activity perturbation perturbs `layer`'s output (or
     pre-activations): it has trainable variables."""
@@ -173,9 +177,11 @@ def block_ends(base, local_losses):
     names = [layer.name for layer in layers]
     if local_losses in ("auto", "layers"):
         # "layers": every layer with trainable variables ends a block (its
-        # tangent then reaches its own head only), "auto" counts the
-        # closed-form ones.
-        counted = has_variables if local_losses == "layers" else perturbed
+        # tangent then reaches its own head only); "auto" ends blocks after
+        # the `Dense` layers before the last `Dense`/convolution with
+        # trainable variables, whether or not it runs in closed form (under
+        # mixed precision none does).
+        counted = has_variables if local_losses == "layers" else _dense_or_convolution
         last_dense = max(
             (i for i, layer in enumerate(layers) if counted(layer)),
             default=len(layers),
@@ -217,8 +223,13 @@ def block_ends(base, local_losses):
                 f"{names[-1]!r}; the last block always ends there and uses "
                 "the model's own loss."
             )
+    ends = set(ends)
+    for layer in layers:
+        # A head reads the block's output: one tensor.
+        if layer.name in ends and not hasattr(layer.output, "shape"):
+            raise not_one_tensor(layer, type(layer.output).__name__)
     # In call order, once each.
-    return [n for n in names if n in set(ends)]
+    return [n for n in names if n in ends]
 
 
 # Layers that end a residual block in place of the merge they follow
@@ -368,6 +379,23 @@ def _units(layer):
             return float("inf")
         n *= s
     return n
+
+
+def check_no_added_losses(base):
+    """Raises if a layer of `base` added a loss with `add_loss()` in the
+    pass just run: activity perturbation takes each example's compiled
+    loss (and the weights' regularizers), not a batch's added terms, and
+    must not leave them out silently."""
+    added = _compat.added_losses(base)
+    if added:
+        raise ValueError(
+            '`perturbation="activations"` estimates the gradient of each '
+            "example's compiled loss (and of weight regularizers); it cannot "
+            "take losses that layers add with `add_loss()`. Received: layer "
+            f"{added[0][0]!r} added a loss in its call. Use "
+            '`perturbation="weights"` for this model, or make the term part '
+            "of the compiled loss."
+        )
 
 
 def not_one_tensor(layer, received):

@@ -83,6 +83,15 @@ def make_heads(base, ends, hidden_units=None):
     a hidden layer of `hidden_units`, if given)."""
     layers = {layer.name: layer for layer in graph.flat_layers(base)}
     output = keras.tree.flatten(base.outputs)[0]
+    if ends and len(output.shape) != 2:
+        raise ValueError(
+            "`local_losses` trains each block through a head that predicts "
+            "one output vector per example (it averages feature maps and "
+            "sequences over their positions), so the model's output must "
+            "have shape `(batch, units)`. Received: output of shape "
+            f"{tuple(output.shape)}. For per-position outputs (sequence "
+            "tagging, image-to-image) use `local_losses=None`."
+        )
     units = output.shape[-1]
     last = graph.flat_layers(base)[-1]
     activation = getattr(last, "activation", None)

@@ -43,6 +43,7 @@ from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.jax import kernel_products
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import frozen_variables
 from keras_fwdgrad.activity.blocks import has_variables
 from keras_fwdgrad.activity.blocks import trainable_variables
@@ -256,10 +257,11 @@ def estimate(model, state, x, y, sample_weight, k):
     holder = {}
 
     def run(eps):
-        with keras.StatelessScope(state_mapping=mapping) as scope:
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             p = _Pass(model, eps)
             y_pred = graph.run(model.model, x, p.call_layer, p.alignment.inputs_standardized)
-                head_preds = p.head_outputs(model.local_heads)
+            check_no_added_losses(model.model)
+            head_preds = p.head_outputs(model.local_heads)
             block_losses = [
                 losses.per_example_losses(model, y, h, sample_weight)
                 for h in head_preds + [y_pred]

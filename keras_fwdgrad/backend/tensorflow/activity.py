@@ -12,6 +12,7 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import has_variables
 from keras_fwdgrad.activity.blocks import trainable_variables
 from keras_fwdgrad.activity.blocks import not_one_tensor
@@ -337,6 +338,7 @@ def estimate(model, x, y, sample_weight, k, bases=None):
     with tf.autodiff.ForwardAccumulator([], []) as acc:
         p.acc = acc
         y_pred = p.run(model.model, x)
+        check_no_added_losses(model.model)
         head_preds = p.head_outputs()
         block_losses = [per_example_losses(model, y, h, sample_weight) for h in head_preds]
         block_losses.append(per_example_losses(model, y, y_pred, sample_weight))
