@@ -368,7 +368,7 @@ def code_version():
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/*.py", ":/*.toml"],
             cwd=here,
             capture_output=True,
             text=True,

@@ -133,6 +133,10 @@ def test_code_version_names_the_commit_and_local_changes(tmp_path):
     assert learning.code_version(str(tmp_path)) == head
     (tmp_path / "a.py").write_text("2")
     assert learning.code_version(str(tmp_path)) == head + "+changes"
+    # Asked from a folder of the checkout (as the benchmarks ask from
+    # theirs), a change to code elsewhere in it counts too.
+    (tmp_path / "benchmarks").mkdir()
+    assert learning.code_version(str(tmp_path / "benchmarks")) == head + "+changes"
 
 
 def test_evaluating_a_backprop_run_keeps_its_optimizer():

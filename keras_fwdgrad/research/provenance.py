@@ -18,7 +18,7 @@ def code_version(path=None):
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/*.py", ":/*.toml"],
             cwd=cwd,
             capture_output=True,
             text=True,
