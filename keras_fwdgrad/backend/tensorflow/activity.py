@@ -77,8 +77,8 @@ class _Pass:
         self.model = model
         self.seed = seed
         self.k = k
-        # `{layer index: [batch, units, K] orthonormal columns}`, shared by
-        # the step's K passes (`tangent`).
+        # `{layer index: [batch, K, units] orthogonal tangents}`
+        # (`orthogonal.tangents`), shared by the step's K passes.
         self.bases = bases
         self.ends = ends
         self.heads = heads
