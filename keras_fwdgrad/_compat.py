@@ -128,6 +128,21 @@ def node_tensors(layer):
     return inputs, outputs
 
 
+def node_operations(model):
+    """The operation of every node of a functional `model`'s graph (input
+    nodes left out), in the order `Functional._run_through_graph` runs
+    them: `Function._nodes_by_depth`, `Node.operation` and
+    `Node.is_input` (Keras 3.15.1)."""
+    by_depth = _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
+    out = []
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            operation = _attribute(node, "operation", "Node.operation")
+            if operation is not None and not _attribute(node, "is_input", "Node.is_input"):
+                out.append(operation)
+    return out
+
+
 def num_calls(layer):
     """How many times `layer` (or a graph operation) was called on symbolic
     tensors: its `Layer._inbound_nodes` (Keras 3.15.1)."""

@@ -61,6 +61,33 @@ def flat_operations(model):
     return out
 
 
+def call_counts(model):
+    """`{id(op): n}`: how many times `run` calls each layer and graph
+    operation of `model` in one pass. A layer called twice in a functional
+    graph counts 2, and so does every layer of a nested model that the
+    graph calls twice (a siamese tower)."""
+    counts = {}
+
+    def walk(container, times):
+        if is_sequential(container):
+            operations = [
+                op for op in container.layers if not isinstance(op, keras.layers.InputLayer)
+            ]
+        else:
+            operations = _compat.node_operations(container)
+        for op in operations:
+            if is_container(op):
+                walk(op, times)
+            else:
+                counts[id(op)] = counts.get(id(op), 0) + times
+
+    if is_container(model):
+        walk(model, 1)
+    else:
+        counts[id(model)] = 1
+    return counts
+
+
 def _in_input_order(model, x):
     """The flattened `x` in the order of `model`'s inputs: a dict given
     to a model whose inputs are a list (or one tensor) is keyed by their

@@ -147,13 +147,14 @@ def normalized_layers(base, ends=()):
     that end a block) is perturbed itself.
     """
     operations = graph.flat_operations(base)
+    counts = graph.call_counts(base)
     out = {}
     for layer in graph.flat_layers(base):
         if (
             not perturbed(layer)
             or type(layer) is LocalHead
             or layer.activation is not keras.activations.linear
-            or _compat.num_calls(layer) != 1
+            or counts[id(layer)] != 1
             or layer.name in ends
         ):
             continue
@@ -162,7 +163,7 @@ def normalized_layers(base, ends=()):
             len(after) == 1
             and isinstance(after[0], _MIXES_EXAMPLES)
             and has_variables(after[0])
-            and _compat.num_calls(after[0]) == 1
+            and counts[id(after[0])] == 1
         ):
             out[layer.name] = after[0].name
     return out
@@ -170,11 +171,17 @@ def normalized_layers(base, ends=()):
 
 def block_ends(base, local_losses):
     """The names of the layers after which a block ends (the last block
-    ends at the model's output)."""
+    ends at the model's output).
+
+    A block ends at a layer the model calls once: a head reads one output.
+    `"auto"` and `"layers"` leave a layer called more than once (a shared
+    layer, or a layer of a nested model called more than once) inside the
+    block that follows it; a list naming one is refused."""
     if local_losses is None:
         return []
     layers = graph.flat_layers(base)
     names = [layer.name for layer in layers]
+    counts = graph.call_counts(base)
     if local_losses in ("auto", "layers"):
         # "layers": every layer with trainable variables ends a block (its
         # tangent then reaches its own head only); "auto" ends blocks after
@@ -201,13 +208,18 @@ def block_ends(base, local_losses):
             operations = graph.flat_operations(base)
             normalized = normalized_layers(base)
             ends = [
-                _layer_end(layers, operations, i).name
+                _layer_end(layers, operations, counts, i).name
                 for i, layer in enumerate(layers)
-                if i < last_dense and has_variables(layer) and layer.name not in normalized
+                if i < last_dense
+                and has_variables(layer)
+                and layer.name not in normalized
+                and counts[id(layer)] == 1
             ]
         else:
             ends = [
-                layer.name for i, layer in enumerate(layers) if i < last_dense and ends_here(layer)
+                layer.name
+                for i, layer in enumerate(layers)
+                if i < last_dense and ends_here(layer) and counts[id(layer)] == 1
             ]
     else:
         ends = list(local_losses)
@@ -222,6 +234,20 @@ def block_ends(base, local_losses):
                 "`local_losses` lists the model's last layer "
                 f"{names[-1]!r}; the last block always ends there and uses "
                 "the model's own loss."
+            )
+        shared = {
+            layer.name: counts[id(layer)]
+            for layer in layers
+            if layer.name in ends and counts[id(layer)] != 1
+        }
+        if shared:
+            raise ValueError(
+                "`local_losses` names layers that the model calls more than "
+                f"once (name: calls): {shared}. A block ends at a layer "
+                "called once, whose one output its head reads; name a layer "
+                "before or after the shared one, or use "
+                '`local_losses="auto"` or `"layers"`, which leave shared '
+                "layers inside a block."
             )
     ends = set(ends)
     for layer in layers:
@@ -286,7 +312,7 @@ def _passes_channels(layer):
     )
 
 
-def _layer_end(layers, operations, i):
+def _layer_end(layers, operations, counts, i):
     """Where `local_losses="layers"` ends the block of `layers[i]`, a
     layer with trainable variables: after it and the activation layers
     (`Activation`, `ReLU`, `LeakyReLU`, `ELU`) that alone follow it, so
@@ -300,8 +326,6 @@ def _layer_end(layers, operations, i):
     rather than the branch by itself; the branch's derivative is the same
     through the merge."""
     layer = layers[i]
-    if _compat.num_calls(layer) != 1:
-        return layer
     index = {id(other): j for j, other in enumerate(layers)}
     end, merged = layer, False
     # The end without a merge: after the activation layers alone.
@@ -313,8 +337,8 @@ def _layer_end(layers, operations, i):
         if len(after) != 1 or id(after[0]) not in index:
             break
         (nxt,) = after
-        if _compat.num_calls(nxt) != 1:
-            # A shared layer ends a block at each of its calls.
+        if counts[id(nxt)] != 1:
+            # A shared layer ends no block (`block_ends`).
             break
         j = index[id(nxt)]
         if any(has_variables(other) for other in layers[index[id(end)] + 1 : j]):
