@@ -320,3 +320,48 @@ def test_fit_with_shared_layers_and_local_losses(local_losses):
         assert history.history["skipped_steps"][-1] == 0
         moved = [not np.allclose(b, v) for b, v in zip(before, model.trainable_variables)]
         assert all(moved), [v.path for v, m in zip(model.trainable_variables, moved) if not m]
+
+
+@pytest.mark.parametrize("local_losses", [None, "auto"])
+def test_mixed_float16_estimates_take_their_variables_dtype(local_losses):
+    """Under `mixed_float16` every estimate comes in its variable's dtype
+    (float32), the heads' included, so that the loss scale the compiled
+    `LossScaleOptimizer` multiplies them by cannot overflow float16: in
+    12 steps of `fit` the optimizer applies all 12 updates and keeps its
+    scale, and with inputs 30 times larger it skips none either. (On JAX the
+    heads' estimates were float16 and overflowed at a scale of 32,768
+    whenever one entry exceeded 2, and the optimizer dropped those steps
+    and halved its scale; their float16 products overflowed too.)"""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(6, activation="relu"),
+                keras.layers.Dense(6, activation="relu"),
+                keras.layers.Dense(3),
+                keras.layers.Activation("softmax", dtype="float32"),
+            ]
+        )
+        model = ForwardGradientModel(
+            base, perturbation="activations", local_losses=local_losses, seed=1
+        )
+        model.compile(optimizer="sgd", loss=LOSS)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(96, 5)).astype("float32")
+        y = rng.integers(0, 3, size=(96,))
+        _, grads = model.forward_gradient(x[:8], y[:8])
+        dtypes = [keras.backend.standardize_dtype(g.dtype) for g in grads]
+        assert dtypes == [v.dtype for v in model.trainable_variables] == ["float32"] * len(dtypes)
+        history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        # Inputs 30 times larger: the heads' float16 products would
+        # overflow, and the NaN guard skipped every step.
+        large = model.fit(x * 30.0, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert history.history["skipped_steps"] == [0]
+    assert large.history["skipped_steps"] == [0]
+    assert int(model.optimizer.iterations.value) == 24
+    assert float(model.optimizer.dynamic_scale.value) == model.optimizer.initial_scale

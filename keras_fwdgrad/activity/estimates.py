@@ -14,7 +14,8 @@ def add(grads, variables, estimates):
 
 
 def in_variable_order(grads, variables):
-    """The estimates of `variables`, in their order.
+    """The estimates of `variables`, in their order, each in its
+    variable's dtype.
 
     Raises:
         ValueError: naming the trainable variables no layer call of the
@@ -28,7 +29,16 @@ def in_variable_order(grads, variables):
             "must belong to a layer the model calls. Make the others "
             "non-trainable."
         )
-    return [grads[id(v)] for v in variables]
+    # Each in its variable's dtype: under mixed precision a layer's
+    # products come in its compute dtype (float16), and an optimizer that
+    # scales the loss multiplies what it receives by its scale.
+    out = []
+    for v in variables:
+        g = grads[id(v)]
+        if keras.backend.standardize_dtype(g.dtype) != v.dtype:
+            g = keras.ops.cast(g, v.dtype)
+        out.append(g)
+    return out
 
 
 def factors_bound_product(x, g_z):

@@ -349,7 +349,9 @@ def estimate(model, state, x, y, sample_weight, k):
         estimates.add(grads, trainable_variables(layer), estimate)
         if record.closed_form and isinstance(layer, keras.layers.Dense):
             bounded.setdefault(id(layer), (layer, []))[1].append(
-                estimates.factors_bound_product(_arguments(record, arrays)[0][0], cotangent)
+                estimates.factors_bound_product(
+                    _arguments(record, arrays)[0][0], cotangent.astype(layer.kernel.dtype)
+                )
             )
     grads = estimates.in_variable_order(grads, variables)
     grads = _with_regularizers(variables, trainable, grads)
@@ -459,10 +461,13 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
         return list(grads) + [g_x]
     if record.closed_form and isinstance(layer, keras.layers.Dense):
         # `z = x W + b`: the products in closed form, without running the
-        # layer again.
-        x = args[0]
+        # layer again, in the variables' dtype (under mixed precision a
+        # float16 product of a head's factors overflows where the float32
+        # one the update takes does not).
+        dtype = layer.kernel.dtype
+        x = args[0].astype(dtype)
         axes = tuple(range(x.ndim - 1))
-        cotangent = cotangent.astype(x.dtype)
+        cotangent = cotangent.astype(dtype)
         grads = [jnp.tensordot(x, cotangent, axes=(axes, axes))]
         if layer.use_bias:
             grads.append(jnp.sum(cotangent, axis=axes))
