@@ -169,7 +169,12 @@ def check_activity_arguments(
         names_ok = isinstance(local_losses, (list, tuple)) and all(
             isinstance(n, str) for n in local_losses
         )
-        if local_losses not in ("auto", "layers") and not names_ok:
+        if isinstance(local_losses, str) and local_losses not in ("auto", "layers"):
+            raise ValueError(
+                '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
+                f"layer names. Received: local_losses={local_losses!r}"
+            )
+        if not isinstance(local_losses, str) and not names_ok:
             raise TypeError(
                 '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
                 f"layer names. Received: local_losses={local_losses!r}"

@@ -412,6 +412,11 @@ def test_errors():
         ForwardGradientModel(base, local_losses="auto")
     with pytest.raises(TypeError, match="`local_losses` must be"):
         ForwardGradientModel(base, perturbation="activations", local_losses=3)
+    # A NumPy array of names is not a list (`in` would compare elementwise).
+    with pytest.raises(TypeError, match="`local_losses` must be"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=np.array(["auto"]))
+    with pytest.raises(ValueError, match="`local_losses` must be.*'everything'"):
+        ForwardGradientModel(base, perturbation="activations", local_losses="everything")
     with pytest.raises(TypeError, match="`active_units_only` must be a bool"):
         ForwardGradientModel(base, perturbation="activations", active_units_only=1)
     with pytest.raises(ValueError, match="does not have"):
