@@ -32,6 +32,22 @@ def backend_modes(modes):
     return [m for m in modes if getattr(m, "values", (m,))[0] != "xla"]
 
 
+def tensorflow_runs_channels_first_convolutions():
+    """Whether TensorFlow's own kernels run a channels-first `Conv2D`
+    outside XLA here: on a CPU only with oneDNN, which TensorFlow turns on
+    for some processors (plain Keras fails the same way without it).
+    Always true on JAX."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    try:
+        tf.nn.conv2d(tf.zeros((1, 1, 2, 2)), tf.zeros((1, 1, 1, 1)), 1, "VALID", "NCHW")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
+
+
 def compile_kwargs(mode):
     return {"run_eagerly": mode == "eager", "jit_compile": mode == "xla"}
 
