@@ -143,12 +143,6 @@ def node_operations(model):
     return out
 
 
-def num_calls(layer):
-    """How many times `layer` (or a graph operation) was called on symbolic
-    tensors: its `Layer._inbound_nodes` (Keras 3.15.1)."""
-    return len(_attribute(layer, "_inbound_nodes", "Layer._inbound_nodes"))
-
-
 def _attribute(obj, name, where):
     try:
         return getattr(obj, name)

@@ -68,21 +68,23 @@ def call_counts(model):
     graph calls twice (a siamese tower)."""
     counts = {}
 
-    def walk(container, times):
+    def walk(container):
         if is_sequential(container):
             operations = [
                 op for op in container.layers if not isinstance(op, keras.layers.InputLayer)
             ]
         else:
             operations = _compat.node_operations(container)
+        # A nested model is walked once per call, so its layers count once
+        # per call of it.
         for op in operations:
             if is_container(op):
-                walk(op, times)
+                walk(op)
             else:
-                counts[id(op)] = counts.get(id(op), 0) + times
+                counts[id(op)] = counts.get(id(op), 0) + 1
 
     if is_container(model):
-        walk(model, 1)
+        walk(model)
     else:
         counts[id(model)] = 1
     return counts

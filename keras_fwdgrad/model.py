@@ -118,8 +118,8 @@ class ForwardGradientModel(_Trainer, keras.Model):
             and read by nothing else, after that `Add` and the
             activations that alone follow it, so its head reads the
             residual stream) or the names of the layers that end a
-            block. Each
-            block but the last learns only from the compiled loss of its
+            block. A layer the model calls more than once (a shared
+            layer) ends no block. Each block but the last learns only from the compiled loss of its
             own small head (`local_heads`, saved with this model but not
             part of `predict` or `model`); each is logged as
             `local_loss_<i>`.

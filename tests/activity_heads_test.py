@@ -265,6 +265,16 @@ def test_shared_layers_end_no_block():
     inner = siamese.get_layer("tower").layers[0].name
     with pytest.raises(ValueError, match=rf"'{inner}': 2"):
         ForwardGradientModel(siamese, perturbation="activations", local_losses=[inner])
+    # One `ReLU` after two residual merges: each block ends at its merge.
+    L = keras.layers
+    x = keras.Input((8,))
+    relu = L.ReLU(name="relu")
+    h = L.Dense(8, name="d0")(x)
+    h = relu(L.Add(name="add0")([h, L.Dense(8, name="b0")(h)]))
+    h = relu(L.Add(name="add1")([h, L.Dense(8, name="b1")(h)]))
+    residual = keras.Model(x, L.Dense(3, activation="softmax")(h))
+    assert activity.block_ends(residual, "auto") == ["add0", "add1"]
+    assert activity.block_ends(residual, "layers") == ["d0", "add0", "add1"]
 
 
 @pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))

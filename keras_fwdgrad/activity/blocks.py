@@ -174,9 +174,10 @@ def block_ends(base, local_losses):
     ends at the model's output).
 
     A block ends at a layer the model calls once: a head reads one output.
-    `"auto"` and `"layers"` leave a layer called more than once (a shared
-    layer, or a layer of a nested model called more than once) inside the
-    block that follows it; a list naming one is refused."""
+    With `"auto"` and `"layers"` a layer called more than once (a shared
+    layer, or a layer of a nested model called more than once) ends no
+    block, and each of its calls belongs to the block it falls in; a list
+    naming one is refused."""
     if local_losses is None:
         return []
     layers = graph.flat_layers(base)
@@ -197,7 +198,7 @@ def block_ends(base, local_losses):
         residual = local_losses == "auto" and any(
             isinstance(layer, keras.layers.Add) for layer in layers
         )
-        merge_ends = _residual_ends(layers) if residual else set()
+        merge_ends = _residual_ends(layers, counts) if residual else set()
 
         def ends_here(layer):
             if residual:
@@ -280,10 +281,12 @@ def _consumers(layers, layer):
     ]
 
 
-def _residual_ends(layers):
+def _residual_ends(layers, counts):
     """The names of the layers that end a residual block: each `Add`, or
     the normalization or activation layers that follow it alone (its
-    output's only consumer, one after the other)."""
+    output's only consumer, one after the other, each called once: a
+    shared `ReLU` after several merges leaves each block's end at its
+    merge)."""
     ends = set()
     for layer in layers:
         if not isinstance(layer, keras.layers.Add):
@@ -291,7 +294,11 @@ def _residual_ends(layers):
         end = layer
         while True:
             after = _consumers(layers, end)
-            if len(after) != 1 or not isinstance(after[0], _AFTER_MERGE):
+            if (
+                len(after) != 1
+                or not isinstance(after[0], _AFTER_MERGE)
+                or counts[id(after[0])] != 1
+            ):
                 break
             end = after[0]
         ends.add(end.name)
