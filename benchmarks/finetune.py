@@ -56,6 +56,10 @@ import platform
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow keeps allocator statistics on the CPU (the step memory measured
+# here) only with its BFC allocator, its default only where oneDNN is on (not
+# on every processor).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -22,6 +22,10 @@ import platform
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are not ours to show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow keeps allocator statistics on the CPU (the step memory measured
+# here) only with its BFC allocator, its default only where oneDNN is on (not
+# on every processor).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
 class deferred:

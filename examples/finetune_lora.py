@@ -55,6 +55,10 @@ import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow keeps allocator statistics on the CPU (the step memory measured
+# here) only with its BFC allocator, its default only where oneDNN is on (not
+# on every processor).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 # Keras, NumPy and the library are imported when the example runs, so that
 # `--help` answers at once (`_import`).

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow keeps allocator statistics on the CPU (the step memory that
+# examples, benchmarks and their tests measure) only with its BFC allocator,
+# its default only where oneDNN is on (not on every processor).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import compile_flags  # noqa: E402
 

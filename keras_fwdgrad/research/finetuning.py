@@ -95,7 +95,11 @@ def _tensorflow_step_memory(model, x, y):
     device = profiling.memory_device()
     step = profiling.step_bytes(lambda: model.train_on_batch(x, y), device)
     if step is None:
-        raise RuntimeError(f"TensorFlow keeps no allocator statistics on {device}.")
+        raise RuntimeError(
+            f"TensorFlow keeps no allocator statistics on {device}. On a CPU "
+            "set the environment variable TF_CPU_ALLOCATOR_USE_BFC=true "
+            "before TensorFlow starts."
+        )
     return {
         "step_bytes": int(step),
         "argument_bytes": profiling._state_bytes(model),
