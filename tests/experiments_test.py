@@ -292,7 +292,8 @@ def test_profile_step_costs_measures_and_ratios():
         assert r["Rb"] == m["backprop"]["R"]
 
 
-def test_step_bytes_ignores_allocator_fragmentation():
+@pytest.mark.parametrize("hole, holes", [(1.5, 1), (1.27, 3)])
+def test_step_bytes_ignores_allocator_fragmentation(hole, holes):
     """The step's peak is the 4 MiB product it requests, not the larger
     free chunk the allocator may hand it whole."""
     size = 4 * 2**20  # A 1024 x 1024 float32 product, the step's only temporary.
@@ -313,17 +314,24 @@ def test_step_bytes_ignores_allocator_fragmentation():
         after = tf.config.experimental.get_memory_info("CPU:0")
         return after["peak"] - before["current"]
 
-    # A free chunk 1.5 times the request between two live tensors: the
-    # allocator does not split a chunk less than twice the request.
-    left, hole, right = (tf.zeros([3 * size // 8]) for _ in range(3))
-    del hole
+    # `holes` free chunks, each `hole` times the request, between live
+    # tensors: the allocator does not split a chunk less than twice the
+    # request, and hands the smallest free chunk that fits.
+    def tensor(fraction):
+        return tf.random.uniform([int(fraction * size) // 4])
+
+    live, free = [tensor(hole)], []
+    for _ in range(holes):
+        free.append(tensor(hole))
+        live.append(tensor(hole))
+    del free
     single = naive()
     measured = profiling.step_bytes(call, "CPU:0")
     # 64 KiB of slack for the step's scalar output and the allocator's
-    # rounding; a measurement landing in any hole would be >= 1.5 x size.
+    # rounding; a measurement landing in a hole would be >= hole x size.
     assert size <= measured <= size + 2**16, (measured, single)
     assert measured <= single
-    del left, right
+    del live
 
 
 def test_profile_step_costs_errors():

@@ -68,9 +68,11 @@ def step_bytes(call, device):
     The step is therefore measured under several allocator states and the
     smallest measurement is kept: holding nothing, holding one tensor of
     each size in `_BALLAST_BYTES`, then holding one to four tensors, each
-    the size of the smallest measurement when it was added, which fill
-    the holes a step of that size lands in (an XLA-compiled step allocates
-    its temporaries as one buffer). A
+    7/8 of the smallest measurement when it was added, which fill the
+    holes a step of that size lands in (an XLA-compiled step allocates
+    its temporaries as one buffer: the chunk it gets is at most the
+    measurement and less than twice the request, so such a tensor fits
+    in it and takes it whole). A
     chunk is never smaller than its request, so no measurement understates
     the peak the step requests; for the XLA-compiled models of
     `benchmarks/step_costs.py` the result equals the temporary buffer of
@@ -92,7 +94,10 @@ def step_bytes(call, device):
     best = min([measure()] + [measure(b) for b in _BALLAST_BYTES])
     holes = []
     for _ in range(4):
-        holes.append(best)
+        # The chunk the step landed in is at most `best` (which also counts
+        # the step's outputs) and less than twice its request: a tensor of
+        # 7/8 of `best` fits in it and takes it whole.
+        holes.append(best - best // 8)
         best = min(best, measure(*holes))
     return best
 
