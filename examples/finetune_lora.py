@@ -51,18 +51,15 @@ Usage:
 
 import argparse
 import os
-import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# TensorFlow keeps allocator statistics on the CPU (the step memory measured
-# here) only with its BFC allocator, its default only where oneDNN is on (not
-# on every processor).
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+# The examples' environment defaults (backend, TensorFlow's allocator) are
+# set by `common`, which imports nothing heavy.
+import common
 
 # Keras, NumPy and the library are imported when the example runs, so that
 # `--help` answers at once (`_import`).
-keras = np = ForwardGradientModel = architectures = finetuning = learning = common = None
+keras = np = ForwardGradientModel = architectures = finetuning = learning = None
 LOSS = None
 
 BUDGETS = {
@@ -276,7 +273,7 @@ def run_method(name, args, budget, data, weights):
 
 
 def _import():
-    global keras, np, ForwardGradientModel, architectures, finetuning, learning, common, LOSS
+    global keras, np, ForwardGradientModel, architectures, finetuning, learning, LOSS
     import keras
     import numpy as np
 
@@ -284,9 +281,6 @@ def _import():
     from keras_fwdgrad.research import architectures
     from keras_fwdgrad.research import finetuning
     from keras_fwdgrad.research import learning
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import common
 
     LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -119,10 +119,10 @@ class ForwardGradientModel(_Trainer, keras.Model):
             activations that alone follow it, so its head reads the
             residual stream) or the names of the layers that end a
             block. A layer the model calls more than once (a shared
-            layer) ends no block. Each block but the last learns only from the compiled loss of its
-            own small head (`local_heads`, saved with this model but not
-            part of `predict` or `model`); each is logged as
-            `local_loss_<i>`.
+            layer) ends no block. Each block but the last learns only
+            from the compiled loss of its own small head (`local_heads`,
+            saved with this model but not part of `predict` or `model`);
+            each is logged as `local_loss_<i>`.
         orthogonal_directions: Bool. With `perturbation="activations"` and
             `num_directions > 1`, make each example's K tangents of a layer
             orthogonal. Defaults to `False`.
