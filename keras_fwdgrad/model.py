@@ -197,8 +197,10 @@ class ForwardGradientModel(_Trainer, keras.Model):
         for name, value in checked.items():
             setattr(self, name, value)
         self.local_heads = []
+        # The names and ids of `activity.block_end_layers`.
         self._local_loss_ends = []
-        # `{layer name: normalization name}`: `activity.normalized_layers`.
+        self._local_loss_end_ids = []
+        # `{id(layer): id(normalization)}`: `activity.normalized_pairs`.
         self._normalized_layers = {}
         self._local_loss_trackers = []
         self._create_training_state()

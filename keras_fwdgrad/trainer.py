@@ -117,11 +117,16 @@ class Trainer:
         if self.perturbation != "activations" or self.local_heads:
             return
         activity.check_model(self.model)
-        self._local_loss_ends = activity.block_ends(self.model, self.local_losses)
-        self._normalized_layers = activity.normalized_layers(self.model, self._local_loss_ends)
-        self.local_heads = activity.make_heads(
-            self.model, self._local_loss_ends, self.local_head_units
-        )
+        # Layers are kept as ids: nested models may hold layers of one
+        # name, and a Keras model tracks the layers its attributes hold.
+        ends = activity.block_end_layers(self.model, self.local_losses)
+        self._local_loss_ends = [layer.name for layer in ends]
+        self._local_loss_end_ids = [id(layer) for layer in ends]
+        self._normalized_layers = {
+            id(layer): id(normalization)
+            for layer, normalization in activity.normalized_pairs(self.model, ends)
+        }
+        self.local_heads = activity.make_heads(self.model, ends, self.local_head_units)
         self._local_loss_trackers = [
             keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
         ]

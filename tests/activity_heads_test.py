@@ -332,6 +332,82 @@ def test_fit_with_shared_layers_and_local_losses(local_losses):
         assert all(moved), [v.path for v, m in zip(model.trainable_variables, moved) if not m]
 
 
+def _backbone_and_head():
+    """A loaded backbone keeps the names it was saved with, and a head
+    built after loading takes Keras' default names again: here
+    `backbone/dense` (without activation, read only by a
+    `BatchNormalization`) and the head's `dense`, and `dense_1` in both."""
+    L = keras.layers
+    backbone = keras.Sequential(
+        [
+            keras.Input((6,)),
+            L.Dense(8, use_bias=False, name="dense"),
+            L.BatchNormalization(name="bn"),
+            L.ReLU(name="re_lu"),
+            L.Dense(8, activation="tanh", name="dense_1"),
+        ],
+        name="backbone",
+    )
+    x = keras.Input((6,))
+    h = L.Dense(5, activation="relu", name="dense")(backbone(x))
+    return keras.Model(x, L.Dense(3, activation="softmax", name="dense_1")(h))
+
+
+def test_layers_of_one_name_in_nested_models_are_told_apart():
+    """Block ends and the layers a normalization reads are layers, not
+    names: `"layers"` ends a block after the backbone's `ReLU`, its
+    `dense_1` and the head's `dense`; only the backbone's `dense` shares
+    the normalization's block. A list naming a name that two layers
+    carry is refused. (Keyed by name, both `dense` layers were taken
+    for the normalized one and `fit` raised on both backends.)"""
+    base = _backbone_and_head()
+    backbone = base.get_layer("backbone")
+    ends = activity.block_end_layers(base, "layers")
+    assert [layer.name for layer in ends] == ["re_lu", "dense_1", "dense"]
+    assert ends[1] is backbone.get_layer("dense_1") and ends[2] is base.get_layer("dense")
+    pairs = activity.normalized_pairs(base)
+    assert [(a, b) for a, b in pairs] == [(backbone.get_layer("dense"), backbone.get_layer("bn"))]
+    with pytest.raises(ValueError, match=r"several layers.*\['dense'\]"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["dense"])
+
+
+@pytest.mark.parametrize("local_losses", [None, "auto", "layers"])
+def test_fit_with_layers_of_one_name(local_losses):
+    """`fit` runs and moves every variable of the backbone-and-head model."""
+    keras.utils.set_random_seed(0)
+    base = _backbone_and_head()
+    model = ForwardGradientModel(base, perturbation="activations", local_losses=local_losses)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)).astype("float32"), rng.integers(0, 3, size=(16,))
+    before = [np.array(v) for v in model.trainable_variables]
+    history = model.fit(x, y, batch_size=8, verbose=0)
+    assert history.history["skipped_steps"][-1] == 0
+    moved = [not np.allclose(b, v) for b, v in zip(before, model.trainable_variables)]
+    assert all(moved), [v.path for v, m in zip(model.trainable_variables, moved) if not m]
+
+
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
+def test_layers_of_one_name_unbiased(mode):
+    """Probabilistic, fixed seed: with one loss, the mean of 2,000
+    estimates on the backbone-and-head model is within 5 standard errors
+    of the reverse-mode gradient in every component (the normalized
+    `dense` in closed form through the normalization, the head's `dense`
+    perturbed itself), and a reference off by half is rejected."""
+    keras.utils.set_random_seed(0)
+    base = _backbone_and_head()
+    model = ForwardGradientModel(base, perturbation="activations", seed=3)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(6, 6)).astype("float32"), rng.integers(0, 3, size=(6,))
+    expected = activity_models.reference_gradients(base, x, y)
+    true = np.concatenate([np.ravel(expected[id(v)]) for v in model.trainable_variables])
+    samples = estimate_samples.samples(model, x, y, 2000, mode)
+    z = estimate_samples.z_scores(samples, true)
+    assert np.max(z) < Z, np.sort(z)[-10:]
+    assert np.max(estimate_samples.z_scores(samples, true * 1.5)) > Z
+
+
 @pytest.mark.parametrize("local_losses", [None, "auto"])
 def test_mixed_float16_estimates_take_their_variables_dtype(local_losses):
     """Under `mixed_float16` every estimate comes in its variable's dtype

@@ -46,7 +46,7 @@ general rule"); its perturbed output takes local-loss groups as a
 `BatchNormalization`) make the derivatives of the layers recorded before
 them in their block whole-batch ones, which stays unbiased. A
 `Dense`/convolution layer without activation whose output only a
-`BatchNormalization` reads (`normalized_layers`) is therefore not
+`BatchNormalization` reads (`normalized_pairs`) is therefore not
 perturbed: the normalization's output is, and the layer's estimate is its
 closed-form product with the cotangent of the normalization's input from
 the normalization's own reverse pass, the one place where a reverse pass
@@ -70,11 +70,13 @@ Within a step the same tangents are used throughout.
 its weights.
 """
 
+from keras_fwdgrad.activity.blocks import block_end_layers
 from keras_fwdgrad.activity.blocks import block_ends
 from keras_fwdgrad.activity.blocks import check_local_loss_groups
 from keras_fwdgrad.activity.blocks import check_model
 from keras_fwdgrad.activity.blocks import check_num_directions
 from keras_fwdgrad.activity.blocks import normalized_layers
+from keras_fwdgrad.activity.blocks import normalized_pairs
 from keras_fwdgrad.activity.blocks import perturbed
 from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity.heads import make_heads
@@ -82,12 +84,14 @@ from keras_fwdgrad.activity.losses import per_example_losses
 
 __all__ = [
     "LocalHead",
+    "block_end_layers",
     "block_ends",
     "check_local_loss_groups",
     "check_model",
     "check_num_directions",
     "make_heads",
     "normalized_layers",
+    "normalized_pairs",
     "per_example_losses",
     "perturbed",
 ]

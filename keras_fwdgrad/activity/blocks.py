@@ -129,10 +129,10 @@ def has_variables(layer):
     return bool(trainable_variables(layer))
 
 
-def normalized_layers(base, ends=()):
-    """`{layer name: normalization name}` for each `Dense`/convolution
-    layer the pass does not perturb itself because a normalization that
-    mixes examples alone reads its output.
+def normalized_pairs(base, ends=()):
+    """`[(layer, normalization)]` for each `Dense`/convolution layer the
+    pass does not perturb itself because a normalization that mixes
+    examples alone reads its output.
 
     Such a layer (perturbed in closed form, no activation of its own,
     called once) feeds only a `BatchNormalization` with trainable
@@ -143,19 +143,20 @@ def normalized_layers(base, ends=()):
     output is perturbed, and the layer's estimate is its closed-form
     product with the cotangent that the normalization's one-layer reverse
     pass gives its input. The two layers then form one block with
-    `local_losses="layers"`. A layer in `ends` (the names of the layers
-    that end a block) is perturbed itself.
+    `local_losses="layers"`. A layer in `ends` (the layers that end a
+    block, `block_end_layers`) is perturbed itself.
     """
     operations = graph.flat_operations(base)
     counts = graph.call_counts(base)
-    out = {}
+    end_ids = {id(layer) for layer in ends}
+    out = []
     for layer in graph.flat_layers(base):
         if (
             not perturbed(layer)
             or type(layer) is LocalHead
             or layer.activation is not keras.activations.linear
             or counts[id(layer)] != 1
-            or layer.name in ends
+            or id(layer) in end_ids
         ):
             continue
         after = _consumers(operations, layer)
@@ -165,22 +166,39 @@ def normalized_layers(base, ends=()):
             and has_variables(after[0])
             and counts[id(after[0])] == 1
         ):
-            out[layer.name] = after[0].name
+            out.append((layer, after[0]))
     return out
+
+
+def normalized_layers(base, ends=()):
+    """`{layer name: normalization name}` of `normalized_pairs`."""
+    pairs = normalized_pairs(base, ends)
+    return {layer.name: normalization.name for layer, normalization in pairs}
 
 
 def block_ends(base, local_losses):
     """The names of the layers after which a block ends (the last block
+    ends at the model's output): those of `block_end_layers`."""
+    return [layer.name for layer in block_end_layers(base, local_losses)]
+
+
+def block_end_layers(base, local_losses):
+    """The layers after which a block ends, in call order (the last block
     ends at the model's output).
 
     A block ends at a layer the model calls once: a head reads one output.
     With `"auto"` and `"layers"` a layer called more than once (a shared
     layer, or a layer of a nested model called more than once) ends no
     block, and each of its calls belongs to the block it falls in; a list
-    naming one is refused."""
+    naming one is refused. Layers are told apart as objects, not by name:
+    nested models may hold layers of one name (a loaded backbone and a
+    new head), and a list naming such a name is refused."""
     if local_losses is None:
         return []
-    layers = graph.flat_layers(base)
+    layers = []
+    for layer in graph.flat_layers(base):
+        if all(layer is not other for other in layers):
+            layers.append(layer)
     names = [layer.name for layer in layers]
     counts = graph.call_counts(base)
     if local_losses in ("auto", "layers"):
@@ -202,45 +220,50 @@ def block_ends(base, local_losses):
 
         def ends_here(layer):
             if residual:
-                return layer.name in merge_ends or isinstance(layer, _POOLING)
+                return id(layer) in merge_ends or isinstance(layer, _POOLING)
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
         if local_losses == "layers":
             operations = graph.flat_operations(base)
-            normalized = normalized_layers(base)
+            normalized = {id(layer) for layer, _ in normalized_pairs(base)}
             ends = [
-                _layer_end(layers, operations, counts, i).name
+                _layer_end(layers, operations, counts, i)
                 for i, layer in enumerate(layers)
                 if i < last_dense
                 and has_variables(layer)
-                and layer.name not in normalized
+                and id(layer) not in normalized
                 and counts[id(layer)] == 1
             ]
         else:
             ends = [
-                layer.name
+                layer
                 for i, layer in enumerate(layers)
                 if i < last_dense and ends_here(layer) and counts[id(layer)] == 1
             ]
     else:
-        ends = list(local_losses)
-        unknown = [n for n in ends if n not in names]
+        listed = list(local_losses)
+        unknown = [n for n in listed if n not in names]
         if unknown:
             raise ValueError(
                 "`local_losses` names layers the model does not have: "
                 f"{unknown}. Its layers: {names}"
             )
-        if names[-1] in ends:
+        ambiguous = sorted({n for n in listed if names.count(n) > 1})
+        if ambiguous:
+            raise ValueError(
+                "`local_losses` names layers that several layers of the model "
+                f"(in nested models) carry: {ambiguous}. Name layers with "
+                'unique names, or use `local_losses="auto"` or `"layers"`, '
+                "which tell the layers apart."
+            )
+        ends = [layer for layer in layers if layer.name in listed]
+        if names[-1] in listed:
             raise ValueError(
                 "`local_losses` lists the model's last layer "
                 f"{names[-1]!r}; the last block always ends there and uses "
                 "the model's own loss."
             )
-        shared = {
-            layer.name: counts[id(layer)]
-            for layer in layers
-            if layer.name in ends and counts[id(layer)] != 1
-        }
+        shared = {layer.name: counts[id(layer)] for layer in ends if counts[id(layer)] != 1}
         if shared:
             raise ValueError(
                 "`local_losses` names layers that the model calls more than "
@@ -250,13 +273,13 @@ def block_ends(base, local_losses):
                 '`local_losses="auto"` or `"layers"`, which leave shared '
                 "layers inside a block."
             )
-    ends = set(ends)
-    for layer in layers:
+    end_ids = {id(layer) for layer in ends}
+    for layer in ends:
         # A head reads the block's output: one tensor.
-        if layer.name in ends and not hasattr(layer.output, "shape"):
+        if not hasattr(layer.output, "shape"):
             raise not_one_tensor(layer, type(layer.output).__name__)
     # In call order, once each.
-    return [n for n in names if n in ends]
+    return [layer for layer in layers if id(layer) in end_ids]
 
 
 # Layers that end a residual block in place of the merge they follow
@@ -282,7 +305,7 @@ def _consumers(layers, layer):
 
 
 def _residual_ends(layers, counts):
-    """The names of the layers that end a residual block: each `Add`, or
+    """The ids of the layers that end a residual block: each `Add`, or
     the normalization or activation layers that follow it alone (its
     output's only consumer, one after the other, each called once: a
     shared `ReLU` after several merges leaves each block's end at its
@@ -301,7 +324,7 @@ def _residual_ends(layers, counts):
             ):
                 break
             end = after[0]
-        ends.add(end.name)
+        ends.add(id(end))
     return ends
 
 
@@ -381,9 +404,11 @@ def check_num_directions(model):
 def check_local_loss_groups(model):
     groups = model.local_loss_groups
     patches = model.local_loss_patches
-    layers = {layer.name: layer for layer in graph.flat_layers(model.model)}
-    for name in model._local_loss_ends:
-        shape = layers[name].output.shape
+    ends = [
+        layer for layer in graph.flat_layers(model.model) if id(layer) in model._local_loss_end_ids
+    ]
+    for layer in ends:
+        name, shape = layer.name, layer.output.shape
         if patches not in (1, "positions"):
             small = [s for s in shape[1:-1] if s is not None and s < patches]
             if small:

@@ -79,9 +79,9 @@ class LocalHead(keras.layers.Layer):
 
 
 def make_heads(base, ends, hidden_units=None):
-    """One `LocalHead` per block end, built for the block's output (with
-    a hidden layer of `hidden_units`, if given)."""
-    layers = {layer.name: layer for layer in graph.flat_layers(base)}
+    """One `LocalHead` per block end (`ends`: the layers of
+    `block_end_layers`), built for the block's output (with a hidden
+    layer of `hidden_units`, if given)."""
     output = keras.tree.flatten(base.outputs)[0]
     if ends and len(output.shape) != 2:
         raise ValueError(
@@ -98,8 +98,8 @@ def make_heads(base, ends, hidden_units=None):
     if activation not in (keras.activations.softmax, keras.activations.sigmoid):
         activation = None
     heads = []
-    for i, name in enumerate(ends):
-        shape = tuple(layers[name].output.shape)
+    for i, layer in enumerate(ends):
+        name, shape = layer.name, tuple(layer.output.shape)
         if len(shape) > 2 and keras.config.image_data_format() != "channels_last":
             raise ValueError(
                 "`local_losses` heads pool channels-last feature maps. "

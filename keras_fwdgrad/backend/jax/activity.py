@@ -105,13 +105,13 @@ class _Pass:
         # recorded in its block before it is called (call order is a
         # topological order, so none recorded later is upstream of it).
         self.mixing_records = set()
-        self.ends = model._local_loss_ends
+        self.ends = model._local_loss_end_ids
         # For local-loss groups (records are indices into `records`), and
         # `(record, function)` of the model's output (`Alignment.output_of`).
         self.alignment = groups.Alignment()
         self.output_record = None
         # The calls of `normalized_layers` layers (not perturbed), with
-        # their array leaves and states, and `{normalization name: (index,
+        # their array leaves and states, and `{id(normalization): (index,
         # output)}` of the last one before each normalization.
         self.normalized_records = []
         self.normalized_inputs = []
@@ -135,7 +135,7 @@ class _Pass:
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
         self.states.append([v.value for v in frozen_variables(layer)])
-        normalized = self.pending.pop(layer.name, None)
+        normalized = self.pending.pop(id(layer), None)
         if normalized is not None:
             if leaves[0] is not normalized[1]:
                 raise RuntimeError(
@@ -179,7 +179,7 @@ class _Pass:
             if layer.hidden is not None:
                 h = self.perturb(layer.hidden, (h,), {}, True, head_hidden=True)
             y = self.perturb(layer.dense, (layer.pool(h),), {}, True, head=True)
-        elif layer.name in self.model._normalized_layers:
+        elif id(layer) in self.model._normalized_layers:
             # Not perturbed: the normalization after it is, and its
             # reverse pass gives this layer's cotangent.
             leaves, treedef = jax.tree_util.tree_flatten((args, {}))
@@ -189,7 +189,7 @@ class _Pass:
             self.normalized_inputs.append(list(leaves))
             self.normalized_states.append([v.value for v in frozen_variables(layer)])
             y = _linear_call(layer, args, {}, True)
-            self.pending[self.model._normalized_layers[layer.name]] = (
+            self.pending[self.model._normalized_layers[id(layer)]] = (
                 len(self.normalized_records) - 1,
                 y,
             )
@@ -201,7 +201,7 @@ class _Pass:
         else:
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
-        if layer.name in self.ends and self.block < len(self.ends):
+        if id(layer) in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1

@@ -91,7 +91,7 @@ class _Pass:
         self.mixing_records = set()
         self.acc = None
         self.alignment = groups.Alignment()
-        # `{normalization name: record}` of the last call of each
+        # `{id(normalization): record}` of the last call of each
         # `normalized_layers` layer, for the normalization after it.
         self.normalized = {}
         # `{id(relu output): record}` of the closed-form ReLU layers whose
@@ -123,7 +123,7 @@ class _Pass:
             # call): no variables.
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
-        elif layer.name in self.model._normalized_layers:
+        elif id(layer) in self.model._normalized_layers:
             y = self.call_normalized(layer, args[0])
         elif has_variables(layer):
             y = self.call_perturbed(layer, args, kwargs)
@@ -132,7 +132,7 @@ class _Pass:
                 kwargs = {**kwargs, "training": True}
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
-        if layer.name in self.ends and self.block < len(self.ends):
+        if id(layer) in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1
@@ -226,7 +226,7 @@ class _Pass:
         if tx is not None:
             _compat.watch(self.acc, z, tx)
         record = _Record(layer, x, z, None, self.block)
-        self.normalized[self.model._normalized_layers[layer.name]] = record
+        self.normalized[self.model._normalized_layers[id(layer)]] = record
         return z
 
     def call_general(self, layer, args, kwargs, head_hidden=False):
@@ -236,7 +236,7 @@ class _Pass:
         if "training" in _compat.call_context_args(layer):
             kwargs = {**kwargs, "training": True}
         values = [v.value for v in trainable_variables(layer)]
-        normalized = self.normalized.pop(layer.name, None)
+        normalized = self.normalized.pop(id(layer), None)
         if normalized is not None and args[0] is not normalized.z:
             raise RuntimeError(
                 f"Layer {layer.name!r} was not called on the output of "
@@ -322,7 +322,7 @@ def estimate(model, x, y, sample_weight, k, bases=None):
         # Each replica's examples get tangents of their own.
         replica = tf.cast(context.replica_id_in_sync_group, "int64")
         seed = backend.fold_in(seed, replica)
-    ends = model._local_loss_ends
+    ends = model._local_loss_end_ids
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads, {} if bases is None else bases)
     _compat.clear_losses(model.model)
