@@ -13,14 +13,19 @@ import keras
 from keras_fwdgrad import _compat
 
 
-def runs_plain(layer):
+def runs_stock(layer):
     """Whether the layer's `call` is the stock one (no LoRA, no
-    quantization) and computes in its variables' dtype."""
+    quantization), in whatever dtype policy."""
     return (
         not getattr(layer, "lora_enabled", False)
         and getattr(layer, "quantization_mode", None) is None
-        and layer.compute_dtype == layer.variable_dtype
     )
+
+
+def runs_plain(layer):
+    """Whether the layer's `call` is the stock one (no LoRA, no
+    quantization) and computes in its variables' dtype."""
+    return runs_stock(layer) and layer.compute_dtype == layer.variable_dtype
 
 
 def is_sequential(layer):

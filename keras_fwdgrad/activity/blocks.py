@@ -87,18 +87,19 @@ def check_model(base):
 
 def perturbed(layer):
     """Whether the pre-activations of `layer` are perturbed: a stock
-    `Dense` or `Conv1D/2D/3D` layer (grouped and causal ones included)
-    running in one dtype."""
+    `Dense` or `Conv1D/2D/3D` layer (grouped and causal ones included),
+    under any dtype policy (under mixed precision the pre-activations are
+    in the compute dtype, and the estimates' products in the variables')."""
     if type(layer) is LocalHead:
         return True
     if type(layer) not in _PERTURBED or not layer.trainable_variables:
         return False
     if isinstance(layer, keras.layers.Dense) or keras.backend.backend() != "tensorflow":
-        return graph.runs_plain(layer)
+        return graph.runs_stock(layer)
     # TensorFlow: a convolution the layer rules can form the products of.
     from keras_fwdgrad import layer_rules
 
-    return graph.runs_plain(layer) and layer_rules.convolution(layer) is not None
+    return graph.runs_stock(layer) and layer_rules.convolution(layer) is not None
 
 
 def trainable_variables(layer):
@@ -205,8 +206,8 @@ def block_end_layers(base, local_losses):
         # "layers": every layer with trainable variables ends a block (its
         # tangent then reaches its own head only); "auto" ends blocks after
         # the `Dense` layers before the last `Dense`/convolution with
-        # trainable variables, whether or not it runs in closed form (under
-        # mixed precision none does).
+        # trainable variables, whether or not it runs in closed form (a
+        # LoRA-enabled or quantized one does not).
         counted = has_variables if local_losses == "layers" else _dense_or_convolution
         last_dense = max(
             (i for i, layer in enumerate(layers) if counted(layer)),

@@ -321,11 +321,13 @@ def estimate(model, state, x, y, sample_weight, k):
         else:
             dn = batch_d[record.block] if mixing else d[record.block]
             dn = jnp.broadcast_to(dn, d.shape[1:2]).reshape((-1,) + (1,) * (u.ndim - 1))
-        cotangent = dn.astype(u.dtype) * u
+        # At least float32 (under mixed precision `u` is float16).
+        dtype = jnp.promote_types(u.dtype, dn.dtype)
+        cotangent = dn.astype(dtype) * u.astype(dtype)
         if record.relu and model.active_units_only:
             # Units with zero derivative have zero gradient: their share
             # of the estimate is pure noise.
-            cotangent = cotangent * (z > 0).astype(u.dtype)
+            cotangent = cotangent * (z > 0).astype(dtype)
         layer = record.layer
         estimate = _layer_vjp(
             record, arrays, layer_state, by_id, cotangent, record.normalized is not None
@@ -473,14 +475,31 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
             grads.append(jnp.sum(cotangent, axis=axes))
         return grads
     if record.closed_form and kernel_products.applies(layer, args[0]):
-        x = args[0]
+        # In the variables' dtype, as a `Dense` layer's.
+        x = args[0].astype(layer.kernel.dtype)
         cotangent = cotangent.astype(x.dtype)
         grads = [kernel_products.kernel_product(layer, x, cotangent)]
         if layer.use_bias:
             grads.append(jnp.sum(cotangent, axis=(0, 1, 2)))
         return grads
 
-    out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)])
+    values = [by_id[id(v)] for v in trainable_variables(layer)]
+    policy = layer.dtype_policy
+    if (
+        record.closed_form
+        and type(policy) is keras.DTypePolicy
+        and policy.name != layer.variable_dtype
+    ):
+        # Under mixed precision, a convolution's products in the variables'
+        # dtype too: the layer is traced under that policy (it casts its
+        # input to it), and the reverse pass is that trace's.
+        layer.dtype_policy = layer.variable_dtype
+        try:
+            out, vjp = jax.vjp(call, values)
+        finally:
+            layer.dtype_policy = policy
+    else:
+        out, vjp = jax.vjp(call, values)
     return vjp(cotangent.astype(out.dtype))[0]
 
 

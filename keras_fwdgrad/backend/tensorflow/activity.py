@@ -27,18 +27,27 @@ from keras_fwdgrad import graph
 from keras_fwdgrad.ops import clip_directional_derivative
 
 
+def _cast_to(value, x, layer):
+    """A variable's `value` for a product with `x`: cast to `x`'s dtype, as
+    Keras casts variables to a layer's compute dtype under mixed precision.
+    A local head's stay in their dtype (the product is then formed in it,
+    float32 under mixed precision)."""
+    if isinstance(layer, LocalHead) or value.dtype == x.dtype:
+        return value
+    return tf.cast(value, x.dtype)
+
+
 def _pre_activation(layer, x):
     """`z` such that `layer(x) == layer.activation(z)`."""
-    if isinstance(layer, LocalHead):
-        layer = layer.dense
-    kernel = layer.kernel.value
-    if isinstance(layer, keras.layers.Dense):
+    dense = layer.dense if isinstance(layer, LocalHead) else layer
+    kernel = _cast_to(dense.kernel.value, x, layer)
+    if isinstance(dense, keras.layers.Dense):
         z = keras.ops.matmul(x, kernel)
     else:
-        z = layer_rules.convolution(layer)(x, kernel)
-    if getattr(layer, "use_bias", True) and layer.bias is not None:
-        bias = layer.bias.value
-        if getattr(layer, "data_format", "channels_last") == "channels_first":
+        z = layer_rules.convolution(dense)(x, kernel)
+    if getattr(dense, "use_bias", True) and dense.bias is not None:
+        bias = _cast_to(dense.bias.value, z, layer)
+        if getattr(dense, "data_format", "channels_last") == "channels_first":
             bias = tf.reshape(bias, (1, -1) + (1,) * (len(z.shape) - 2))
         z = z + bias
     return z
@@ -142,16 +151,24 @@ class _Pass:
     def call_perturbed(self, layer, args, kwargs, head_hidden=False):
         """A layer with trainable variables: in closed form when it is a
         stock `Dense`/convolution layer (or a local head) called on one
-        tensor of its compute dtype, else by the general rule."""
+        floating tensor, which Keras casts to its compute dtype (or which
+        is in it), else by the general rule."""
+        x = args[0] if args else None
         closed_form = (
             perturbed(layer)
             and len(args) == 1
             and not set(kwargs) - {"training"}
-            and tf.is_tensor(args[0])
-            and args[0].dtype == layer.compute_dtype
+            and tf.is_tensor(x)
+            and x.dtype.is_floating
+            and (x.dtype == layer.compute_dtype or layer.autocast)
         )
         if closed_form:
-            return self.call_closed_form(layer, args[0], head_hidden)
+            if x.dtype != layer.compute_dtype:
+                # Under mixed precision, a float32 output layer after
+                # float16 ones (Keras' advice), or a layer on the model's
+                # inputs: Keras casts the input.
+                x = tf.cast(x, layer.compute_dtype)
+            return self.call_closed_form(layer, x, head_hidden)
         return self.call_general(layer, args, kwargs, head_hidden)
 
     def pre_activations(self, layer, x):
@@ -167,10 +184,11 @@ class _Pass:
         x = tf.stop_gradient(x)
         if tx is not None:
             dense = layer.dense if isinstance(layer, LocalHead) else layer
+            kernel = _cast_to(dense.kernel.value, tx, layer)
             if isinstance(dense, keras.layers.Dense):
-                tx = keras.ops.matmul(tx, dense.kernel.value)
+                tx = keras.ops.matmul(tx, kernel)
             else:
-                tx = layer_rules.convolution(layer)(tx, layer.kernel.value)
+                tx = layer_rules.convolution(layer)(tx, kernel)
         return x, _pre_activation(layer, x), tx
 
     def call_closed_form(self, layer, x, head_hidden=False):
@@ -222,6 +240,8 @@ class _Pass:
         """A `normalized_layers` layer: its pre-activations, not
         perturbed (the normalization after it is), carrying its input's
         tangent if any."""
+        if x.dtype != layer.compute_dtype:
+            x = tf.cast(x, layer.compute_dtype)
         x, z, tx = self.pre_activations(layer, x)
         if tx is not None:
             _compat.watch(self.acc, z, tx)
@@ -286,9 +306,9 @@ class _Pass:
         for block, (head, h) in enumerate(zip(self.heads, self.block_outputs)):
             self.block = block
             if head.hidden is not None:
-                # Under mixed precision the hidden layer is not plain: the
-                # general rule perturbs its output, whose ReLU has the signs
-                # of its pre-activations (`groups.head_gradients`).
+                # A `Dense` layer of the block, in closed form (also under
+                # mixed precision): `groups.head_gradients` reads its
+                # pre-activations.
                 h = self.call_perturbed(head.hidden, (h,), {}, head_hidden=True)
             outputs.append(self.call_layer(head, (self.pool(head, h),), {}))
         self.block = len(self.heads)
@@ -444,8 +464,11 @@ def estimate(model, x, y, sample_weight, k, bases=None):
                 bias_sums = r.pooled_tangent
             else:
                 u = tf.where(r.z > 0, u, tf.zeros((), u.dtype))
-        dn = tf.cast(dn, u.dtype)
         layer = r.layer.dense if isinstance(r.layer, LocalHead) else r.layer
+        # The products in the variables' dtype: under mixed precision a
+        # float16 product overflows where the float32 update does not.
+        u = tf.cast(u, layer.variable_dtype)
+        dn = tf.cast(dn, u.dtype)
         if isinstance(layer, keras.layers.Dense):
             g_z = dn * u
             bounded.setdefault(id(layer), (layer, []))[1].append(
@@ -492,7 +515,13 @@ def _add_closed_form(grads, r, g_z, layer=None, dn=None, bias_sums=None):
     sums of `g_z` over positions, the local head's) times `dn` when given.
     """
     layer = r.layer if layer is None else layer
-    x = tf.stop_gradient(r.x)
+    # In the variables' dtype (under mixed precision the record's input is
+    # in the compute dtype).
+    dtype = (r.layer.dense if isinstance(r.layer, LocalHead) else r.layer).variable_dtype
+    x = tf.cast(tf.stop_gradient(r.x), dtype)
+    g_z = tf.cast(g_z, dtype)
+    dn = None if dn is None else tf.cast(dn, dtype)
+    bias_sums = None if bias_sums is None else tf.cast(bias_sums, dtype)
     variables = list(layer.trainable_variables)
     bias = getattr(layer, "bias", None)
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
