@@ -237,6 +237,47 @@ def test_mnist_mlp_budget_on_jax(tmp_path):
     assert report["runs"]["backprop"][-1]["test_accuracy"] > 0.9
 
 
+def test_mixed_precision_smoke(tmp_path):
+    """`benchmarks/mixed_precision.py` trains the MLP under each policy from
+    an `.npz`; random images of two classes that differ by 150 grey levels
+    stand in for MNIST, and every policy separates them."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=640).astype("uint8")
+    x = (rng.integers(0, 60, size=(640, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
+    np.savez(
+        tmp_path / "mnist.npz", x_train=x[:512], y_train=y[:512], x_test=x[512:], y_test=y[512:]
+    )
+    out = tmp_path / "mixed.json"
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "mixed_precision.py"),
+            "--data-dir",
+            str(tmp_path / "mnist.npz"),
+            "--seeds",
+            "0",
+            "--train-size",
+            "512",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=600,
+        env=runtime_env(TF_CPP_MIN_LOG_LEVEL="3"),
+        cwd=ROOT,
+    )
+    report = json.loads(out.read_text())
+    runs = {r["policy"]: r for r in report["runs"]}
+    assert set(runs) == {"float32", "mixed_float16", "mixed_bfloat16"}
+    for r in runs.values():
+        assert r["skipped_steps"] == 0 and np.isfinite(r["final_loss"]), r
+        assert r["test_accuracy"] > 0.9, r
+
+
 def test_table1_rows_of_the_cnn(tmp_path):
     """`benchmarks/table1.py` trains Table I's rows of the model it is
     given, with the directional derivative capped or not, and records the
