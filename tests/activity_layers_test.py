@@ -581,20 +581,32 @@ def _mixed_precision_models(activation):
 _MIXED_PRECISION = {"mixed_float16": ("relu", 0.02), "mixed_bfloat16": ("tanh", 0.06)}
 
 
-# Compiled only (`jax.jit` on JAX): TensorFlow's eager pass runs the same
-# operations as its graph (the same estimates here, to the bit).
-@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(local_losses=None),
-        dict(local_losses="layers"),
-        dict(local_losses="layers", local_loss_groups=2),
-    ],
-    ids=["one_loss", "layers", "layers_groups2"],
-)
-@pytest.mark.parametrize("case", ["dense", "conv"])
-@pytest.mark.parametrize("policy", list(_MIXED_PRECISION))
+_MIXED_OPTIONS = {
+    "one_loss": dict(local_losses=None),
+    "layers": dict(local_losses="layers"),
+    "layers_groups2": dict(local_losses="layers", local_loss_groups=2),
+}
+
+
+def _mixed_precision_runs():
+    """Compiled only (`jax.jit` on JAX): TensorFlow's eager pass runs the
+    same operations as its graph (the same estimates here, to the bit).
+    Under XLA (TensorFlow), the options that reach most code."""
+    runs = []
+    for policy in _MIXED_PRECISION:
+        for case in ("dense", "conv"):
+            for name, options in _MIXED_OPTIONS.items():
+                for mode in backend_modes(["graph", "xla"]):
+                    if mode == "graph" or name == "layers_groups2":
+                        runs.append(
+                            pytest.param(
+                                policy, case, options, mode, id=f"{policy}-{case}-{name}-{mode}"
+                            )
+                        )
+    return runs
+
+
+@pytest.mark.parametrize("policy, case, options, mode", _mixed_precision_runs())
 def test_mixed_precision_perturbs_what_float32_perturbs(policy, case, options, mode):
     """Under mixed precision each `Dense`/convolution layer is perturbed at
     its pre-activations, as in float32 (its compute dtype is not its
