@@ -25,6 +25,18 @@ METHODS = {
 }
 
 
+def _two_class_mnist(folder, train, test):
+    """An `.npz` in MNIST's layout (`folder/mnist.npz`, returned) of random
+    28 x 28 images of two classes that differ by 150 grey levels, standing
+    in for MNIST: `train` training and `test` test images."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=train + test).astype("uint8")
+    x = (rng.integers(0, 60, size=(train + test, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
+    path = folder / "mnist.npz"
+    np.savez(path, x_train=x[:train], y_train=y[:train], x_test=x[train:], y_test=y[train:])
+    return path
+
+
 def test_step_costs_smoke(tmp_path):
     env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run(
@@ -220,11 +232,7 @@ def test_mnist_mlp_budget_on_jax(tmp_path):
     """`benchmarks/mnist_mlp_budget.py` (what `benchmarks/gpu.sh` runs
     second) reads an `.npz` and trains every method on the JAX backend;
     random images of two classes stand in for MNIST."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, size=256).astype("uint8")
-    x = (rng.integers(0, 60, size=(256, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
-    path = tmp_path / "mnist.npz"
-    np.savez(path, x_train=x[:192], y_train=y[:192], x_test=x[192:], y_test=y[192:])
+    path = _two_class_mnist(tmp_path, 192, 64)
     out = tmp_path / "budget.json"
     _run_on_jax("mnist_mlp_budget.py", "--mnist", str(path), "--epochs", "2", "--out", str(out))
     report = json.loads(out.read_text())
@@ -241,19 +249,14 @@ def test_mixed_precision_smoke(tmp_path):
     """`benchmarks/mixed_precision.py` trains the MLP under each policy from
     an `.npz`; random images of two classes that differ by 150 grey levels
     stand in for MNIST, and every policy separates them."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, size=640).astype("uint8")
-    x = (rng.integers(0, 60, size=(640, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
-    np.savez(
-        tmp_path / "mnist.npz", x_train=x[:512], y_train=y[:512], x_test=x[512:], y_test=y[512:]
-    )
+    path = _two_class_mnist(tmp_path, 512, 128)
     out = tmp_path / "mixed.json"
     subprocess.run(
         [
             sys.executable,
             os.path.join(ROOT, "benchmarks", "mixed_precision.py"),
             "--data-dir",
-            str(tmp_path / "mnist.npz"),
+            str(path),
             "--seeds",
             "0",
             "--train-size",
@@ -283,12 +286,7 @@ def test_table1_rows_of_the_cnn(tmp_path):
     given, with the directional derivative capped or not, and records the
     training loss and where it stopped being finite; random images of two
     classes stand in for MNIST."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, size=448).astype("uint8")
-    x = (rng.integers(0, 60, size=(448, 28, 28)) + 150 * y[:, None, None]).astype("uint8")
-    np.savez(
-        tmp_path / "mnist.npz", x_train=x[:384], y_train=y[:384], x_test=x[384:], y_test=y[384:]
-    )
+    _two_class_mnist(tmp_path, 384, 64)
     out = tmp_path / "table1_cnn.json"
     env = runtime_env(TF_CPP_MIN_LOG_LEVEL="3")
     common = [sys.executable, os.path.join(ROOT, "benchmarks", "table1.py"), "--data-dir"]
