@@ -178,6 +178,36 @@ def run_through_graph(model, inputs, operation_fn):
     return run(inputs, operation_fn=operation_fn)
 
 
+def _masking():
+    try:
+        from keras.src.backend.common import masking
+    except ImportError as e:  # pragma: no cover - depends on Keras version
+        raise _missing("keras.src.backend.common.masking", e) from e
+    return masking
+
+
+def keras_mask(tensor):
+    """The mask Keras attaches to `tensor` (`Embedding(mask_zero=True)`,
+    `Masking`, and every layer that passes its input's mask on), or
+    `None`: `keras.src.backend.common.masking.get_keras_mask` (Keras
+    3.15.1). Layers that take several inputs, such as
+    `MultiHeadAttention`, read their masks from their input tensors at
+    call time, not from the functional graph."""
+    get = _attribute(
+        _masking(), "get_keras_mask", "keras.src.backend.common.masking.get_keras_mask"
+    )
+    return get(tensor)
+
+
+def set_keras_mask(tensor, mask):
+    """Attaches `mask` to `tensor` (`None` removes it):
+    `keras.src.backend.common.masking.set_keras_mask` (Keras 3.15.1)."""
+    put = _attribute(
+        _masking(), "set_keras_mask", "keras.src.backend.common.masking.set_keras_mask"
+    )
+    put(tensor, mask)
+
+
 def call_context_args(layer):
     """The call arguments (such as `training`) that Keras passes down to a
     layer from its caller: `Layer._call_context_args` (Keras 3.15.1)."""

@@ -48,6 +48,23 @@ def _lora_dense():
     return layer
 
 
+def _masked(trainable):
+    """Padded token sequences, masked as Keras masks them: frozen
+    `Embedding(mask_zero=True)`, then `trainable` (a list of layers, the
+    first taking the sequence), frozen self-attention (which reads the
+    masks its inputs carry) and the masked mean over tokens."""
+    tokens = keras.Input((3,), dtype="int32")
+    h = keras.layers.Embedding(5, 3, mask_zero=True, trainable=False)(tokens)
+    for layer in trainable:
+        h = layer(h, h) if isinstance(layer, keras.layers.MultiHeadAttention) else layer(h)
+    attention = keras.layers.MultiHeadAttention(num_heads=1, key_dim=2)
+    h = keras.layers.GlobalAveragePooling1D()(attention(h, h))
+    model = keras.Model(tokens, _frozen_softmax()(h))
+    # Frozen once built: its sublayers are made in `build`.
+    attention.trainable = False
+    return model
+
+
 def _one_layer_models():
     """Models whose only trainable layer is of the kind named, with few
     output units per example, and a frozen softmax head: `(layers, x,
@@ -57,6 +74,8 @@ def _one_layer_models():
     mha_in = keras.Input((2, 3))
     mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)
     mha_out = _frozen_softmax()(keras.layers.Flatten()(mha(mha_in, mha_in)))
+    # Token 0 is padding; every sequence has a token.
+    padded = np.array([[1, 2, 0], [3, 0, 0], [4, 4, 4], [2, 0, 0], [1, 3, 0]], "int32")
     return {
         # The closed forms: pre-activations perturbed.
         "dense": (
@@ -110,6 +129,19 @@ def _one_layer_models():
             keras.Model(mha_in, mha_out),
             rng.normal(size=(5, 2, 3)).astype("float32"),
             6,
+        ),
+        # Masked sequences: each layer's output carries the mask Keras
+        # gives it, and a replayed call sees its inputs' masks.
+        "masked_multi_head_attention": (
+            _masked([keras.layers.MultiHeadAttention(num_heads=2, key_dim=2)]),
+            padded,
+            9,
+        ),
+        "masked_dense": (_masked([keras.layers.Dense(3, activation="tanh")]), padded, 9),
+        "masked_batch_normalization": (
+            _masked([keras.layers.Dense(3, trainable=False), keras.layers.BatchNormalization()]),
+            padded,
+            9,
         ),
     }
 

@@ -40,6 +40,7 @@ from keras_fwdgrad import graph
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
+from keras_fwdgrad.activity import masks
 from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.jax import kernel_products
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
@@ -98,6 +99,7 @@ class _Pass:
         self.block = 0
         self.records = []
         self.inputs = []  # Per record: the array leaves of its call.
+        self.input_masks = []  # Per record: their Keras masks then.
         self.states = []  # Per record: its non-trainable values then.
         self.perturbed_values = []  # Per record: what was perturbed.
         self.block_outputs = []
@@ -134,6 +136,8 @@ class _Pass:
             )
         )
         self.inputs.append([leaf for leaf in leaves if _is_array(leaf)])
+        # Read before the call, which may remove them.
+        self.input_masks.append(masks.of_leaves(self.inputs[-1]))
         self.states.append([v.value for v in frozen_variables(layer)])
         normalized = self.pending.pop(id(layer), None)
         if normalized is not None:
@@ -149,11 +153,11 @@ class _Pass:
             raise not_one_tensor(layer, str(z.dtype) if _is_array(z) else type(z).__name__)
         self.perturbed_values.append(z)
         if self.eps is not None:
-            z = z + self.eps[index].astype(z.dtype)
+            z = masks.carry(z, z + self.eps[index].astype(z.dtype))
         if not closed_form:
             self.alignment.perturbed_output(z, index, self.block, len(z.shape))
             return z
-        y = layer.activation(z)
+        y = masks.carry(z, layer.activation(z))
         self.alignment.closed_form_output(
             y, index, self.block, layer, layer.activation, len(z.shape)
         )
@@ -205,7 +209,7 @@ class _Pass:
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1
-            y = jax.lax.stop_gradient(y)
+            y = masks.carry(y, jax.lax.stop_gradient(y))
         return y
 
     def head_outputs(self, heads):
@@ -282,13 +286,14 @@ def estimate(model, state, x, y, sample_weight, k):
             y_pred,
             new_state,
             p.inputs,
+            p.input_masks,
             p.states,
             p.perturbed_values,
             (p.normalized_inputs, p.normalized_states),
             p.block_outputs,
         )
 
-    shapes = jax.eval_shape(lambda: run(None)[1][5])
+    shapes = jax.eval_shape(lambda: run(None)[1][6])
     step = non_trainable[model._state_index(model.direction_step)]
     seed = backend.fold_in(backend.step_seed(model.seed, step), 1_000_003)
     us = [
@@ -297,7 +302,7 @@ def estimate(model, state, x, y, sample_weight, k):
     ]
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
     (block_losses, aux), (d, aux_tangents) = jax.jvp(run, (zeros,), (us,))
-    loss, y_pred, new_state, inputs, states, values, normalized, block_outputs = aux
+    loss, y_pred, new_state, inputs, input_masks, states, values, normalized, block_outputs = aux
     p = holder["pass"]
     d = clip_directional_derivative(jnp.stack(d).astype("float32"), model.jvp_clip)
     batch_d = jnp.sum(d, axis=1)
@@ -311,8 +316,8 @@ def estimate(model, state, x, y, sample_weight, k):
     # Closed-form `Dense` products whose finiteness follows from that of
     # their factors (`estimates.factors_bound_product`).
     bounded = {}
-    for index, (record, arrays, layer_state, u, z) in enumerate(
-        zip(p.records, inputs, states, us, values)
+    for index, (record, arrays, leaf_masks, layer_state, u, z) in enumerate(
+        zip(p.records, inputs, input_masks, states, us, values)
     ):
         mixing = index in p.mixing_records
         if index in group_d:
@@ -330,7 +335,13 @@ def estimate(model, state, x, y, sample_weight, k):
             cotangent = cotangent * (z > 0).astype(dtype)
         layer = record.layer
         estimate = _layer_vjp(
-            record, arrays, layer_state, by_id, cotangent, record.normalized is not None
+            record,
+            arrays,
+            layer_state,
+            by_id,
+            cotangent,
+            record.normalized is not None,
+            leaf_masks,
         )
         if record.normalized is not None:
             # The layer before the normalization: its reverse pass with
@@ -438,12 +449,12 @@ def _arguments(record, arrays):
     )
 
 
-def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
+def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False, leaf_masks=()):
     """The reverse pass through `record`'s layer call alone: the gradient
     of `<call output, cotangent>` with respect to the layer's trainable
-    values, its inputs and non-trainable state as they were; with
-    `with_input`, followed by the gradient with respect to its first
-    input."""
+    values, its inputs, their Keras masks (`leaf_masks`) and its
+    non-trainable state as they were; with `with_input`, followed by the
+    gradient with respect to its first input."""
     layer = record.layer
     args, kwargs = _arguments(record, arrays)
 
@@ -452,10 +463,11 @@ def _layer_vjp(record, arrays, layer_state, by_id, cotangent, with_input=False):
         mapping = list(zip(trainable_variables(layer), values)) + list(
             zip(frozen_variables(layer), layer_state)
         )
+        call_args = tuple(first) + tuple(args[len(first) :])
+        leaves = jax.tree_util.tree_leaves((call_args, kwargs))
+        masks.attach([leaf for leaf in leaves if _is_array(leaf)], leaf_masks)
         with keras.StatelessScope(state_mapping=mapping):
-            return _linear_call(
-                layer, tuple(first) + tuple(args[len(first) :]), kwargs, record.closed_form
-            )
+            return _linear_call(layer, call_args, kwargs, record.closed_form)
 
     if with_input:
         out, vjp = jax.vjp(call, [by_id[id(v)] for v in trainable_variables(layer)], args[0])

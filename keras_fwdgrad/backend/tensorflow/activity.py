@@ -21,6 +21,7 @@ from keras_fwdgrad.activity.heads import LocalHead
 from keras_fwdgrad.activity import estimates
 from keras_fwdgrad.activity import groups
 from keras_fwdgrad.activity import losses
+from keras_fwdgrad.activity import masks
 from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.tensorflow import distribute
 from keras_fwdgrad import graph
@@ -133,7 +134,7 @@ class _Pass:
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
         elif id(layer) in self.model._normalized_layers:
-            y = self.call_normalized(layer, args[0])
+            y = masks.of_uncalled(layer, args, kwargs, self.call_normalized(layer, args[0]))
         elif has_variables(layer):
             y = self.call_perturbed(layer, args, kwargs)
         else:
@@ -145,7 +146,7 @@ class _Pass:
             self.alignment.block_end(y, self.block)
             self.block_outputs.append(y)
             self.block += 1
-            y = tf.stop_gradient(y)
+            y = masks.carry(y, tf.stop_gradient(y))
         return y
 
     def call_perturbed(self, layer, args, kwargs, head_hidden=False):
@@ -168,7 +169,8 @@ class _Pass:
                 # float16 ones (Keras' advice), or a layer on the model's
                 # inputs: Keras casts the input.
                 x = tf.cast(x, layer.compute_dtype)
-            return self.call_closed_form(layer, x, head_hidden)
+            y = self.call_closed_form(layer, x, head_hidden)
+            return masks.of_uncalled(layer, args, kwargs, y)
         return self.call_general(layer, args, kwargs, head_hidden)
 
     def pre_activations(self, layer, x):
@@ -282,7 +284,7 @@ class _Pass:
         u = self.tangent(y, len(self.records))
         zero = tf.zeros_like(y)
         _compat.watch(self.acc, zero, u)
-        out = y + zero
+        out = masks.carry(y, y + zero)
         self.records.append(
             _Record(
                 layer,
