@@ -120,6 +120,55 @@ def test_recurrences_unrolled_gives_the_recurrent_jvp(mode):
     assert not layer.unroll
 
 
+def _padded_bidirectional():
+    """Padded tokens (0 is padding) through `Embedding(mask_zero=True)`
+    and a `Bidirectional` LSTM returning sequences: `(model, layer, x)`."""
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(8, 3, mask_zero=True)(tokens)
+    layer = keras.layers.Bidirectional(keras.layers.LSTM(2, return_sequences=True))
+    model = keras.Model(tokens, layer(h))
+    x = tf.constant([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], tf.int32)
+    return model, layer, x
+
+
+def test_keras_unrolled_backward_layer_zeroes_the_wrong_steps():
+    """Keras' unrolled loop zeroes a backward layer's masked outputs with
+    the mask in forward order (Keras 3.15.1): the backward half of a
+    `Bidirectional` layer then differs from its `while_loop` on padded
+    sequences (its outputs at real tokens become zeros). Fix:
+    `forward_mode_fixes.recurrences_unrolled` (`_zeroed_in_reverse`)."""
+    model, layer, x = _padded_bidirectional()
+    rolled = model(x).numpy()
+    layer.backward_layer.unroll = True
+    unrolled = model(x).numpy()
+    # The second sequence's two tokens: backward half (last two units).
+    assert np.all(rolled[1, :2, 2:] != 0)
+    assert np.all(unrolled[1, :2, 2:] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recurrences_unrolled_keeps_a_bidirectional_layer_on_padded_sequences(mode):
+    """Unrolled for forward mode, a `Bidirectional` LSTM on padded
+    sequences computes what its `while_loop` computes (rtol 1e-5), and
+    its JVP is the tape's."""
+    model, layer, x = _padded_bidirectional()
+    expected = model(x).numpy()
+    kernel = layer.backward_layer.cell.kernel.value
+    tangent = _normal(*kernel.shape, seed=1)
+    ref = _tape(lambda: model(x), kernel, tangent)
+
+    def fixed():
+        with forward_mode_fixes.recurrences_unrolled(model):
+            return model(x), _jvp(lambda: model(x), kernel, tangent)
+
+    outputs, jvp = _run(mode, fixed)
+    np.testing.assert_allclose(np.asarray(outputs), expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(float(jvp), ref, rtol=RTOL, atol=ATOL)
+    assert not layer.forward_layer.unroll and not layer.backward_layer.unroll
+    assert "inner_loop" not in vars(layer.backward_layer)
+
+
 POOLS = {
     "1d_same": ((4, 13, 3), 3, 2, "same"),
     "2d_same": ((2, 12, 12, 3), 3, 2, "same"),

@@ -289,6 +289,17 @@ def recurrences_unrolled(model):
     Found on TensorFlow 2.21.0. Shown fixed by
     `tests/forward_mode_fixes_test.py::test_tensorflow_cannot_differentiate_a_recurrent_loop_in_a_graph`
     failing.
+
+    Keras' unrolled loop (Keras 3.15.1, `keras/src/backend/tensorflow/rnn.py`)
+    has a defect of its own: a layer with `go_backwards=True`,
+    `zero_output_for_mask=True` and `return_sequences=True` (the backward
+    half of every `Bidirectional` layer) zeroes its masked outputs with the
+    mask in forward order, while the outputs are in reverse order, so on
+    padded sequences it computes another function than its loop.
+    `_zeroed_in_reverse` zeroes them with the mask reversed, as the loop
+    does. Shown fixed by
+    `tests/forward_mode_fixes_test.py::test_keras_unrolled_backward_layer_zeroes_the_wrong_steps`
+    failing.
     """
     if tf.executing_eagerly():
         yield
@@ -298,10 +309,51 @@ def recurrences_unrolled(model):
         for layer in _compat.all_layers(model)
         if isinstance(layer, keras.layers.RNN) and not layer.unroll
     ]
+    reversed_zeroing = [
+        layer
+        for layer in rolled
+        if layer.go_backwards and layer.zero_output_for_mask and layer.return_sequences
+    ]
     for layer in rolled:
         layer.unroll = True
+    for layer in reversed_zeroing:
+        layer.inner_loop = _zeroed_in_reverse(layer, layer.inner_loop)
     try:
         yield
     finally:
         for layer in rolled:
             layer.unroll = False
+        for layer in reversed_zeroing:
+            del layer.inner_loop
+
+
+def _zeroed_in_reverse(layer, inner_loop):
+    """`layer.inner_loop` that zeroes the outputs of masked steps after
+    Keras' unrolled loop, with the mask in the outputs' (reverse) order:
+    the loop runs with `zero_output_for_mask=False` (masked steps repeat
+    the previous output), then the steps the reversed mask drops, and the
+    last output if the first step is masked, become zeros, as in Keras'
+    `while_loop`."""
+
+    def zeroed(sequences, initial_state, mask, training=False):
+        if mask is None:
+            return inner_loop(sequences, initial_state, mask, training=training)
+        layer.zero_output_for_mask = False
+        try:
+            last, outputs, states = inner_loop(sequences, initial_state, mask, training=training)
+        finally:
+            layer.zero_output_for_mask = True
+        mask = tf.cast(mask, tf.bool)
+        if len(mask.shape) == 3:
+            mask = mask[..., 0]
+        kept = tf.reverse(mask, [1])
+
+        def where(m, t):
+            m = tf.reshape(
+                m, tf.concat([tf.shape(m), tf.ones([len(t.shape) - len(m.shape)], tf.int32)], 0)
+            )
+            return tf.where(m, t, tf.zeros_like(t))
+
+        return where(mask[:, 0], last), where(kept, outputs), states
+
+    return zeroed
