@@ -477,6 +477,14 @@ def test_errors():
     own(np.zeros((1, 3), "float32"))
     with pytest.raises(ValueError, match="Sequential` or functional"):
         ForwardGradientModel(own, perturbation="activations")
+    # The way the error gives: a functional model sharing its layers.
+    inputs = keras.Input((3,))
+    traced = keras.Model(inputs, own.call(inputs))
+    model = ForwardGradientModel(traced, perturbation="activations")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = keras.ops.convert_to_numpy(own.dense.kernel)
+    model.fit(np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"), verbose=0)
+    assert not np.allclose(keras.ops.convert_to_numpy(own.dense.kernel), before)
 
 
 @pytest.mark.parametrize("loss", ["mse_sequence", LOSS])

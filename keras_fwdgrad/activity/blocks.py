@@ -69,7 +69,11 @@ def check_model(base):
             '`perturbation="activations"` needs a `keras.Sequential` or '
             "functional `keras.Model(inputs, outputs)`, so that it can reach "
             "the pre-activations of its layers. "
-            f"Received: model={base.name!r} of type {type(base).__name__}"
+            f"Received: model={base.name!r} of type {type(base).__name__}. "
+            "A model with its own `call` can be traced into one that shares "
+            "its layers: `inputs = keras.Input(shape)`, then "
+            "`keras.Model(inputs, model.call(inputs))`; or use "
+            '`perturbation="weights"`, which runs any model.'
         )
     if len(keras.tree.flatten(base.outputs)) != 1:
         raise ValueError(
