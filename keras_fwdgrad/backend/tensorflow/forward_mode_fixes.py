@@ -349,9 +349,7 @@ def _zeroed_in_reverse(layer, inner_loop):
         kept = tf.reverse(mask, [1])
 
         def where(m, t):
-            m = tf.reshape(
-                m, tf.concat([tf.shape(m), tf.ones([len(t.shape) - len(m.shape)], tf.int32)], 0)
-            )
+            m = m[(...,) + (tf.newaxis,) * (len(t.shape) - len(m.shape))]
             return tf.where(m, t, tf.zeros_like(t))
 
         return where(mask[:, 0], last), where(kept, outputs), states
