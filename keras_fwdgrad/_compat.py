@@ -143,6 +143,30 @@ def node_operations(model):
     return out
 
 
+def graph_nodes(model):
+    """The nodes of a functional `model`'s graph, or of the functional
+    graph a `keras.Sequential` built from its `Input` (`None` for a
+    `Sequential` without one): `Function._nodes_by_depth` and
+    `Sequential._functional` (Keras 3.15.1)."""
+    if isinstance(model, keras.Sequential):
+        model = _attribute(model, "_functional", "Sequential._functional")
+        if model is None:
+            return None
+    by_depth = _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
+    return [node for depth in by_depth for node in by_depth[depth]]
+
+
+def inbound_nodes(layer):
+    """`Layer._inbound_nodes`: a node per symbolic call of `layer`, in any
+    graph (Keras 3.15.1)."""
+    return list(_attribute(layer, "_inbound_nodes", "Layer._inbound_nodes"))
+
+
+def node_outputs(node):
+    """`Node.output_tensors` (Keras 3.15.1)."""
+    return list(_attribute(node, "output_tensors", "Node.output_tensors"))
+
+
 def _attribute(obj, name, where):
     try:
         return getattr(obj, name)

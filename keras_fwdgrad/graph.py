@@ -95,6 +95,34 @@ def call_counts(model):
     return counts
 
 
+def output_of(model, layer):
+    """The symbolic output of `layer`'s call in `model`'s graph (nested
+    models walked): the tensor whose shape a head reads. A layer also
+    called in another model (an activation layer reused on other channels)
+    has other outputs there; `layer.output` is that of its first call
+    anywhere. For a layer called more than once in `model`, or a
+    `Sequential` built without an `Input`, its first call's output."""
+    nodes = set()
+
+    def walk(container):
+        own = _compat.graph_nodes(container)
+        if own is not None:
+            nodes.update(id(node) for node in own)
+        children = container.layers if is_sequential(container) else container.operations
+        for op in children:
+            if is_container(op):
+                walk(op)
+
+    walk(model)
+    outputs = [
+        _compat.node_outputs(node) for node in _compat.inbound_nodes(layer) if id(node) in nodes
+    ]
+    if len(outputs) != 1:
+        return layer.output
+    (out,) = outputs
+    return out[0] if len(out) == 1 else out
+
+
 def _in_input_order(model, x):
     """The flattened `x` in the order of `model`'s inputs: a dict given
     to a model whose inputs are a list (or one tensor) is keyed by their

@@ -332,6 +332,36 @@ def test_fit_with_shared_layers_and_local_losses(local_losses):
         assert all(moved), [v.path for v, m in zip(model.trainable_variables, moved) if not m]
 
 
+@pytest.mark.parametrize("local_losses", [["act"], "layers"])
+def test_a_block_end_first_called_in_another_model(local_losses):
+    """A variable-free layer called once in the model but first in another
+    model, on 4 channels (a reused activation layer): its block's head
+    reads the 16 channels it has in the model (it took the first call's 4
+    and failed with a shape error once), and the step reports the
+    model's loss (rtol 1e-5)."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    act = L.Activation("relu", name="act")
+    other = keras.Input((4,))
+    keras.Model(other, act(other))
+    x = keras.Input((8,))
+    h = act(L.Dense(16, name="first")(x))
+    h = L.Dense(12, activation="relu", name="second")(h)
+    base = keras.Model(x, L.Dense(3, activation="softmax")(h))
+    model = ForwardGradientModel(
+        base, perturbation="activations", local_losses=local_losses, local_loss_groups=2
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    assert act.output.shape[-1] == 4
+    assert model.local_heads[0].dense.kernel.shape[0] == 16
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(8, 8)).astype("float32")
+    ys = rng.integers(0, 3, size=(8,))
+    logs = model.train_on_batch(xs, ys, return_dict=True)
+    expected = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(ys, base(xs)))
+    np.testing.assert_allclose(logs["loss"], float(expected), rtol=1e-5)
+
+
 def _backbone_and_head():
     """A loaded backbone keeps the names it was saved with, and a head
     built after loading takes Keras' default names again: here

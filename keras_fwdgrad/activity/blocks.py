@@ -281,8 +281,9 @@ def block_end_layers(base, local_losses):
     end_ids = {id(layer) for layer in ends}
     for layer in ends:
         # A head reads the block's output: one tensor.
-        if not hasattr(layer.output, "shape"):
-            raise not_one_tensor(layer, type(layer.output).__name__)
+        output = graph.output_of(base, layer)
+        if not hasattr(output, "shape"):
+            raise not_one_tensor(layer, type(output).__name__)
     # In call order, once each.
     return [layer for layer in layers if id(layer) in end_ids]
 
@@ -397,12 +398,12 @@ def _layer_end(layers, operations, counts, i):
 def check_num_directions(model):
     if model.orthogonal_directions:
         for layer in graph.flat_layers(model.model):
-            if perturbed(layer) and model.num_directions > _units(layer):
+            if perturbed(layer) and model.num_directions > _units(model.model, layer):
                 raise ValueError(
                     "`orthogonal_directions=True` needs `num_directions` at most "
                     "the number of pre-activations of each perturbed layer. "
                     f"Received: num_directions={model.num_directions} and layer "
-                    f"{layer.name!r} with {_units(layer)}"
+                    f"{layer.name!r} with {_units(model.model, layer)}"
                 )
 
 
@@ -413,7 +414,7 @@ def check_local_loss_groups(model):
         layer for layer in graph.flat_layers(model.model) if id(layer) in model._local_loss_end_ids
     ]
     for layer in ends:
-        name, shape = layer.name, layer.output.shape
+        name, shape = layer.name, graph.output_of(model.model, layer).shape
         if patches not in (1, "positions"):
             small = [s for s in shape[1:-1] if s is not None and s < patches]
             if small:
@@ -432,8 +433,8 @@ def check_local_loss_groups(model):
             )
 
 
-def _units(layer):
-    shape = layer.output.shape[1:]
+def _units(base, layer):
+    shape = graph.output_of(base, layer).shape[1:]
     n = 1
     for s in shape:
         if not isinstance(s, numbers.Integral):

@@ -99,7 +99,7 @@ def make_heads(base, ends, hidden_units=None):
         activation = None
     heads = []
     for i, layer in enumerate(ends):
-        name, shape = layer.name, tuple(layer.output.shape)
+        name, shape = layer.name, tuple(graph.output_of(base, layer).shape)
         if len(shape) > 2 and keras.config.image_data_format() != "channels_last":
             raise ValueError(
                 "`local_losses` heads pool channels-last feature maps. "
