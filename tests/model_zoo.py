@@ -3,8 +3,9 @@
 
 `CASES` maps a name to `(build, (x, y), loss)`: a builder of a fresh
 model, one batch, and the loss to compile. `application(name)` builds a
-`keras.applications` model at 32×32 pixels in float64 (float32 on JAX). Every case builds
-on TensorFlow and on JAX (`_RawOps` uses the backend's own ops).
+`keras.applications` model at 32×32 pixels in float64 (float32 on JAX).
+`KERAS_HUB_CASES` are KerasHub backbones in the same form. Every case
+builds on TensorFlow and on JAX (`_RawOps` uses the backend's own ops).
 """
 
 import contextlib
@@ -316,6 +317,114 @@ def application(name):
 
 def application_data():
     return random_inputs(32, 32, 3).astype(APPLICATION_DTYPE), random_labels()
+
+
+# KerasHub backbones, tiny, with random weights, under a new 3-class head
+# (logits): `KERAS_HUB_CASES` maps a name to `(build, (x, y), loss)` as
+# `CASES` does. Decoder-only language models (GPT-2, Llama, Gemma) take
+# token ids and a padding mask; two of the four sequences are padded.
+# KerasHub is imported when a model is built.
+HUB_TOKENS, HUB_VOCABULARY, HUB_CLASSES = 6, 40, 3
+HUB_BATCH = 4
+
+
+def _hub_text(backbone_name, **config):
+    def build():
+        import keras_hub
+
+        backbone = getattr(keras_hub.models, backbone_name)(**config)
+        inputs = backbone.input
+        hidden = L.GlobalAveragePooling1D()(backbone(inputs))
+        return keras.Model(inputs, L.Dense(HUB_CLASSES)(hidden))
+
+    return build
+
+
+def _hub_image(backbone_name, pooling, **config):
+    def build():
+        import keras_hub
+
+        backbone = getattr(keras_hub.models, backbone_name)(image_shape=(16, 16, 3), **config)
+        inputs = keras.Input((16, 16, 3))
+        hidden = pooling()(backbone(inputs))
+        return keras.Model(inputs, L.Dense(HUB_CLASSES)(hidden))
+
+    return build
+
+
+def _hub_tokens():
+    rng = np.random.default_rng(0)
+    padding = np.ones((HUB_BATCH, HUB_TOKENS), "int32")
+    padding[2:, 4:] = 0
+    x = {
+        "token_ids": rng.integers(1, HUB_VOCABULARY, (HUB_BATCH, HUB_TOKENS)).astype("int32"),
+        "padding_mask": padding,
+    }
+    return x, _hub_labels()
+
+
+def _hub_images():
+    x = np.random.default_rng(0).normal(size=(HUB_BATCH, 16, 16, 3)).astype("float32")
+    return x, _hub_labels()
+
+
+def _hub_labels():
+    return np.random.default_rng(1).integers(0, HUB_CLASSES, HUB_BATCH)
+
+
+_DECODER = dict(vocabulary_size=HUB_VOCABULARY, num_layers=2, hidden_dim=8, intermediate_dim=16)
+KERAS_HUB_CASES = {
+    "gpt2": (
+        _hub_text(
+            "GPT2Backbone", num_heads=2, max_sequence_length=HUB_TOKENS, dropout=0.0, **_DECODER
+        ),
+        _hub_tokens(),
+        SCCE,
+    ),
+    "llama": (
+        _hub_text("LlamaBackbone", num_query_heads=2, num_key_value_heads=1, **_DECODER),
+        _hub_tokens(),
+        SCCE,
+    ),
+    "gemma": (
+        _hub_text(
+            "GemmaBackbone", num_query_heads=2, num_key_value_heads=1, head_dim=4, **_DECODER
+        ),
+        _hub_tokens(),
+        SCCE,
+    ),
+    "vit": (
+        _hub_image(
+            "ViTBackbone",
+            L.GlobalAveragePooling1D,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            mlp_dim=16,
+            dropout_rate=0.0,
+            attention_dropout=0.0,
+        ),
+        _hub_images(),
+        SCCE,
+    ),
+    # KerasHub's ResNet wants 64 filters in its first stack.
+    "resnet": (
+        _hub_image(
+            "ResNetBackbone",
+            L.GlobalAveragePooling2D,
+            input_conv_filters=[64],
+            input_conv_kernel_sizes=[3],
+            stackwise_num_filters=[64],
+            stackwise_num_blocks=[1],
+            stackwise_num_strides=[1],
+            block_type="basic_block",
+            use_pre_activation=False,
+        ),
+        _hub_images(),
+        SCCE,
+    ),
+}
 
 
 def check_directional_derivative(build, data, loss, mode, layer_rules):
