@@ -1,7 +1,8 @@
 """Exactness of the forward gradient on models written outside this project.
 
 For every architecture of `tests/model_zoo.py` (and the
-`keras.applications` models), the relative error of the directional
+`keras.applications` models, and with `--keras-hub` its KerasHub
+backbones), the relative error of the directional
 derivative `d` against the tape's `∇f·v`, in eager, graph and XLA modes,
 on both paths (`layer_rules=True` and `False`). Writes a Markdown table and
 JSON to `--out` and prints the table.
@@ -12,6 +13,8 @@ float32 there (JAX without `jax_enable_x64` has no float64).
 
     python benchmarks/exactness.py                 # about 4 minutes on 2 CPU cores
     python benchmarks/exactness.py --applications  # + EfficientNetB0, ResNet50V2, DenseNet121
+    python benchmarks/exactness.py --keras-hub     # + GPT-2, Llama, Gemma, ViT, ResNet (KerasHub)
+    python benchmarks/exactness.py --keras-hub --only keras_hub_ --out benchmarks/results/exactness_keras_hub
     KERAS_BACKEND=jax python benchmarks/exactness.py --out benchmarks/results/exactness_jax
 """
 
@@ -68,6 +71,17 @@ def main():
         action="store_true",
         help="also EfficientNetB0, ResNet50V2 and DenseNet121 (slow)",
     )
+    parser.add_argument(
+        "--keras-hub",
+        action="store_true",
+        help="also the KerasHub backbones of `model_zoo.KERAS_HUB_CASES` (float32)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PREFIX",
+        help="only the models whose names start with one of these (e.g. keras_hub_)",
+    )
     args = parser.parse_args()
     # The architectures build in float32; `application()` builds (and
     # `application_data()` gives inputs) in `APPLICATION_DTYPE`.
@@ -85,6 +99,13 @@ def main():
                 model_zoo.APPLICATION_DTYPE,
             )
         )
+    if args.keras_hub:
+        for name, (build, data, loss) in model_zoo.KERAS_HUB_CASES.items():
+            cases.append((f"keras_hub_{name}", build, data, loss, "float32"))
+    if args.only:
+        cases = [case for case in cases if case[0].startswith(tuple(args.only))]
+        if not cases:
+            parser.error(f"--only {args.only} matches no model")
     results = {}
     for name, build, data, loss, dtype in cases:
         start = time.perf_counter()
