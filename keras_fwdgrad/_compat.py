@@ -167,6 +167,11 @@ def node_outputs(node):
     return list(_attribute(node, "output_tensors", "Node.output_tensors"))
 
 
+def node_inputs(node):
+    """`Node.input_tensors`, flattened (Keras 3.15.1)."""
+    return list(_attribute(node, "input_tensors", "Node.input_tensors"))
+
+
 def _attribute(obj, name, where):
     try:
         return getattr(obj, name)

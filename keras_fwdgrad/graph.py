@@ -95,13 +95,12 @@ def call_counts(model):
     return counts
 
 
-def output_of(model, layer):
-    """The symbolic output of `layer`'s call in `model`'s graph (nested
-    models walked): the tensor whose shape a head reads. A layer also
-    called in another model (an activation layer reused on other channels)
-    has other outputs there; `layer.output` is that of its first call
-    anywhere. For a layer called more than once in `model`, or a
-    `Sequential` built without an `Input`, its first call's output."""
+def node_of(model, layer):
+    """The node of `layer`'s call in `model`'s graph (nested models
+    walked), or `None` for a layer the graph calls more than once (or a
+    `Sequential` built without an `Input`). A layer also called in another
+    model has nodes there too; `layer.output` is that of its first call
+    anywhere."""
     nodes = set()
 
     def walk(container):
@@ -114,12 +113,18 @@ def output_of(model, layer):
                 walk(op)
 
     walk(model)
-    outputs = [
-        _compat.node_outputs(node) for node in _compat.inbound_nodes(layer) if id(node) in nodes
-    ]
-    if len(outputs) != 1:
+    mine = [node for node in _compat.inbound_nodes(layer) if id(node) in nodes]
+    return mine[0] if len(mine) == 1 else None
+
+
+def output_of(model, layer):
+    """The symbolic output of `layer`'s call in `model`'s graph: the
+    tensor whose shape a head reads (see `node_of`; for a layer the graph
+    calls more than once, its first call's output)."""
+    node = node_of(model, layer)
+    if node is None:
         return layer.output
-    (out,) = outputs
+    out = _compat.node_outputs(node)
     return out[0] if len(out) == 1 else out
 
 

@@ -108,7 +108,10 @@ class ForwardGradientModel(_Trainer, keras.Model):
             one loss), `"auto"` (a block ends after each hidden `Dense` and
             each pooling layer; in a model with residual `Add` merges,
             after each merge, or after the normalization or activation
-            layers that alone follow it, and after each pooling layer),
+            layers that alone follow it, and after each pooling layer; and
+            after each block written as one layer: a layer not of Keras'
+            own that holds layers with variables and keeps its input's
+            shape, as KerasHub's transformer layers),
             `"layers"` (after every layer with trainable variables but
             the last, and after the activation layers that alone follow
             it; a `Dense`/convolution layer without activation that only

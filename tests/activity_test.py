@@ -317,6 +317,75 @@ def test_layers_local_losses_end_a_block_after_every_layer_with_variables():
     assert activity.block_ends(base, "layers") == [names[i] for i in (0, 2, 3, 5)]
 
 
+class _ResidualBlock(keras.layers.Layer):
+    """A residual block written as one layer: `x + Dense(relu(Dense(x)))`."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(width, activation="relu")
+        self.outer = keras.layers.Dense(width)
+
+    def call(self, x):
+        return x + self.outer(self.inner(x))
+
+
+class _Widen(keras.layers.Layer):
+    """Holds a `Dense` and changes the width: not a block."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(width)
+
+    def call(self, x):
+        return keras.ops.tanh(self.dense(x))
+
+
+class _Scale(keras.layers.Layer):
+    """A variable of its own, no layers inside: not a block."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def _block_layers_model():
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    x = keras.Input((5, 8))
+    h = _ResidualBlock(8, name="r0")(L.Dense(8, name="d0")(x))
+    h = _Widen(16, name="widen")(_Scale(name="scale")(h))
+    h = _ResidualBlock(16, name="r1")(h)
+    h = L.MultiHeadAttention(2, 4, name="mha")(h, h)
+    h = L.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(x, L.Dense(3, activation="softmax", name="out")(h))
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_auto_ends_a_block_after_a_block_written_as_one_layer(mode):
+    """`local_losses="auto"` ends a block after a layer of your own that
+    holds layers with variables and keeps its input's shape (a residual
+    or transformer block written as one layer), not after one that
+    changes the width, one without layers inside, or Keras'
+    `MultiHeadAttention`; the heads read 8, 8, 16 and 16 channels, and a
+    step reports the model's loss (rtol 1e-5)."""
+    base = _block_layers_model()
+    assert activity.block_ends(base, "auto") == ["d0", "r0", "r1", "pool"]
+    model = ForwardGradientModel(
+        base, perturbation="activations", local_losses="auto", local_loss_groups="channels"
+    )
+    assert [head.dense.kernel.shape[0] for head in model.local_heads] == [8, 8, 16, 16]
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS, **MODES[mode])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5, 8)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    logs = model.train_on_batch(x, y, return_dict=True)
+    expected = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, base(x)))
+    np.testing.assert_allclose(logs["loss"], float(expected), rtol=1e-5)
+    assert logs["skipped_steps"] == 0
+
+
 def test_layers_local_losses_keep_a_branch_block_where_it_cannot_end_at_the_merge():
     """A residual branch ends its block after the `Add` only when the `Add`
     alone takes its output and each layer on the way is called once (a

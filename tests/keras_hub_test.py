@@ -18,6 +18,7 @@ backends (CI runs this file on TensorFlow and on JAX):
 - `fit` with the README's transformer recipe (a block after every layer
   with variables, one loss per unit and position) computes the model's
   loss and changes exactly the variables that backprop changes.
+- `local_losses="auto"` ends a block after each transformer layer.
 """
 
 import statistics
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 from keras_fwdgrad import ForwardGradientModel
+from keras_fwdgrad import activity
 from keras_fwdgrad import testing
 from tests import activity_models
 from tests import estimate_samples
@@ -124,3 +126,27 @@ def test_fit_with_a_block_per_layer_trains_what_backprop_trains(name):
     ]
     paths = [v.path for v in base.trainable_variables]
     assert dict(zip(paths, moved)) == dict(zip(paths, used))
+
+
+# Where `local_losses="auto"` ends blocks: after each transformer layer
+# (each is a block written as one layer), the ViT encoder (all its blocks
+# in one layer), GPT-2's sum of token and position embeddings (a merge),
+# ResNet's first pooling and residual block output; then the pooling
+# before the new head.
+AUTO_ENDS = {
+    "gpt2": ["embeddings_add", "transformer_layer_0", "transformer_layer_1"],
+    "llama": ["transformer_layer_0", "transformer_layer_1"],
+    "gemma": ["decoder_block_0", "decoder_block_1"],
+    "vit": ["vit_encoder"],
+    "resnet": ["pool1_pool", "stack0_block0_out"],
+}
+
+
+@pytest.mark.parametrize("name", list(model_zoo.KERAS_HUB_CASES))
+def test_auto_ends_a_block_after_each_transformer_layer(name):
+    """`local_losses="auto"` ends a block after each of KerasHub's
+    transformer layers (it ended none inside a backbone of them once: the
+    whole backbone was one block)."""
+    base, _, _, _ = _case(name)
+    pooling = base.layers[-2]
+    assert activity.block_ends(base, "auto") == AUTO_ENDS[name] + [pooling.name]

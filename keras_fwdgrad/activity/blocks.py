@@ -224,6 +224,8 @@ def block_end_layers(base, local_losses):
         merge_ends = _residual_ends(layers, counts) if residual else set()
 
         def ends_here(layer):
+            if is_block_layer(base, layer):
+                return True
             if residual:
                 return id(layer) in merge_ends or isinstance(layer, _POOLING)
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
@@ -298,6 +300,34 @@ _AFTER_MERGE = (
     keras.layers.Activation,
     keras.layers.ReLU,
 )
+
+
+def is_block_layer(base, layer):
+    """Whether `layer` is a block written as one layer, which
+    `local_losses="auto"` ends a block after: a layer that is not one of
+    Keras' own, holds layers with trainable variables, and maps its first
+    input to an output of the same shape in `base`'s graph, as a residual
+    or transformer block does (KerasHub's `TransformerEncoder` and
+    `TransformerDecoder`, its language models' decoder blocks, your own).
+    Keras' own layers (`MultiHeadAttention`, `Bidirectional`) are not:
+    `auto` finds the blocks around them in the graph."""
+    if type(layer).__module__.startswith("keras.src.") or not has_variables(layer):
+        return False
+    if not any(has_variables(sub) for sub in _compat.all_layers(layer)):
+        return False
+    node = graph.node_of(base, layer)
+    if node is None:
+        return False
+    inputs, outputs = _compat.node_inputs(node), _compat.node_outputs(node)
+    if not inputs or len(outputs) != 1:
+        return False
+    first, out = inputs[0], outputs[0]
+    return (
+        hasattr(first, "shape")
+        and hasattr(out, "shape")
+        and tuple(first.shape) == tuple(out.shape)
+        and len(out.shape) >= 2
+    )
 
 
 def _consumers(layers, layer):
