@@ -18,13 +18,14 @@ paper's CIFAR-10 VGG), `--model resnet` (a small residual CNN with batch
 normalization on CIFAR-10, `architectures.cifar10_resnet`; `--model
 resnet_wide` with 32, 64 and 128 channels) and `--model
 encoder` (a 2-block transformer encoder on MNIST rows as 28 tokens,
-`architectures.mnist_encoder`) run the same measurement; `--epochs`, `--train-size`
+`architectures.mnist_encoder`; `--model encoder_keras_hub` with each block
+one `keras_hub.layers.TransformerEncoder`) run the same measurement; `--epochs`, `--train-size`
 and `--test-size` set a reduced budget for them on a CPU.
 
 Usage:
     python benchmarks/learning.py --data-dir ../shared/data \
         [--methods backprop,weights,activations_k1,...] [--seeds 0,1] \
-        [--model mlp|cnn|vgg|resnet|resnet_wide|encoder] [--epochs N] [--train-size N] [--test-size N]
+        [--model mlp|cnn|vgg|resnet|resnet_wide|encoder|encoder_keras_hub] [--epochs N] [--train-size N] [--test-size N]
 """
 
 import argparse
@@ -193,6 +194,7 @@ def run(
         "resnet": architectures.cifar10_resnet,
         "resnet_wide": lambda: architectures.cifar10_resnet(widths=(32, 64, 128)),
         "encoder": architectures.mnist_encoder,
+        "encoder_keras_hub": lambda: architectures.mnist_encoder(keras_hub_blocks=True),
     }[model_name]()
     steps = len(data["x_train"]) // batch_size
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -224,7 +226,9 @@ def main():
     p.add_argument("--epochs-scale", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=None, help="the same for every method")
     p.add_argument(
-        "--model", choices=("mlp", "cnn", "vgg", "resnet", "resnet_wide", "encoder"), default="mlp"
+        "--model",
+        choices=("mlp", "cnn", "vgg", "resnet", "resnet_wide", "encoder", "encoder_keras_hub"),
+        default="mlp",
     )
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)

@@ -114,16 +114,29 @@ class PositionEmbedding(keras.layers.Layer):
         return x + keras.ops.cast(self.embeddings, x.dtype)
 
 
-def mnist_encoder(input_shape=(28, 28, 1), num_classes=10, width=64, blocks=2, heads=4):
+def mnist_encoder(
+    input_shape=(28, 28, 1), num_classes=10, width=64, blocks=2, heads=4, keras_hub_blocks=False
+):
     """A small post-normalization transformer encoder on MNIST rows as 28
     tokens: a `Dense` row projection and learned positions, then `blocks`
     of self-attention and a feed-forward layer (`2·width`, ReLU), each with
     a residual `Add` and `LayerNormalization`, then the mean over tokens
-    and `Dense(num_classes)`."""
+    and `Dense(num_classes)`.
+
+    With `keras_hub_blocks=True` each block is one
+    `keras_hub.layers.TransformerEncoder` layer (the same block, with
+    KerasHub's defaults: layer normalization epsilon 1e-5), as KerasHub's
+    backbones build them; needs KerasHub (`pip install -e ".[finetune]"`).
+    """
     inputs = keras.Input(input_shape)
     h = L.Reshape((input_shape[0], -1))(inputs)
     h = PositionEmbedding()(L.Dense(width)(h))
     for _ in range(blocks):
+        if keras_hub_blocks:
+            import keras_hub
+
+            h = keras_hub.layers.TransformerEncoder(2 * width, heads)(h)
+            continue
         attention = L.MultiHeadAttention(heads, width // heads)(h, h)
         h = L.LayerNormalization()(L.Add()([h, attention]))
         feed_forward = L.Dense(width)(L.Dense(2 * width, activation="relu")(h))
