@@ -120,11 +120,10 @@ def node_tensors(layer):
     """`(inputs, outputs)`: the symbolic tensors of every call of `layer`
     in a functional graph, flattened: `Layer._inbound_nodes` and
     `Node.input_tensors`/`output_tensors` (Keras 3.15.1)."""
-    nodes = _attribute(layer, "_inbound_nodes", "Layer._inbound_nodes")
     inputs, outputs = [], []
-    for node in nodes:
-        inputs += list(_attribute(node, "input_tensors", "Node.input_tensors"))
-        outputs += list(_attribute(node, "output_tensors", "Node.output_tensors"))
+    for node in inbound_nodes(layer):
+        inputs += node_inputs(node)
+        outputs += node_outputs(node)
     return inputs, outputs
 
 
