@@ -127,12 +127,18 @@ def node_tensors(layer):
     return inputs, outputs
 
 
+def _nodes_by_depth(model):
+    """`Function._nodes_by_depth` (Keras 3.15.1): `{depth: [node, ...]}`,
+    the deepest nodes (the inputs) first when sorted in reverse."""
+    return _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
+
+
 def node_operations(model):
     """The operation of every node of a functional `model`'s graph (input
     nodes left out), in the order `Functional._run_through_graph` runs
     them: `Function._nodes_by_depth`, `Node.operation` and
     `Node.is_input` (Keras 3.15.1)."""
-    by_depth = _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
+    by_depth = _nodes_by_depth(model)
     out = []
     for depth in sorted(by_depth, reverse=True):
         for node in by_depth[depth]:
@@ -151,7 +157,7 @@ def graph_nodes(model):
         model = _attribute(model, "_functional", "Sequential._functional")
         if model is None:
             return None
-    by_depth = _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
+    by_depth = _nodes_by_depth(model)
     return [node for depth in by_depth for node in by_depth[depth]]
 
 
@@ -176,6 +182,25 @@ def _attribute(obj, name, where):
         return getattr(obj, name)
     except AttributeError as e:
         raise _missing(where, e) from e
+
+
+# Keras keeps its own layers in modules under this package (Keras 3.15.1:
+# `keras.layers.Dense` is defined in `keras.src.layers.core.dense`).
+_KERAS_SOURCE_PACKAGE = "keras.src."
+
+
+def is_keras_layer(layer):
+    """Whether `layer`'s class is one of Keras' own (`Dense`,
+    `MultiHeadAttention`, `Bidirectional`), not one of another package's or
+    the user's: its class is defined in a module of `keras.src` (Keras
+    3.15.1). Fails loudly if Keras no longer keeps its layers there, since
+    every layer would then look like a user's."""
+    if not keras.layers.Dense.__module__.startswith(_KERAS_SOURCE_PACKAGE):
+        raise _missing(
+            f"Keras' layers being defined under `{_KERAS_SOURCE_PACKAGE[:-1]}`",
+            f"keras.layers.Dense is defined in {keras.layers.Dense.__module__}",
+        )
+    return type(layer).__module__.startswith(_KERAS_SOURCE_PACKAGE)
 
 
 def is_functional(model):

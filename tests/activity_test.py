@@ -386,6 +386,16 @@ def test_auto_ends_a_block_after_a_block_written_as_one_layer(mode):
     assert logs["skipped_steps"] == 0
 
 
+def test_auto_fails_loudly_if_keras_moves_its_layers(monkeypatch):
+    """Telling Keras' own layers from a user's block layers reads where
+    Keras defines them; if a Keras upgrade moves them, `auto` raises
+    instead of taking `MultiHeadAttention` for a user's block."""
+    base = _block_layers_model()
+    monkeypatch.setattr(keras.layers.Dense, "__module__", "keras.layers")
+    with pytest.raises(RuntimeError, match="relies on Keras' layers being defined"):
+        ForwardGradientModel(base, perturbation="activations", local_losses="auto")
+
+
 def test_layers_local_losses_keep_a_branch_block_where_it_cannot_end_at_the_merge():
     """A residual branch ends its block after the `Add` only when the `Add`
     alone takes its output and each layer on the way is called once (a

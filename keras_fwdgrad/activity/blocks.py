@@ -311,7 +311,7 @@ def is_block_layer(base, layer):
     `TransformerDecoder`, its language models' decoder blocks, your own).
     Keras' own layers (`MultiHeadAttention`, `Bidirectional`) are not:
     `auto` finds the blocks around them in the graph."""
-    if type(layer).__module__.startswith("keras.src.") or not has_variables(layer):
+    if _compat.is_keras_layer(layer) or not has_variables(layer):
         return False
     if not any(has_variables(sub) for sub in _compat.all_layers(layer)):
         return False
