@@ -133,19 +133,29 @@ def _nodes_by_depth(model):
     return _attribute(model, "_nodes_by_depth", "Function._nodes_by_depth")
 
 
-def node_operations(model):
-    """The operation of every node of a functional `model`'s graph (input
-    nodes left out), in the order `Functional._run_through_graph` runs
-    them: `Function._nodes_by_depth`, `Node.operation` and
-    `Node.is_input` (Keras 3.15.1)."""
+def run_order_nodes(model):
+    """The nodes of a functional `model`'s graph that run an operation
+    (input nodes left out), in the order `Functional._run_through_graph`
+    runs them: `Function._nodes_by_depth`, deepest first, `Node.operation`
+    and `Node.is_input` (Keras 3.15.1)."""
     by_depth = _nodes_by_depth(model)
     out = []
     for depth in sorted(by_depth, reverse=True):
         for node in by_depth[depth]:
             operation = _attribute(node, "operation", "Node.operation")
             if operation is not None and not _attribute(node, "is_input", "Node.is_input"):
-                out.append(operation)
+                out.append(node)
     return out
+
+
+def node_operation(node):
+    """`Node.operation` (Keras 3.15.1)."""
+    return _attribute(node, "operation", "Node.operation")
+
+
+def node_operations(model):
+    """The operation of every node of `run_order_nodes(model)`."""
+    return [node_operation(node) for node in run_order_nodes(model)]
 
 
 def graph_nodes(model):

@@ -95,6 +95,65 @@ def call_counts(model):
     return counts
 
 
+def calls(model):
+    """Every call that `run` makes, in its order, without running the
+    model: `[(op, inputs, outputs), ...]`, with `inputs` and `outputs`
+    lists of keys that stand for the values flowing between calls (the
+    model's own inputs are `("input", i)`). `run` calls a layer of a
+    nested model once per call of that model, and so does this list.
+    """
+    out = []
+    counter = [0]
+
+    def fresh():
+        counter[0] += 1
+        return ("value", counter[0])
+
+    def walk(container, given):
+        if is_sequential(container):
+            values = given
+            for layer in container.layers:
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                if is_container(layer):
+                    values = walk(layer, values)
+                else:
+                    made = [fresh()]
+                    out.append((layer, values, made))
+                    values = made
+            return values
+        inputs = keras.tree.flatten(container.inputs)
+        if len(given) == len(inputs):
+            env = {id(t): [v] for t, v in zip(inputs, given)}
+        else:
+            env = {id(t): list(given) for t in inputs}
+        for node in _compat.run_order_nodes(container):
+            args = _compat.node_inputs(node)
+            if any(id(t) not in env for t in args):
+                continue
+            values = [v for t in args for v in env[id(t)]]
+            op = _compat.node_operation(node)
+            outputs = _compat.node_outputs(node)
+            if is_container(op):
+                made = walk(op, values)
+                if len(made) == len(outputs):
+                    for t, v in zip(outputs, made):
+                        env[id(t)] = [v]
+                else:
+                    for t in outputs:
+                        env[id(t)] = list(made)
+            else:
+                made = [fresh() for _ in outputs]
+                out.append((op, values, made))
+                for t, v in zip(outputs, made):
+                    env[id(t)] = [v]
+        return [v for t in keras.tree.flatten(container.outputs) for v in env.get(id(t), [])]
+
+    if is_container(model):
+        walk(model, [("input", i) for i in range(len(keras.tree.flatten(model.inputs)))])
+    return out
+
+
 def node_of(model, layer):
     """The node of `layer`'s call in `model`'s graph (nested models
     walked), or `None` for a layer the graph calls more than once (or a

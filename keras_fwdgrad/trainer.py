@@ -122,6 +122,9 @@ class Trainer:
         ends = activity.block_end_layers(self.model, self.local_losses)
         self._local_loss_ends = [layer.name for layer in ends]
         self._local_loss_end_ids = [id(layer) for layer in ends]
+        # The block of each call of a pass, in call order: parallel
+        # branches interleave in call order (`activity.call_blocks`).
+        self._local_loss_call_blocks = activity.call_blocks(self.model, ends)
         self._normalized_layers = {
             id(layer): id(normalization)
             for layer, normalization in activity.normalized_pairs(self.model, ends)

@@ -298,6 +298,62 @@ def test_one_loss_per_unit_is_exact_for_general_rule_layers(case, mode):
         np.testing.assert_allclose(grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4)
 
 
+def _parallel_branches(case):
+    """Two branches of equal depth, which call order interleaves (both
+    first layers, then both second ones), with different widths; `ends`
+    the block ends `local_losses="layers"` gives, in call order."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inputs = keras.Input((6,))
+    if case == "layer_ends":
+        b = L.Dense(4, activation="tanh", name="b1")(inputs)
+        c = L.Dense(5, activation="tanh", name="c1")(inputs)
+        ends = ["b1", "c1", "b2", "c2"]
+    else:
+        # Each first layer's block ends at the activation layer after it:
+        # `c1` is called before `b1`'s block ends.
+        b = L.Activation("tanh", name="act_b")(L.Dense(4, name="b1")(inputs))
+        c = L.Activation("tanh", name="act_c")(L.Dense(5, name="c1")(inputs))
+        ends = None
+    b = L.Dense(3, activation="tanh", name="b2")(b)
+    c = L.Dense(2, activation="tanh", name="c2")(c)
+    outputs = L.Dense(3, activation="softmax", name="out")(L.Concatenate()([b, c]))
+    return keras.Model(inputs, outputs), ends
+
+
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+@pytest.mark.parametrize("case", ["layer_ends", "activation_ends"])
+def test_parallel_branches_take_their_own_blocks_heads(case, mode):
+    """In a graph of parallel branches, call order interleaves the
+    branches' layers and block ends. Each layer still takes the
+    derivative of the head of the block its output reaches, and each head
+    reads its own block's output: with one loss per unit and random-sign
+    tangents, one draw of every branch layer's estimate equals the
+    reverse-mode gradient of its block's loss (rtol=atol=1e-4)."""
+    base, ends = _parallel_branches(case)
+    if ends is not None:
+        assert activity.block_ends(base, "layers") == ends
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+    expected = {}
+    for name, head in zip(activity.block_ends(base, "layers"), model.local_heads):
+        local = keras.Model(base.input, head(base.get_layer(name).output))
+        for key, value in activity_models.reference_gradients(local, x, y).items():
+            if np.any(value != 0):
+                expected.setdefault(key, value)
+    grads = dict(
+        zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
+    )
+    for name in ["b1", "c1", "b2", "c2"]:
+        for v in base.get_layer(name).trainable_variables:
+            np.testing.assert_allclose(
+                grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4, err_msg=v.path
+            )
+
+
 @pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
 @pytest.mark.parametrize("branch", ["dense", "einsum_dense"])
 def test_a_residual_branch_ends_its_block_after_the_merge(branch, mode):

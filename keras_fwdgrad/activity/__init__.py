@@ -70,8 +70,10 @@ Within a step the same tangents are used throughout.
 its weights.
 """
 
+from keras_fwdgrad.activity.blocks import CallOrder
 from keras_fwdgrad.activity.blocks import block_end_layers
 from keras_fwdgrad.activity.blocks import block_ends
+from keras_fwdgrad.activity.blocks import call_blocks
 from keras_fwdgrad.activity.blocks import check_local_loss_groups
 from keras_fwdgrad.activity.blocks import check_model
 from keras_fwdgrad.activity.blocks import check_num_directions
@@ -83,9 +85,11 @@ from keras_fwdgrad.activity.heads import make_heads
 from keras_fwdgrad.activity.losses import per_example_losses
 
 __all__ = [
+    "CallOrder",
     "LocalHead",
     "block_end_layers",
     "block_ends",
+    "call_blocks",
     "check_local_loss_groups",
     "check_model",
     "check_num_directions",

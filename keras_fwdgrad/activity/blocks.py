@@ -175,6 +175,62 @@ def normalized_pairs(base, ends=()):
     return out
 
 
+def call_blocks(base, ends):
+    """The block of each call that a pass over `base` makes, in call order
+    (`graph.calls`): `[(op, block), ...]`, `block` an index into `ends`
+    (the layers after which a block ends, `block_end_layers`), or
+    `len(ends)` for the last block, which ends at the model's output.
+
+    A call's block is that of the first block end its output reaches: its
+    own index for a block end, else the lowest index of the ends that the
+    calls taking its outputs reach (block ends cut tangents, so what
+    follows one is not walked), else the last block. In a chain this is
+    the next block end in call order; in a graph of parallel branches (an
+    Inception module, a ResNet shortcut with a convolution) call order
+    interleaves the branches, and each call still belongs to the block
+    its tangent reaches."""
+    index = {id(layer): i for i, layer in enumerate(ends)}
+    trace = graph.calls(base)
+    consumers = {}
+    for position, (_, inputs, _) in enumerate(trace):
+        for value in inputs:
+            consumers.setdefault(value, []).append(position)
+    blocks = [len(ends)] * len(trace)
+    for position in reversed(range(len(trace))):
+        op, _, outputs = trace[position]
+        if id(op) in index:
+            blocks[position] = index[id(op)]
+            continue
+        reached = [blocks[c] for value in outputs for c in consumers.get(value, ())]
+        blocks[position] = min(reached, default=len(ends))
+    return [(op, block) for (op, _, _), block in zip(trace, blocks)]
+
+
+class CallOrder:
+    """Follows a pass through `call_blocks`: `block(layer)` is the block
+    of the pass's next call, which must be of `layer`, until every call
+    of the model's graph has been made (`pending`)."""
+
+    def __init__(self, blocks):
+        self._blocks = blocks
+        self._next = 0
+
+    def pending(self):
+        return self._next < len(self._blocks)
+
+    def block(self, layer):
+        op, block = self._blocks[self._next]
+        if op is not layer:
+            raise RuntimeError(
+                "The pass over the model called "
+                f"{getattr(layer, 'name', layer)!r} where its graph has "
+                f"{getattr(op, 'name', op)!r} (call {self._next}). Was the "
+                "model changed after `ForwardGradientModel` wrapped it?"
+            )
+        self._next += 1
+        return block
+
+
 def normalized_layers(base, ends=()):
     """`{layer name: normalization name}` of `normalized_pairs`."""
     pairs = normalized_pairs(base, ends)

@@ -44,6 +44,7 @@ from keras_fwdgrad.activity import masks
 from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.jax import kernel_products
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import CallOrder
 from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import frozen_variables
 from keras_fwdgrad.activity.blocks import has_variables
@@ -102,7 +103,10 @@ class _Pass:
         self.input_masks = []  # Per record: their Keras masks then.
         self.states = []  # Per record: its non-trainable values then.
         self.perturbed_values = []  # Per record: what was perturbed.
-        self.block_outputs = []
+        # Each block's output, by block (`call_order` gives each call of
+        # the model's graph its block).
+        self.block_outputs = [None] * len(model._local_loss_end_ids)
+        self.call_order = CallOrder(model._local_loss_call_blocks)
         # Records whose tangents reach a layer that mixes examples: those
         # recorded in its block before it is called (call order is a
         # topological order, so none recorded later is upstream of it).
@@ -164,6 +168,9 @@ class _Pass:
         return y
 
     def call_layer(self, layer, args, kwargs):
+        if self.call_order.pending():
+            # A call of the model's graph (the heads follow it).
+            self.block = self.call_order.block(layer)
         if isinstance(layer, _MIXES_EXAMPLES):
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
@@ -207,8 +214,7 @@ class _Pass:
             self.alignment.layer_output(layer, args, y, kwargs)
         if id(layer) in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
-            self.block_outputs.append(y)
-            self.block += 1
+            self.block_outputs[self.block] = y
             y = masks.carry(y, jax.lax.stop_gradient(y))
         return y
 

@@ -12,6 +12,7 @@ from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import layer_rules
 from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import CallOrder
 from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import has_variables
 from keras_fwdgrad.activity.blocks import trainable_variables
@@ -94,7 +95,10 @@ class _Pass:
         self.heads = heads
         self.block = 0
         self.records = []
-        self.block_outputs = []
+        # Each block's output, by block (`call_order` gives each call of
+        # the model's graph its block).
+        self.block_outputs = [None] * len(model._local_loss_end_ids)
+        self.call_order = CallOrder(model._local_loss_call_blocks)
         # Records whose tangents reach a layer that mixes examples: those
         # recorded in its block before it is called (call order is a
         # topological order, so none recorded later is upstream of it).
@@ -124,6 +128,9 @@ class _Pass:
         return tf.cast(tf.reshape(rows[:, self.k], tf.shape(z)), z.dtype)
 
     def call_layer(self, layer, args, kwargs):
+        if self.call_order.pending():
+            # A call of the model's graph (the heads follow it).
+            self.block = self.call_order.block(layer)
         if isinstance(layer, _MIXES_EXAMPLES):
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
@@ -144,8 +151,7 @@ class _Pass:
             self.alignment.layer_output(layer, args, y, kwargs)
         if id(layer) in self.ends and self.block < len(self.ends):
             self.alignment.block_end(y, self.block)
-            self.block_outputs.append(y)
-            self.block += 1
+            self.block_outputs[self.block] = y
             y = masks.carry(y, tf.stop_gradient(y))
         return y
 
