@@ -44,6 +44,7 @@ from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad import activity  # noqa: E402
 from keras_fwdgrad import graph  # noqa: E402
 from keras_fwdgrad import testing  # noqa: E402
+from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS  # noqa: E402
 
 JAX = keras.backend.backend() == "jax"
 # JAX has float64 only with `JAX_ENABLE_X64=1`.
@@ -53,13 +54,6 @@ FLOOR = 1e-5
 MODELS = "ResNet50,InceptionV3,DenseNet121,Xception,MobileNetV2,MobileNetV3Small,ResNet50V2"
 # The smallest input each model takes (32 pixels where it allows).
 SIZES = {"Xception": 71, "InceptionV3": 75}
-PER_UNIT_SIGNS = dict(
-    perturbation="activations",
-    local_losses="layers",
-    local_loss_groups="channels",
-    local_loss_patches="positions",
-    direction="rademacher",
-)
 LOSS = "sparse_categorical_crossentropy"
 
 
@@ -92,7 +86,7 @@ def _measure(name, dtype):
     keras.utils.set_random_seed(0)
     size = SIZES.get(name, 32)
     base = build(name, size)
-    model = ForwardGradientModel(base, seed=2, **PER_UNIT_SIGNS)
+    model = ForwardGradientModel(base, seed=2, **LAYER_LOCAL_OPTIONS)
     model.compile(optimizer="sgd", loss=LOSS)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, size, size, 3)).astype(dtype)

@@ -30,7 +30,7 @@ Methods:
   `local_losses="auto"`, `local_loss_groups="channels"`,
   `direction="rademacher"`.
 - `activations_layer_patches_signs`: `local_losses="layers"`, one loss
-  per channel and position, random signs (`learning.LAYER_LOCAL_OPTIONS`,
+  per channel and position, random signs (`research.methods.LAYER_LOCAL_OPTIONS`,
   the CNN and ResNet learning runs).
 - `activations_layers_orthogonal3`: `local_losses="layers"` with three
   orthogonal Gaussian tangents per example and layer
@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
-from keras_fwdgrad.research import learning  # noqa: E402
+from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS  # noqa: E402
 from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 from keras_fwdgrad.research.measures import StepTimer  # noqa: E402
 
@@ -93,7 +93,7 @@ METHODS = {
         local_loss_groups="channels",
         direction="rademacher",
     ),
-    "activations_layer_patches_signs": learning.LAYER_LOCAL_OPTIONS,
+    "activations_layer_patches_signs": LAYER_LOCAL_OPTIONS,
     "activations_layers_orthogonal3": dict(
         perturbation="activations",
         local_losses="layers",

@@ -67,6 +67,7 @@ import numpy as np  # noqa: E402
 from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import finetuning  # noqa: E402
+from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS  # noqa: E402
 from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,13 +80,6 @@ METHODS = (
     "forward_k8",
     "activity",
     "activity_layers",
-)
-ACTIVITY_LAYERS = dict(
-    perturbation="activations",
-    local_losses="layers",
-    local_loss_groups="channels",
-    local_loss_patches="positions",
-    direction="rademacher",
 )
 BASE = dict(depth=8, tokens=64, batch=32)
 SWEEPS = {"depth": (2, 4, 8, 16), "tokens": (16, 64, 256), "batch": (8, 32, 128)}
@@ -125,7 +119,7 @@ def measure(method, config, rank=4, jit_compile=False):
     elif method == "activity":
         model = ForwardGradientModel(base, perturbation="activations")
     elif method == "activity_layers":
-        model = ForwardGradientModel(base, **ACTIVITY_LAYERS)
+        model = ForwardGradientModel(base, **LAYER_LOCAL_OPTIONS)
     else:
         model = base
     tensorflow = keras.backend.backend() == "tensorflow"

@@ -40,10 +40,10 @@ from keras_fwdgrad import ForwardGradientModel  # noqa: E402
 from keras_fwdgrad.research import architectures  # noqa: E402
 from keras_fwdgrad.research import datasets  # noqa: E402
 from keras_fwdgrad.research import learning  # noqa: E402
+from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS  # noqa: E402
 
 TARGETS = learning.TARGETS
 
-LAYER_PATCHES_SIGNS = learning.LAYER_LOCAL_OPTIONS
 
 # name: (wrapper arguments or None for backprop, Adam settings, epochs).
 METHODS = {
@@ -130,25 +130,25 @@ METHODS = {
         10,
     ),
     "activations_layer_patches_signs": (
-        LAYER_PATCHES_SIGNS,
+        LAYER_LOCAL_OPTIONS,
         dict(learning_rate=1e-3),
         10,
     ),
     # The same at a larger learning rate (the ResNet).
     "activations_layer_patches_signs_lr3e-3": (
-        LAYER_PATCHES_SIGNS,
+        LAYER_LOCAL_OPTIONS,
         dict(learning_rate=3e-3),
         10,
     ),
     # The same with heads that map each position through a hidden ReLU
     # layer before the mean (sequence and feature-map blocks).
     "activations_layer_patches_signs_hidden_heads": (
-        dict(LAYER_PATCHES_SIGNS, local_head_units=64),
+        dict(LAYER_LOCAL_OPTIONS, local_head_units=64),
         dict(learning_rate=1e-2),
         10,
     ),
     "activations_layer_patches_signs_heads256": (
-        dict(LAYER_PATCHES_SIGNS, local_head_units=256),
+        dict(LAYER_LOCAL_OPTIONS, local_head_units=256),
         dict(learning_rate=1e-2),
         10,
     ),

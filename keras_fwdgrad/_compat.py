@@ -142,8 +142,9 @@ def run_order_nodes(model):
     out = []
     for depth in sorted(by_depth, reverse=True):
         for node in by_depth[depth]:
-            operation = _attribute(node, "operation", "Node.operation")
-            if operation is not None and not _attribute(node, "is_input", "Node.is_input"):
+            if node_operation(node) is not None and not _attribute(
+                node, "is_input", "Node.is_input"
+            ):
                 out.append(node)
     return out
 
@@ -151,11 +152,6 @@ def run_order_nodes(model):
 def node_operation(node):
     """`Node.operation` (Keras 3.15.1)."""
     return _attribute(node, "operation", "Node.operation")
-
-
-def node_operations(model):
-    """The operation of every node of `run_order_nodes(model)`."""
-    return [node_operation(node) for node in run_order_nodes(model)]
 
 
 def graph_nodes(model):

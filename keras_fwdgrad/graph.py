@@ -68,30 +68,14 @@ def flat_operations(model):
 
 def call_counts(model):
     """`{id(op): n}`: how many times `run` calls each layer and graph
-    operation of `model` in one pass. A layer called twice in a functional
-    graph counts 2, and so does every layer of a nested model that the
-    graph calls twice (a siamese tower)."""
+    operation of `model` in one pass (a count of `calls(model)`). A layer
+    called twice in a functional graph counts 2, and so does every layer of
+    a nested model that the graph calls twice (a siamese tower)."""
+    if not is_container(model):
+        return {id(model): 1}
     counts = {}
-
-    def walk(container):
-        if is_sequential(container):
-            operations = [
-                op for op in container.layers if not isinstance(op, keras.layers.InputLayer)
-            ]
-        else:
-            operations = _compat.node_operations(container)
-        # A nested model is walked once per call, so its layers count once
-        # per call of it.
-        for op in operations:
-            if is_container(op):
-                walk(op)
-            else:
-                counts[id(op)] = counts.get(id(op), 0) + 1
-
-    if is_container(model):
-        walk(model)
-    else:
-        counts[id(model)] = 1
+    for op, _, _ in calls(model):
+        counts[id(op)] = counts.get(id(op), 0) + 1
     return counts
 
 

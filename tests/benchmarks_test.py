@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -178,14 +179,30 @@ def test_evaluating_a_backprop_run_keeps_its_optimizer():
 
 
 def _run_on_jax(script, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "jax"}
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-        check=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
+    """Runs `benchmarks/script` on the JAX backend as on the GPU machine,
+    whose image has JAX but no TensorFlow: a module that raises
+    `ImportError` stands in for TensorFlow, first on the path."""
+    with tempfile.TemporaryDirectory() as blocked:
+        with open(os.path.join(blocked, "tensorflow.py"), "w") as f:
+            f.write(
+                "raise ImportError(\"No module named 'tensorflow' (as on the GPU machine)\")\n"
+            )
+        path = [blocked, ROOT] + [
+            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+        ]
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "KERAS_BACKEND": "jax",
+            "PYTHONPATH": os.pathsep.join(path),
+        }
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+            check=True,
+            timeout=600,
+            env=env,
+            cwd=ROOT,
+        )
 
 
 def test_jax_step_costs_smoke(tmp_path):
@@ -209,6 +226,23 @@ def test_jax_step_costs_smoke(tmp_path):
             assert r[f"{how}_ratio"] == pytest.approx(r[how] / rows["backprop"][how], rel=1e-12)
     assert rows["backprop"]["scan_ratio"] == 1.0
     assert report["platform"] == "cpu"
+
+
+def test_activity_step_time_on_jax(tmp_path):
+    """`benchmarks/activity_step_time.py` (what `benchmarks/gpu.sh` runs
+    second) on the JAX backend, compiled, on a machine without
+    TensorFlow."""
+    out = tmp_path / "activity.json"
+    _run_on_jax(
+        "activity_step_time.py",
+        *("--models", "mlp", "--jit", "on", "--rounds", "1", "--steps", "2"),
+        *("--methods", "activations_layer_patches_signs", "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert report["backend"].startswith("jax ")
+    rows = report["results"]
+    assert {r["method"] for r in rows} == {"backprop", "activations_layer_patches_signs"}
+    assert all(r["jit_compile"] and r["ms_per_step"] > 0 for r in rows)
 
 
 def test_all_reduce_bytes_on_jax(tmp_path):

@@ -19,18 +19,6 @@ from keras_fwdgrad.research.provenance import code_version  # noqa: F401
 
 TARGETS = (0.90, 0.95, 0.97)
 
-# Activity perturbation in which every unit's estimate is its exact local
-# gradient: a block after every layer with trainable variables, one loss
-# per channel and position, random-sign tangents (`u² = 1`). The
-# benchmarks' layer-local methods start from it.
-LAYER_LOCAL_OPTIONS = dict(
-    perturbation="activations",
-    local_losses="layers",
-    local_loss_groups="channels",
-    local_loss_patches="positions",
-    direction="rademacher",
-)
-
 
 def normalized_arrays(name="mnist", data_dir=None, source="auto", train_size=None, test_size=None):
     """A normalized dataset as NumPy arrays: the first `train_size`
