@@ -355,6 +355,37 @@ def test_parallel_branches_take_their_own_blocks_heads(case, mode):
 
 
 @pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
+@pytest.mark.parametrize("flatten", ["flatten", "reshape"])
+def test_a_convolution_classifier_over_one_position_has_a_loss_per_unit(flatten, mode):
+    """A 1×1 convolution over a 1×1 map, flattened (`Flatten` or
+    `Reshape`) into a softmax, as `keras.applications.MobileNetV3`'s
+    classifier: its units are the model's output units, so with one loss
+    per unit and random-sign tangents one draw of its estimate equals the
+    reverse-mode gradient of the model's loss (rtol=atol=1e-4), as a
+    `Dense` output layer's does."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 2))
+    h = keras.layers.Conv2D(3, 3, activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    logits = keras.layers.Conv2D(5, 1, name="logits")(h)
+    flat = keras.layers.Flatten() if flatten == "flatten" else keras.layers.Reshape((5,))
+    base = keras.Model(inputs, keras.layers.Activation("softmax")(flat(logits)))
+    model = ForwardGradientModel(base, seed=2, **activity_models.PER_UNIT_SIGNS)
+    model.compile(optimizer="sgd", loss=LOSS)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 4, 4, 2)).astype("float32")
+    y = rng.integers(0, 5, size=(8,))
+    expected = activity_models.reference_gradients(base, x, y)
+    grads = dict(
+        zip([id(v) for v in model.trainable_variables], _forward_gradient(model, x, y, mode))
+    )
+    for v in base.get_layer("logits").trainable_variables:
+        np.testing.assert_allclose(
+            grads[id(v)], expected[id(v)], rtol=1e-4, atol=1e-4, err_msg=v.path
+        )
+
+
+@pytest.mark.parametrize("mode", backend_modes(["graph", "xla"]))
 @pytest.mark.parametrize("branch", ["dense", "einsum_dense"])
 def test_a_residual_branch_ends_its_block_after_the_merge(branch, mode):
     """With `local_losses="layers"` a layer whose output reaches a residual

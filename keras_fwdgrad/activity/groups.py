@@ -28,6 +28,38 @@ from keras_fwdgrad.activity.blocks import _POOLING
 # by example and deterministically: an output layer's loss may be taken
 # through them (`Alignment.output_of`).
 _TAIL = _ACTIVATION_LAYERS + (keras.layers.Softmax,)
+# Variable-free layers that map `[batch, 1, ..., 1, units]` to `[batch,
+# units]` unit by unit (a 1×1 convolution classifier's `Flatten`).
+_UNIT_FLATTEN = (keras.layers.Flatten, keras.layers.Reshape)
+
+
+def _flattens_units(layer, x, y):
+    """Whether `y = layer(x)` only drops spatial axes of size 1 before the
+    last axis of `x`, so that unit `i` of `y` is unit `i` of `x`."""
+    if not isinstance(layer, _UNIT_FLATTEN):
+        return False
+    shape = tuple(x.shape)
+    return (
+        len(shape) > 2
+        and all(size == 1 for size in shape[1:-1])
+        and tuple(y.shape[1:]) == (shape[-1],)
+    )
+
+
+def output_units(z, function):
+    """`(z, function)` on `[batch, units]`: the pre-activations `z` of the
+    model's output layer and `function` (`Alignment.output_of`) that gives
+    the model's output from them, with `z` of shape `[batch, 1, ..., 1,
+    units]` (a 1×1 convolution over a 1×1 map) reshaped and `function`
+    reshaping back; `None` when `z` has other spatial axes."""
+    shape = tuple(z.shape)
+    if len(shape) < 2 or any(size != 1 for size in shape[1:-1]):
+        return None
+    if len(shape) == 2:
+        return z, function
+    return keras.ops.reshape(z, (-1, shape[-1])), lambda v: function(
+        keras.ops.reshape(v, (-1,) + shape[1:])
+    )
 
 
 def elementwise(activation):
@@ -148,9 +180,11 @@ class Alignment:
         tail = self._tail(args[0]) if len(args) == 1 else None
         if (
             tail is not None
-            and isinstance(layer, _TAIL)
             and all(v is None for k, v in (kwargs or {}).items() if k != "training")
-            and tuple(y.shape) == tuple(args[0].shape)
+            and (
+                (isinstance(layer, _TAIL) and tuple(y.shape) == tuple(args[0].shape))
+                or _flattens_units(layer, args[0], y)
+            )
         ):
             self._tails[id(y)] = (y, tail[1], tail[2] + (layer,))
         source = self._source(args[0]) if args else None
@@ -195,7 +229,9 @@ class Alignment:
         general-rule layer's output) with `function` the closed-form
         layer's activation followed by variable-free activation layers
         (`Activation`, `Softmax`, ...; for example the float32 softmax of
-        a mixed-precision model), else `None`."""
+        a mixed-precision model) and by layers that drop spatial axes of
+        size 1 (`Flatten` after a 1×1 convolution classifier), else
+        `None`."""
         found = self._tail(y)
         if found is None:
             return None
@@ -366,7 +402,8 @@ def output_unit_derivatives(model, z, u, jacobian):
 
     Args:
         model: The `ForwardGradientModel`.
-        z, u: The layer's pre-activations (`[batch, units]`) and tangents.
+        z, u: The layer's pre-activations (`[batch, units]`, or `[batch,
+            1, ..., 1, units]`) and tangents.
         jacobian: `∂L_n/∂z_n` at its pre-activations (`[batch, units]`).
 
     Returns:
@@ -375,6 +412,7 @@ def output_unit_derivatives(model, z, u, jacobian):
     """
     index, groups = channel_groups(model, z.shape[-1])
     ops = keras.ops
+    u = ops.reshape(u, (-1, z.shape[-1]))
     per_unit = ops.cast(jacobian, "float32") * ops.cast(u, "float32")
     return _segment_sum(per_unit, index, groups), index
 

@@ -424,8 +424,10 @@ def _group_derivatives(
         # The model's output comes from this layer's perturbed values
         # through its activation and activation layers alone.
         index, function = p.output_record
-        if len(values[index].shape) == 2:
-            outputs[index] = _loss_jacobian(model, function, values[index], y, sample_weight)
+        units = groups.output_units(values[index], function)
+        if units is not None:
+            z, function = units
+            outputs[index] = _loss_jacobian(model, function, z, y, sample_weight)
     for index, jacobian in outputs.items():
         dg, unit_groups = groups.output_unit_derivatives(model, values[index], us[index], jacobian)
         out[index] = (clip_directional_derivative(dg, model.jvp_clip), unit_groups)

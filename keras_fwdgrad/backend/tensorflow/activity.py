@@ -426,10 +426,12 @@ def estimate(model, x, y, sample_weight, k, bases=None):
             (r, head_jacobians[r.block]) for r in p.records if isinstance(r.layer, LocalHead)
         ]
         found = p.alignment.output_of(y_pred)
-        if found is not None and len(y_pred.shape) == len(found[0].z.shape) == 2:
-            record, function = found
-            z = tf.stop_gradient(record.z)
-            outputs.append((record, _loss_jacobian(model, function, z, y, sample_weight)))
+        units = None
+        if found is not None and len(y_pred.shape) == 2:
+            units = groups.output_units(tf.stop_gradient(found[0].z), found[1])
+        if units is not None:
+            z, function = units
+            outputs.append((found[0], _loss_jacobian(model, function, z, y, sample_weight)))
         for record, jacobian in outputs:
             dg, index = groups.output_unit_derivatives(model, record.z, record.u, jacobian)
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index)
