@@ -5,17 +5,13 @@ import keras
 
 from keras_fwdgrad import ForwardGradientModel
 from keras_fwdgrad import testing
+from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS
 
 # Activity perturbation in which every unit's estimate is its exact local
-# gradient: a block after every layer with trainable variables, one loss
-# per channel and position, random-sign tangents (`u² = 1`).
-PER_UNIT_SIGNS = dict(
-    perturbation="activations",
-    local_losses="layers",
-    local_loss_groups="channels",
-    local_loss_patches="positions",
-    direction="rademacher",
-)
+# gradient (a block after every layer with trainable variables, one loss
+# per channel and position, random-sign tangents), as the benchmarks use
+# it.
+PER_UNIT_SIGNS = LAYER_LOCAL_OPTIONS
 
 
 def cnn():
