@@ -422,7 +422,8 @@ def _group_derivatives(
     outputs = dict(jacobians)
     if p.output_record is not None:
         # The model's output comes from this layer's perturbed values
-        # through its activation and activation layers alone.
+        # through its activation, activation layers and layers that drop
+        # spatial axes of size 1 alone (`Alignment.output_of`).
         index, function = p.output_record
         units = groups.output_units(values[index], function)
         if units is not None:

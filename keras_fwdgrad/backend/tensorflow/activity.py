@@ -420,7 +420,8 @@ def estimate(model, x, y, sample_weight, k, bases=None):
             group_d[id(record)] = (clip_directional_derivative(dg, model.jvp_clip), index_z)
         # The heads, and the model's output layer when the model's output
         # is its activation's (or its perturbed output, by the general
-        # rule), through activation layers alone: one loss per
+        # rule), through activation layers and layers that drop spatial
+        # axes of size 1 alone (`Alignment.output_of`): one loss per
         # output-unit group.
         outputs = [
             (r, head_jacobians[r.block]) for r in p.records if isinstance(r.layer, LocalHead)
