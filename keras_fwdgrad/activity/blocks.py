@@ -134,7 +134,7 @@ def has_variables(layer):
     return bool(trainable_variables(layer))
 
 
-def normalized_pairs(base, ends=()):
+def normalized_pairs(base, ends=(), counts=None):
     """`[(layer, normalization)]` for each `Dense`/convolution layer the
     pass does not perturb itself because a normalization that mixes
     examples alone reads its output.
@@ -149,10 +149,12 @@ def normalized_pairs(base, ends=()):
     product with the cotangent that the normalization's one-layer reverse
     pass gives its input. The two layers then form one block with
     `local_losses="layers"`. A layer in `ends` (the layers that end a
-    block, `block_end_layers`) is perturbed itself.
+    block, `block_end_layers`) is perturbed itself. `counts` is
+    `graph.call_counts(base)` where the caller has it already.
     """
     operations = graph.flat_operations(base)
-    counts = graph.call_counts(base)
+    if counts is None:
+        counts = graph.call_counts(base)
     end_ids = {id(layer) for layer in ends}
     out = []
     for layer in graph.flat_layers(base):
@@ -288,7 +290,7 @@ def block_end_layers(base, local_losses):
 
         if local_losses == "layers":
             operations = graph.flat_operations(base)
-            normalized = {id(layer) for layer, _ in normalized_pairs(base)}
+            normalized = {id(layer) for layer, _ in normalized_pairs(base, counts=counts)}
             ends = [
                 _layer_end(layers, operations, counts, i)
                 for i, layer in enumerate(layers)

@@ -39,11 +39,13 @@ def _flattens_units(layer, x, y):
     if not isinstance(layer, _UNIT_FLATTEN):
         return False
     shape = tuple(x.shape)
-    return (
-        len(shape) > 2
-        and all(size == 1 for size in shape[1:-1])
-        and tuple(y.shape[1:]) == (shape[-1],)
-    )
+    return len(shape) > 2 and _units_only(shape) and tuple(y.shape[1:]) == (shape[-1],)
+
+
+def _units_only(shape):
+    """Whether every axis of `shape` between the batch axis and the last
+    (the units) has size 1."""
+    return all(size == 1 for size in shape[1:-1])
 
 
 def output_units(z, function):
@@ -53,7 +55,7 @@ def output_units(z, function):
     units]` (a 1×1 convolution over a 1×1 map) reshaped and `function`
     reshaping back; `None` when `z` has other spatial axes."""
     shape = tuple(z.shape)
-    if len(shape) < 2 or any(size != 1 for size in shape[1:-1]):
+    if len(shape) < 2 or not _units_only(shape):
         return None
     if len(shape) == 2:
         return z, function
