@@ -29,7 +29,6 @@ table to `--out` and prints the table.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,6 +44,7 @@ from keras_fwdgrad import activity  # noqa: E402
 from keras_fwdgrad import graph  # noqa: E402
 from keras_fwdgrad import testing  # noqa: E402
 from keras_fwdgrad.research.methods import LAYER_LOCAL_OPTIONS  # noqa: E402
+from keras_fwdgrad.research.provenance import code_version  # noqa: E402
 
 JAX = keras.backend.backend() == "jax"
 # JAX has float64 only with `JAX_ENABLE_X64=1`.
@@ -145,13 +145,11 @@ def main():
     parser.add_argument("--out", default=None, help="path prefix for .json and .md")
     args = parser.parse_args()
     dtype = DTYPE
+    commit = code_version(os.path.dirname(os.path.abspath(__file__)))  # the code this run measures
     rows = []
     for name in args.models.split(","):
         rows.append(measure(name, dtype))
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     table = [
         f"{keras.backend.backend()} ({dtype}, floor {FLOOR:g}), keras {keras.__version__}, "
         f"commit {commit}",
