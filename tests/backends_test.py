@@ -139,7 +139,7 @@ def _max_z_score(direction, calls=1000, per_call=10):
     x, y = _data(base)
     model = _wrapped(base, direction=direction, num_directions=per_call)
     true = _flat(_reverse_gradient(base, x, y))
-    # Compiled: eagerly, 200 calls of 50 directions take minutes.
+    # Compiled: eagerly, 10,000 directions take minutes.
     samples = estimate_samples.samples(model, x, y, calls, "graph")
     standard_error = samples.std(0, ddof=1) / math.sqrt(calls)
     return np.max(np.abs(samples.mean(0) - true) / standard_error)
