@@ -23,6 +23,7 @@ assert report["relative_error"] < 1e-4, report
 import keras
 import numpy as np
 
+from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import directions
 from keras_fwdgrad.model import ForwardGradientModel
@@ -59,9 +60,21 @@ class FixedDirection(directions.Direction):
         return {"seed": self.seed}
 
 
-def _check_mode(mode):
+def _check_mode(mode, name="mode"):
     if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+        raise ValueError(f"`{name}` must be one of {MODES}. Received: {name}={mode!r}")
+
+
+def _random_layers(model):
+    """The names of the layers of `model` that draw random numbers: each
+    `keras.random.SeedGenerator` names its state variable
+    `seed_generator_state` (Keras 3.15.1)."""
+
+    def draws(layer):
+        return any(v.name == "seed_generator_state" for v in layer.non_trainable_variables)
+
+    names = sorted({layer.name for layer in _compat.all_layers(model) if draws(layer)})
+    return names or ([model.name] if draws(model) else [])
 
 
 def _build(wrapper, x, y):
@@ -107,7 +120,17 @@ def tape_gradients(wrapper, x, y, mode="eager"):
     return float(loss), [None if g is None else np.asarray(g, "float64") for g in grads]
 
 
-def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction=None, seed=0):
+def check_exactness(
+    model,
+    x,
+    y,
+    loss,
+    mode="graph",
+    layer_rules=True,
+    direction=None,
+    seed=0,
+    reference_mode=None,
+):
     """Compares the forward-mode directional derivative with the tape's.
 
     The model's trainable weights are not changed; its non-trainable state
@@ -126,6 +149,11 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
         direction: Passed to `ForwardGradientModel`. Defaults to `None`, a
             `FixedDirection`.
         seed: Seed of the direction. Defaults to `0`.
+        reference_mode: The mode the tape's reference runs in. Defaults
+            to `None`, the same as `mode`. `"eager"` saves compiling the
+            reverse pass of a large model once more; it needs a model
+            without layers that draw random numbers (dropout), since
+            TensorFlow draws other numbers under XLA than outside it.
 
     Returns:
         A dict with `"directional_derivative"` (forward mode),
@@ -133,11 +161,25 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
         `"loss"` and `"reference_loss"`.
 
     Raises:
-        ValueError: for an unknown `mode`, and whatever
+        ValueError: for an unknown `mode` or `reference_mode`, a
+            `reference_mode` other than `mode` for a model with random
+            layers, and whatever
             `ForwardGradientModel` raises for the model (for example an op
             without a derivative).
     """
     _check_mode(mode)
+    if reference_mode is None:
+        reference_mode = mode
+    _check_mode(reference_mode, "reference_mode")
+    if reference_mode != mode:
+        random_layers = _random_layers(model)
+        if random_layers:
+            raise ValueError(
+                f"`reference_mode` must be `mode` ({mode!r}) for a model with "
+                f"layers that draw random numbers ({', '.join(random_layers)}): "
+                "their draws differ between modes. Received: "
+                f"reference_mode={reference_mode!r}"
+            )
     if direction is None:
         direction = FixedDirection(seed)
     wrapper = ForwardGradientModel(model, direction=direction, layer_rules=layer_rules, seed=seed)
@@ -147,7 +189,7 @@ def check_exactness(model, x, y, loss, mode="graph", layer_rules=True, direction
     state = _snapshot(model)
     loss_value, grads = backend.run(lambda: wrapper.forward_gradient(x, y), mode)
     _restore(model, state)
-    reference_loss, reference_grads = tape_gradients(wrapper, x, y, mode)
+    reference_loss, reference_grads = tape_gradients(wrapper, x, y, reference_mode)
     _restore(model, state)
     # `g = d·v` for the variables the loss uses, zero for the others.
     num = den = 0.0

@@ -109,19 +109,27 @@ APPLICATIONS = [
 ]
 
 
+APPLICATIONS_WITHOUT_DROPOUT = ("MobileNetV2", "ResNet50V2", "DenseNet121")
+
+
 @pytest.mark.parametrize("layer_rules", [True, False], ids=["rules", "accumulator"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", APPLICATIONS)
 def test_keras_applications_default_softmax_head(name, mode, layer_rules):
     """The default head (softmax, `from_logits=False`) of
     `keras.applications` models, in float64 (see the module docstring).
-    ResNet50V2 and DenseNet121 have overlapping max-pooling in their stem."""
+    ResNet50V2 and DenseNet121 have overlapping max-pooling in their stem.
+    The reference is the eager tape's in every mode (compiling a large
+    model's reverse pass once more per mode costs most of a check), except
+    for models with dropout (EfficientNetB0), whose masks differ under
+    XLA."""
     d, ref, err = check_directional_derivative(
         application(name),
         application_data(),
         "sparse_categorical_crossentropy",
         mode,
         layer_rules,
+        reference_mode="eager" if name in APPLICATIONS_WITHOUT_DROPOUT else None,
     )
     assert abs(ref) > 1e-3
     assert err < RTOL_FLOAT64, (d, ref)

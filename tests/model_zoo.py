@@ -427,11 +427,13 @@ KERAS_HUB_CASES = {
 }
 
 
-def check_directional_derivative(build, data, loss, mode, layer_rules):
+def check_directional_derivative(build, data, loss, mode, layer_rules, reference_mode=None):
     """`(d, reference, relative_error)` for a fresh model from `build`."""
     keras.utils.set_random_seed(7)
     x, y = data
-    report = testing.check_exactness(build(), x, y, loss, mode=mode, layer_rules=layer_rules)
+    report = testing.check_exactness(
+        build(), x, y, loss, mode=mode, layer_rules=layer_rules, reference_mode=reference_mode
+    )
     return report["directional_derivative"], report["reference"], report["relative_error"]
 
 

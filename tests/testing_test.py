@@ -55,6 +55,82 @@ def test_check_exactness_leaves_the_model_as_it_was():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_reference_mode_runs_the_tape_in_that_mode(mode):
+    """With `reference_mode="eager"` the reference is the eager tape's
+    (the report of a plain check in eager mode, to float32 rounding) and
+    the derivative is still the one of `mode`; BatchNormalization's batch
+    statistics are the same in both."""
+    x, y = data(n=16)
+    base = mlp(batch_norm=True)
+    eager = testing.check_exactness(base, x, y, SCCE, mode="eager", seed=3)
+    report = testing.check_exactness(base, x, y, SCCE, mode=mode, seed=3, reference_mode="eager")
+    assert abs(eager["reference"]) > 1e-3
+    np.testing.assert_allclose(report["reference"], eager["reference"], rtol=1e-6)
+    np.testing.assert_allclose(report["reference_loss"], eager["reference_loss"], rtol=1e-6)
+    assert report["relative_error"] < 1e-5, report
+
+
+class _CountsEagerCalls(keras.layers.Layer):
+    """The identity, counting the calls that run eagerly."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.eager_calls = 0
+
+    def call(self, x):
+        if tf.executing_eagerly():
+            self.eager_calls += 1
+        return x
+
+
+def test_reference_mode_eager_runs_the_tape_eagerly():
+    """Under `mode="xla"` the reference of `reference_mode="eager"` calls
+    the model eagerly once more than that of `reference_mode="xla"` (both
+    build the model with one eager call first)."""
+    x, y = data(n=16)
+    counter = _CountsEagerCalls()
+    base = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(8, activation="tanh"),
+            counter,
+            keras.layers.Dense(3),
+        ]
+    )
+
+    def eager_calls(reference_mode):
+        before = counter.eager_calls
+        report = testing.check_exactness(
+            base, x, y, SCCE, mode="xla", reference_mode=reference_mode
+        )
+        assert report["relative_error"] < 1e-5, report
+        return counter.eager_calls - before
+
+    assert eager_calls("eager") == eager_calls("xla") + 1
+
+
+def test_reference_mode_other_than_mode_is_refused_with_random_layers():
+    """Dropout draws other masks under XLA than outside it, so a reference
+    from another mode would not be the same function: refused, naming
+    the layer. In the same mode it is allowed."""
+    x, y = data(n=16)
+    base = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dropout(0.5, name="drop"),
+            keras.layers.Dense(3),
+        ]
+    )
+    with pytest.raises(ValueError, match=r"`reference_mode` must be `mode` \('xla'\).*drop"):
+        testing.check_exactness(base, x, y, SCCE, mode="xla", reference_mode="eager")
+    report = testing.check_exactness(base, x, y, SCCE, mode="xla", reference_mode="xla")
+    assert report["relative_error"] < 1e-5, report
+    with pytest.raises(ValueError, match="`reference_mode` must be one of .* Received"):
+        testing.check_exactness(mlp(), x, y, SCCE, reference_mode="jit")
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_tape_gradients_match_gradient_tape(mode):
     x, y = data(n=16)
     base = mlp()
