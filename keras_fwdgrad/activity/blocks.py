@@ -152,7 +152,7 @@ def normalized_pairs(base, ends=(), counts=None):
     block, `block_end_layers`) is perturbed itself. `counts` is
     `graph.call_counts(base)` where the caller has it already.
     """
-    operations = graph.flat_operations(base)
+    consumers = _Consumers(graph.flat_operations(base))
     if counts is None:
         counts = graph.call_counts(base)
     end_ids = {id(layer) for layer in ends}
@@ -166,7 +166,7 @@ def normalized_pairs(base, ends=(), counts=None):
             or id(layer) in end_ids
         ):
             continue
-        after = _consumers(operations, layer)
+        after = consumers(layer)
         if (
             len(after) == 1
             and isinstance(after[0], _MIXES_EXAMPLES)
@@ -258,9 +258,10 @@ def block_end_layers(base, local_losses):
     new head), and a list naming such a name is refused."""
     if local_losses is None:
         return []
-    layers = []
+    layers, seen = [], set()
     for layer in graph.flat_layers(base):
-        if all(layer is not other for other in layers):
+        if id(layer) not in seen:
+            seen.add(id(layer))
             layers.append(layer)
     names = [layer.name for layer in layers]
     counts = graph.call_counts(base)
@@ -289,10 +290,11 @@ def block_end_layers(base, local_losses):
             return isinstance(layer, (keras.layers.Dense,) + _POOLING)
 
         if local_losses == "layers":
-            operations = graph.flat_operations(base)
+            consumers = _Consumers(graph.flat_operations(base))
+            index = {id(layer): i for i, layer in enumerate(layers)}
             normalized = {id(layer) for layer, _ in normalized_pairs(base, counts=counts)}
             ends = [
-                _layer_end(layers, operations, counts, i)
+                _layer_end(layers, index, consumers, counts, i)
                 for i, layer in enumerate(layers)
                 if i < last_dense
                 and has_variables(layer)
@@ -388,14 +390,26 @@ def is_block_layer(base, layer):
     )
 
 
-def _consumers(layers, layer):
-    """The layers of `layers` that take an output of `layer`."""
-    outputs = _compat.node_tensors(layer)[1]
-    return [
-        other
-        for other in layers
-        if any(t is o for t in _compat.node_tensors(other)[0] for o in outputs)
-    ]
+class _Consumers:
+    """`consumers(layer)`: the layers of `layers` that take an output of
+    `layer`, each once, in the order of `layers`. The graph is read once,
+    here, so that asking for every layer's consumers stays linear in its
+    size."""
+
+    def __init__(self, layers):
+        self._layers = list(layers)
+        self._readers = {}
+        for position, other in enumerate(self._layers):
+            for tensor in _compat.node_tensors(other)[0]:
+                self._readers.setdefault(id(tensor), []).append(position)
+
+    def __call__(self, layer):
+        positions = {
+            position
+            for output in _compat.node_tensors(layer)[1]
+            for position in self._readers.get(id(output), ())
+        }
+        return [self._layers[position] for position in sorted(positions)]
 
 
 def _residual_ends(layers, counts):
@@ -404,13 +418,14 @@ def _residual_ends(layers, counts):
     output's only consumer, one after the other, each called once: a
     shared `ReLU` after several merges leaves each block's end at its
     merge)."""
+    consumers = _Consumers(layers)
     ends = set()
     for layer in layers:
         if not isinstance(layer, keras.layers.Add):
             continue
         end = layer
         while True:
-            after = _consumers(layers, end)
+            after = consumers(end)
             if (
                 len(after) != 1
                 or not isinstance(after[0], _AFTER_MERGE)
@@ -436,7 +451,7 @@ def _passes_channels(layer):
     )
 
 
-def _layer_end(layers, operations, counts, i):
+def _layer_end(layers, index, consumers, counts, i):
     """Where `local_losses="layers"` ends the block of `layers[i]`, a
     layer with trainable variables: after it and the activation layers
     (`Activation`, `ReLU`, `LeakyReLU`, `ELU`) that alone follow it, so
@@ -448,16 +463,16 @@ def _layer_end(layers, operations, counts, i):
     layers that alone follow it. The head then reads the residual stream
     (a transformer's attention and feed-forward outputs, a ResNet branch)
     rather than the branch by itself; the branch's derivative is the same
-    through the merge."""
+    through the merge. `index` maps each layer's id to its position in
+    `layers`; `consumers` is a `_Consumers` of the model's operations."""
     layer = layers[i]
-    index = {id(other): j for j, other in enumerate(layers)}
     end, merged = layer, False
     # The end without a merge: after the activation layers alone.
     activated, activations_only = layer, True
     while True:
         # Every consumer, graph operations included: a branch that also
         # feeds one must keep its tangent inside its own block.
-        after = _consumers(operations, end)
+        after = consumers(end)
         if len(after) != 1 or id(after[0]) not in index:
             break
         (nxt,) = after
