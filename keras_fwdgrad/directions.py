@@ -173,6 +173,15 @@ class Direction:
         a tensor, a `Factored` rank-one direction or `PackedSigns`.
         Defaults to `sample()`; it must draw the same direction as
         `sample()` for the same seed.
+
+        Args:
+            shapes: List of static shapes (tuples of ints), one per variable.
+            seed: Integer tensor of shape `[2]`, a stateless RNG seed.
+            dtype: Floating dtype of the direction.
+
+        Returns:
+            A list with one entry per shape: a tensor, a `Factored` or a
+            `PackedSigns`.
         """
         return self.sample(shapes, seed, dtype)
 
@@ -200,10 +209,13 @@ class Direction:
         )
 
     def get_config(self):
+        """The arguments of the constructor, for saving: a family with
+        arguments returns them (the base class has none)."""
         return {}
 
     @classmethod
     def from_config(cls, config):
+        """The family from `get_config()`'s dict: `cls(**config)`."""
         return cls(**config)
 
     def __repr__(self):
@@ -211,7 +223,15 @@ class Direction:
 
 
 def has_tangents(direction):
-    """Whether `direction` (a `Direction`) implements `tangent()`."""
+    """Whether a direction family draws per-unit tangents, so that
+    `perturbation="activations"` can use it.
+
+    Args:
+        direction: A `Direction`.
+
+    Returns:
+        `True` when its class implements `tangent()`.
+    """
     return type(direction).tangent is not Direction.tangent
 
 

@@ -289,12 +289,23 @@ class ForwardGradientModel(_Trainer, keras.Model):
 
         Training-only state (the direction stream's counters, the optimizer,
         local heads) is left out: what is served is `model.model`.
+
+        Args:
+            filepath: Where to write the export.
+            format: Passed to `keras.Model.export`. Defaults to
+                `"tf_saved_model"`.
+            **kwargs: Passed to `keras.Model.export`.
         """
         return self.model.export(filepath, format=format, **kwargs)
 
     def summary(self, *args, **kwargs):
         """Prints the wrapped model's summary (`keras.Model.summary`); the
-        training-only step counters and `local_heads` are not counted."""
+        training-only step counters and `local_heads` are not counted.
+
+        Args:
+            *args: Passed to `keras.Model.summary`.
+            **kwargs: Passed to `keras.Model.summary`.
+        """
         return self.model.summary(*args, **kwargs)
 
     def save(self, filepath, *args, **kwargs):

@@ -63,23 +63,56 @@ def random_bits(n, seed):
 
 
 def fold_in(seed, i):
-    """A new seed from `seed` and the integer `i`, independent of both."""
+    """A new seed from `seed` and the integer `i`, independent of both.
+
+    Args:
+        seed: The backend's stateless seed.
+        i: A Python int or an integer tensor.
+
+    Returns:
+        A seed of the same kind as `seed`.
+    """
     return module().fold_in(seed, i)
 
 
 def step_seed(seed, step):
-    """The seed of training step `step` (an integer tensor) of a direction
-    stream keyed by the Python integer `seed`."""
+    """The seed of one training step of a direction stream.
+
+    Args:
+        seed: Python int, the key of the stream (`ForwardGradientModel`'s
+            `seed`).
+        step: Integer tensor, the step.
+
+    Returns:
+        The backend's stateless seed for that step.
+    """
     return module().step_seed(seed, step)
 
 
 def split(flat, sizes):
-    """Splits a 1-D tensor into pieces of the given static sizes."""
+    """Splits a 1-D tensor into pieces of the given static sizes.
+
+    Args:
+        flat: A 1-D tensor of `sum(sizes)` entries.
+        sizes: List of Python ints.
+
+    Returns:
+        A list of 1-D tensors, one per size, in order.
+    """
     return module().split(flat, sizes)
 
 
 def gather(table, index):
-    """`table[index]`: rows of `table` for non-negative integer indices."""
+    """`table[index]`: rows of `table` for non-negative integer indices.
+
+    Args:
+        table: A tensor.
+        index: An integer tensor of indices into the first axis of
+            `table`, each at least 0 and below its length.
+
+    Returns:
+        A tensor of shape `index.shape + table.shape[1:]`.
+    """
     return module().gather(table, index)
 
 
@@ -88,7 +121,15 @@ def view(words, dtype):
     unsigned integer `dtype` (`"uint8"` or `"uint16"`), in memory order (on
     a little-endian machine the low part of each word first): a bitcast,
     which outside XLA reads and writes nothing. Unlike `keras.ops.view`,
-    the length may be dynamic."""
+    the length may be dynamic.
+
+    Args:
+        words: A 1-D `uint32` tensor.
+        dtype: `"uint8"` or `"uint16"`.
+
+    Returns:
+        A 1-D tensor of `dtype`, 4 or 2 entries per word.
+    """
     return module().view(words, dtype)
 
 
@@ -104,5 +145,13 @@ def run(fn, mode):
     """Calls `fn()` eagerly (`mode="eager"`) or compiled: `tf.function`
     (`"graph"`) or with XLA (`"xla"`) on TensorFlow, `jax.jit` for both on
     JAX. On TensorFlow `fn` is traced without AutoGraph, as Keras traces a
-    training step: it must not rely on Python control flow over tensors."""
+    training step: it must not rely on Python control flow over tensors.
+
+    Args:
+        fn: A function of no arguments.
+        mode: `"eager"`, `"graph"` or `"xla"`.
+
+    Returns:
+        What `fn()` returns.
+    """
     return module().run(fn, mode)
