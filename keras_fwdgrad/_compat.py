@@ -292,6 +292,34 @@ def added_losses(layer):
     ]
 
 
+def probability_op_activation(op):
+    """`keras.activations.softmax` or `sigmoid` when `op` is the operation
+    `keras.ops.softmax` or `keras.ops.sigmoid` adds to a functional graph
+    (`keras.src.ops.nn.Softmax`/`Sigmoid`, Keras 3.15.1), else `None`."""
+    try:
+        from keras.src.ops import nn
+    except ImportError as e:  # pragma: no cover - depends on Keras version
+        raise _missing("keras.src.ops.nn", e) from e
+    softmax = _attribute(nn, "Softmax", "keras.src.ops.nn.Softmax")
+    sigmoid = _attribute(nn, "Sigmoid", "keras.src.ops.nn.Sigmoid")
+    if type(op) is softmax:
+        return keras.activations.softmax
+    if type(op) is sigmoid:
+        return keras.activations.sigmoid
+    return None
+
+
+def compiled_loss_weights(model):
+    """The `loss_weights` a compiled model was compiled with (`None` when
+    none were given): `Trainer._compile_config`, a `SerializableDict`
+    holding `compile()`'s arguments as `config` (Keras 3.15.1).
+    `get_compile_config()` would serialize the optimizer, which cannot run
+    while a step is traced."""
+    config = _attribute(model, "_compile_config", "Trainer._compile_config")
+    arguments = _attribute(config, "config", "SerializableDict.config")
+    return arguments.get("loss_weights")
+
+
 def loss_tracker(model):
     """The `Mean` metric behind the `loss` log: `Trainer._loss_tracker`
     (Keras 3.15.1)."""

@@ -42,6 +42,20 @@ def is_container(layer):
     return is_sequential(layer) or is_functional(layer)
 
 
+def floating_input_dtype(model):
+    """The dtype Keras gives floating inputs of `model` before its layers
+    see them: for a `Sequential` model its `Input`'s dtype (the compute
+    dtype without an `Input`; its first layer casts them there); `None`
+    for a functional model, whose run casts each input to its `Input`'s
+    dtype itself (`run`)."""
+    if not is_sequential(model):
+        return None
+    inputs = keras.tree.flatten(getattr(model, "inputs", None) or [])
+    if len(inputs) == 1:
+        return keras.backend.standardize_dtype(inputs[0].dtype)
+    return model.compute_dtype
+
+
 def flat_layers(model):
     """The layers of `model` in call order, nested `Sequential` and
     functional models expanded, input layers left out."""

@@ -116,6 +116,44 @@ def test_auto_ends_the_same_blocks_under_mixed_precision(policy, output):
     assert heads(policy) == [(64, 4), (16, 4)]
 
 
+def _probability_outputs():
+    return {
+        "dense_softmax": lambda z: z,
+        "activation_layer": keras.layers.Activation("softmax"),
+        "softmax_layer": keras.layers.Softmax(),
+        "ops_softmax": keras.ops.softmax,
+        "ops_sigmoid": keras.ops.sigmoid,
+        "linear": lambda z: z,
+    }
+
+
+@pytest.mark.parametrize("output", list(_probability_outputs()))
+def test_heads_apply_the_activation_that_gives_the_output(output):
+    """The compiled loss applies to each head as to the model, so a head
+    ends with the softmax or sigmoid that gives the model its output,
+    whether it is the last `Dense` layer's activation, a `Softmax` or
+    `Activation` layer or a `keras.ops` call after it (the heads were
+    linear behind a `Softmax` layer or `keras.ops.softmax`: rows summing
+    to 2.68 or -0.94 fed to a cross-entropy that takes probabilities)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu")(x)
+    activation = "softmax" if output == "dense_softmax" else None
+    out = _probability_outputs()[output](keras.layers.Dense(3, activation=activation)(h))
+    model = ForwardGradientModel(
+        keras.Model(x, out), perturbation="activations", local_losses="auto", seed=1
+    )
+    (head,) = model.local_heads
+    expected = {"ops_sigmoid": "sigmoid", "linear": "linear"}.get(output, "softmax")
+    assert head.activation.__name__ == expected
+    features = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    predictions = keras.ops.convert_to_numpy(head(features))
+    if expected == "softmax":
+        np.testing.assert_allclose(predictions.sum(axis=1), 1.0, rtol=1e-6)
+    elif expected == "sigmoid":
+        assert np.all((predictions > 0) & (predictions < 1))
+
+
 @pytest.mark.parametrize("mode", backend_modes(["eager", "graph"]))
 def test_hidden_heads_follow_the_gradient_under_mixed_precision(mode):
     """Under `mixed_bfloat16` the heads' hidden layers compute in bfloat16
@@ -230,6 +268,27 @@ def test_bad_local_head_units_are_named(value, options, message):
     with pytest.raises(ValueError, match=message) as error:
         ForwardGradientModel(base, perturbation="activations", local_head_units=value, **options)
     assert "local_head_units" in str(error.value)
+
+
+def test_a_list_ending_a_block_at_the_output_layer_is_refused():
+    """The last block learns from the model's own loss: a list that ends a
+    block at the output layer, or after it, leaves it nothing to train,
+    also when a `Softmax` layer follows the output layer (it was
+    accepted, and the output layer trained on a head's loss)."""
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="logits"),
+            keras.layers.Softmax(name="probabilities"),
+        ]
+    )
+    with pytest.raises(ValueError, match=r"lists \['logits'\].*would train nothing"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["logits"])
+    with pytest.raises(ValueError, match="the last block always ends there"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["probabilities"])
+    model = ForwardGradientModel(base, perturbation="activations", local_losses=["hidden"])
+    assert [head.dense.kernel.shape for head in model.local_heads] == [(8, 3)]
 
 
 def _siamese_and_tied():

@@ -715,3 +715,245 @@ def test_mixed_precision_perturbs_what_float32_perturbs(policy, case, options, m
         assert mixed.dtype == np.float32, (path, mixed.dtype)
         distance = np.linalg.norm(mixed - exact) / np.linalg.norm(exact)
         assert distance < bound, (path, distance)
+
+
+def _full_basis_against_tape(base, x, y, units, mode, loss=LOSS, **compile_options):
+    """The full-basis estimate (`num_directions` = the layer's outputs per
+    example; for one output, one random sign, `u² = 1`) and the tape's
+    gradient, each of a model compiled with `loss` and `compile_options`."""
+
+    def compiled(**options):
+        model = ForwardGradientModel(base, perturbation="activations", **options)
+        model.compile(optimizer="sgd", loss=loss, **compile_options)
+        return model
+
+    _, expected = testing.tape_gradients(compiled(), x, y)
+    if units == 1:
+        model = compiled(direction="rademacher", seed=3)
+    else:
+        model = compiled(num_directions=units, orthogonal_directions=True, seed=3)
+    return _forward_gradient(model, x, y, mode), expected
+
+
+def _compiled_loss_cases():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(5,))
+    tokens = np.array([[1, 2, 0], [3, 0, 0], [4, 4, 4], [2, 0, 0]], "int32")
+    return {
+        # One trainable layer, its three outputs the full basis.
+        "loss_weights": (
+            lambda: keras.Sequential(
+                [
+                    keras.Input((4,)),
+                    keras.layers.Dense(3, activation="tanh"),
+                    keras.layers.Dense(3, activation="softmax", trainable=False),
+                ]
+            ),
+            x,
+            y,
+            3,
+            {"loss_weights": [0.25]},
+        ),
+        # A prediction per token, masked where the token is 0: the loss
+        # counts the valid tokens only (3 tokens x 3 units).
+        "output_mask": (
+            lambda: keras.Sequential(
+                [
+                    keras.Input((3,), dtype="int32"),
+                    keras.layers.Embedding(5, 2, mask_zero=True, trainable=False),
+                    keras.layers.Dense(3, activation="softmax"),
+                ]
+            ),
+            tokens,
+            rng.integers(0, 3, size=(4, 3)),
+            9,
+            {},
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", backend_modes(ARCHITECTURE_MODES))
+@pytest.mark.parametrize("case", list(_compiled_loss_cases()))
+def test_each_example_takes_the_compiled_loss_as_keras_reduces_it(case, mode):
+    """The per-example losses whose derivatives the pass takes are the
+    compiled loss as Keras computes it: with `loss_weights`, and with the
+    Keras mask of a per-token output (only the valid tokens, each weighed
+    by the batch's count over its valid ones). With the full basis the
+    estimate then equals the tape's gradient of the compiled loss
+    (rtol=atol=1e-4, float32); the loss weight of 0.25 was left out before
+    (four times the gradient) and the mask too (0.0041 off where the
+    gradient is at most 0.0087)."""
+    build, x, y, units, options = _compiled_loss_cases()[case]
+    keras.utils.set_random_seed(0)
+    estimate, expected = _full_basis_against_tape(build(), x, y, units, mode, **options)
+    assert max(float(np.max(np.abs(e))) for e in expected) > 1e-3
+    for g, e in zip(estimate, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_weights_of_shape_batch_by_one_are_keras_sample_weights():
+    """Keras takes sample weights of shape `(batch, 1)` as `(batch,)`."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model = _wrapped(base, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0])
+    weights = np.array([1.0, 2.0, 0.0, 1.0], "float32")
+    loss, grads = model.forward_gradient(x, y, sample_weight=weights)
+    loss_column, grads_column = model.forward_gradient(x, y, sample_weight=weights[:, None])
+    np.testing.assert_allclose(float(loss_column), float(loss), rtol=1e-6)
+    for a, b in zip(grads_column, grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_frozen_batch_normalization_does_not_mix_examples():
+    """Keras runs a `BatchNormalization` with `trainable=False` in
+    inference mode, each example alone, so the layer before it keeps its
+    per-example derivatives: the full basis is exact (rtol=atol=1e-4; it
+    was 0.36 off where the gradient is at most 0.46, the whole batch's
+    derivative)."""
+    keras.utils.set_random_seed(0)
+    normalization = keras.layers.BatchNormalization()
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, activation="tanh"),
+            normalization,
+            keras.layers.Dense(3, activation="softmax", trainable=False),
+        ]
+    )
+    normalization.trainable = False
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    estimate, expected = _full_basis_against_tape(base, x, y, 3, "graph")
+    assert max(float(np.max(np.abs(e))) for e in expected) > 1e-2
+    for g, e in zip(estimate, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_predictions_take_the_loss_in_float32():
+    """Under `mixed_float16` a float16 output's loss is computed in float32,
+    as Keras computes it: squared errors of about 9e4 overflow float16
+    (every estimate was NaN and every step skipped on TensorFlow). The
+    one-unit output's estimate with a random sign is exact up to float16
+    rounding (rtol 1e-2) and the step changes the weights."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="relu", trainable=False),
+                keras.layers.Dense(1),
+            ]
+        )
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(8, 4)).astype("float32")
+        y = np.full((8, 1), 300.0, "float32")
+        estimate, expected = _full_basis_against_tape(base, x, y, 1, "graph", loss="mse")
+        for g, e in zip(estimate, expected):
+            assert np.all(np.isfinite(g))
+            np.testing.assert_allclose(g, e, rtol=1e-2)
+        model = _wrapped(base, seed=1)
+        model.compile(optimizer="sgd", loss="mse")
+        before = [np.array(v) for v in base.trainable_variables]
+        model.train_on_batch(x, y)
+        assert int(model.skipped_steps) == 0
+        assert any(np.any(np.array(v) != b) for v, b in zip(base.trainable_variables, before))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_orthogonal_directions_beyond_an_outputs_units_are_refused():
+    """K orthogonal tangents need K units in every perturbed output, that of
+    a layer of the general rule and a head's hidden layer too (an
+    `EinsumDense` of 2 outputs with K = 3 gave NaN estimates on
+    TensorFlow, and a wrong one on JAX)."""
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.EinsumDense("ab,bc->ac", (2,)),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    with pytest.raises(ValueError, match="num_directions=3 and 'einsum_dense' with 2"):
+        ForwardGradientModel(
+            base, perturbation="activations", orthogonal_directions=True, num_directions=3
+        )
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    with pytest.raises(ValueError, match="the hidden layer of the head after 'hidden' with 2"):
+        ForwardGradientModel(
+            base,
+            perturbation="activations",
+            local_losses="layers",
+            local_head_units=2,
+            orthogonal_directions=True,
+            num_directions=3,
+        )
+    ForwardGradientModel(
+        base,
+        perturbation="activations",
+        local_losses="layers",
+        local_head_units=3,
+        orthogonal_directions=True,
+        num_directions=3,
+    )
+
+
+def _token_model():
+    tokens = keras.Input((2,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(5000, 4)(tokens))
+    return keras.Model(tokens, keras.layers.Dense(3, activation="softmax", dtype="float32")(h))
+
+
+def _raw_input_models():
+    return {
+        # Float token ids fed to an `int32` input: Keras casts them to
+        # int32 (3001, not float16's 3000).
+        "token_ids": (_token_model, np.array([[3001.0, 4097.0], [2049.0, 10.0]])),
+        # Raw features up to 70,000 before a float32 `Rescaling`: float16
+        # would make them inf.
+        "float32_preprocessing": (
+            lambda: keras.Sequential(
+                [
+                    keras.Input((1,)),
+                    keras.layers.Rescaling(1e-4, dtype="float32"),
+                    keras.layers.Dense(2, activation="softmax", dtype="float32"),
+                ]
+            ),
+            np.array([[70000.0], [12345.6]], "float32"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_raw_input_models()))
+def test_inputs_reach_the_model_as_keras_converts_them(case):
+    """Under `mixed_float16` the pass gives the model its inputs as Keras
+    does, in each `Input`'s dtype, not first in the float16 compute dtype:
+    its loss is the model's own, and the estimates are finite."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        build, x = _raw_input_models()[case]
+        base = build()
+        y = np.array([0, 1])
+        model = _wrapped(base, seed=1)
+        loss, grads = model.forward_gradient(x, y)
+        expected = keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(y, base(x, training=True))
+        )
+        np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -125,6 +125,38 @@ def run(strategy):
     return results
 
 
+def regularizer_steps(strategy):
+    """The kernel after one SGD step (lr 0.1) on zero inputs under
+    `L2(0.5)`, over the kernel before: only the regularizer moves it, by
+    `1 - 0.1 * 2 * 0.5 = 0.9`, on any number of replicas."""
+    x = np.zeros((GLOBAL_BATCH, 8), "float32")
+    y = np.zeros((GLOBAL_BATCH,), "int64")
+    ratios = {}
+    for method in ("backprop", "activations"):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            base = keras.Sequential(
+                [
+                    keras.Input((8,)),
+                    keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.5)),
+                ]
+            )
+            before = np.array(base.layers[0].kernel)
+            model = (
+                base
+                if method == "backprop"
+                else ForwardGradientModel(base, perturbation="activations", seed=7)
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.1),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                jit_compile=False,
+            )
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0, shuffle=False)
+        ratios[method] = (np.array(base.layers[0].kernel) / before).ravel().tolist()
+    return ratios
+
+
 if MODE == "mirrored":
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 elif MODE == "worker":
@@ -132,5 +164,7 @@ elif MODE == "worker":
 else:
     strategy = tf.distribute.get_strategy()
 out = {"replicas": strategy.num_replicas_in_sync, "results": run(strategy)}
+if len(sys.argv) <= 3:
+    out["regularizer_steps"] = regularizer_steps(strategy)
 with open(OUT, "w") as f:
     json.dump(out, f)

@@ -149,6 +149,18 @@ def test_activity_perturbation_all_reduces_the_gradient(runs):
     assert np.isfinite(r["loss"])
 
 
+def test_weight_regularizers_count_once_on_two_replicas(runs):
+    """Keras divides the regularization losses by the number of replicas
+    and sums the replicas' gradients; activity perturbation adds each
+    regularizer's exact gradient to its estimate, so on each of two
+    replicas it adds half (it added all of it, a step of 0.8 where backprop
+    takes 0.9). One SGD step on zero inputs moves the kernel by the
+    regularizer alone: by 0.9, with one replica and two."""
+    for run in runs:
+        for method, ratios in run["regularizer_steps"].items():
+            np.testing.assert_allclose(ratios, 0.9, rtol=1e-5, err_msg=method)
+
+
 def test_optimizer_is_left_as_made(runs):
     """Bypassing the optimizer's gradient all-reduce lasts only while the
     update is traced: no method of the optimizer stays overridden."""

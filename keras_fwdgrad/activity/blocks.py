@@ -124,6 +124,13 @@ def frozen_variables(layer):
     return [v for v in layer.variables if not v.trainable]
 
 
+def mixes_examples(layer):
+    """Whether `layer` mixes the examples of a batch in a training pass: a
+    `BatchNormalization` that trains (Keras runs a frozen one in inference
+    mode, each example alone)."""
+    return isinstance(layer, _MIXES_EXAMPLES) and layer.trainable
+
+
 def _dense_or_convolution(layer):
     return isinstance(layer, _PERTURBED) and has_variables(layer)
 
@@ -330,6 +337,23 @@ def block_end_layers(base, local_losses):
                 f"{names[-1]!r}; the last block always ends there and uses "
                 "the model's own loss."
             )
+        last_trained = max(
+            (i for i, layer in enumerate(layers) if has_variables(layer)), default=-1
+        )
+        listed_ids = {id(layer) for layer in ends}
+        late = [
+            layer.name
+            for i, layer in enumerate(layers)
+            if i >= last_trained and id(layer) in listed_ids
+        ]
+        if last_trained >= 0 and late:
+            raise ValueError(
+                f"`local_losses` lists {late}, after which the model calls no "
+                "layer with trainable variables: the last block, which "
+                "learns from the model's own loss, would train nothing (a "
+                "`Softmax` or `Activation` layer after the output layer "
+                "belongs to the output layer's block). Name earlier layers."
+            )
         shared = {layer.name: counts[id(layer)] for layer in ends if counts[id(layer)] != 1}
         if shared:
             raise ValueError(
@@ -499,15 +523,36 @@ def _layer_end(layers, index, consumers, counts, i):
 
 
 def check_num_directions(model):
-    if model.orthogonal_directions:
-        for layer in graph.flat_layers(model.model):
-            if perturbed(layer) and model.num_directions > _units(model.model, layer):
-                raise ValueError(
-                    "`orthogonal_directions=True` needs `num_directions` at most "
-                    "the number of pre-activations of each perturbed layer. "
-                    f"Received: num_directions={model.num_directions} and layer "
-                    f"{layer.name!r} with {_units(model.model, layer)}"
-                )
+    """With `orthogonal_directions`, raises unless every perturbed output
+    (a `Dense`/convolution layer's pre-activations, any other layer's
+    output, a head's hidden layer at every position) has at least
+    `num_directions` units: K orthogonal tangents need K dimensions."""
+    if not model.orthogonal_directions:
+        return
+    base = model.model
+    sizes = [
+        (repr(layer.name), _units(base, layer))
+        for layer in graph.flat_layers(base)
+        if has_variables(layer)
+    ]
+    if model.local_head_units is not None:
+        for layer in graph.flat_layers(base):
+            if id(layer) in model._local_loss_end_ids:
+                shape = graph.output_of(base, layer).shape
+                channels = shape[-1] if isinstance(shape[-1], numbers.Integral) else None
+                units = _units(base, layer)
+                if channels:
+                    units = units // channels * model.local_head_units
+                sizes.append((f"the hidden layer of the head after {layer.name!r}", units))
+    for name, units in sizes:
+        if model.num_directions > units:
+            raise ValueError(
+                "`orthogonal_directions=True` needs `num_directions` at most "
+                "the number of units each perturbed layer outputs (for a "
+                "`Dense` or convolution layer, its pre-activations). "
+                f"Received: num_directions={model.num_directions} and "
+                f"{name} with {units}"
+            )
 
 
 def check_local_loss_groups(model):

@@ -3,6 +3,7 @@ the heads of a model's blocks."""
 
 import keras
 
+from keras_fwdgrad import _compat
 from keras_fwdgrad import graph
 
 
@@ -78,6 +79,23 @@ class LocalHead(keras.layers.Layer):
         return config
 
 
+def output_activation(base):
+    """The softmax or sigmoid that gives the model its output, which the
+    heads apply too (so that the compiled loss applies to them as to the
+    model): a `Softmax` layer, an `Activation` layer or a
+    `keras.ops.softmax`/`sigmoid` call that the model ends with, else its
+    last layer's own activation; `None` for any other."""
+    last = graph.flat_operations(base)[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return keras.activations.softmax
+    activation = _compat.probability_op_activation(last)
+    if activation is None:
+        activation = getattr(graph.flat_layers(base)[-1], "activation", None)
+    if activation in (keras.activations.softmax, keras.activations.sigmoid):
+        return activation
+    return None
+
+
 def make_heads(base, ends, hidden_units=None):
     """One `LocalHead` per block end (`ends`: the layers of
     `block_end_layers`), built for the block's output (with a hidden
@@ -93,10 +111,7 @@ def make_heads(base, ends, hidden_units=None):
             "tagging, image-to-image) use `local_losses=None`."
         )
     units = output.shape[-1]
-    last = graph.flat_layers(base)[-1]
-    activation = getattr(last, "activation", None)
-    if activation not in (keras.activations.softmax, keras.activations.sigmoid):
-        activation = None
+    activation = output_activation(base)
     heads = []
     for i, layer in enumerate(ends):
         name, shape = layer.name, tuple(graph.output_of(base, layer).shape)

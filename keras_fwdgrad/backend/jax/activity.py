@@ -43,7 +43,7 @@ from keras_fwdgrad.activity import losses
 from keras_fwdgrad.activity import masks
 from keras_fwdgrad.activity import orthogonal
 from keras_fwdgrad.backend.jax import kernel_products
-from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import mixes_examples
 from keras_fwdgrad.activity.blocks import CallOrder
 from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import frozen_variables
@@ -171,7 +171,7 @@ class _Pass:
         if self.call_order.pending():
             # A call of the model's graph (the heads follow it).
             self.block = self.call_order.block(layer)
-        if isinstance(layer, _MIXES_EXAMPLES):
+        if mixes_examples(layer):
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
             )
@@ -259,9 +259,15 @@ def estimate(model, state, x, y, sample_weight, k):
     mapping = list(zip(variables, trainable)) + list(
         zip(model.non_trainable_variables, non_trainable)
     )
-    dtype = model.model.compute_dtype
+    # As Keras converts them: floating inputs of a `Sequential` model to its
+    # `Input`'s dtype; a functional model's run casts each to its own.
+    dtype = graph.floating_input_dtype(model.model)
     x = jax.tree.map(
-        lambda t: t.astype(dtype) if jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating) else t,
+        lambda t: (
+            t.astype(dtype)
+            if dtype is not None and jnp.issubdtype(jnp.asarray(t).dtype, jnp.floating)
+            else t
+        ),
         x,
     )
     holder = {}

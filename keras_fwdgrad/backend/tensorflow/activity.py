@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_fwdgrad import _compat
 from keras_fwdgrad import backend
 from keras_fwdgrad import layer_rules
-from keras_fwdgrad.activity.blocks import _MIXES_EXAMPLES
+from keras_fwdgrad.activity.blocks import mixes_examples
 from keras_fwdgrad.activity.blocks import CallOrder
 from keras_fwdgrad.activity.blocks import check_no_added_losses
 from keras_fwdgrad.activity.blocks import has_variables
@@ -131,7 +131,7 @@ class _Pass:
         if self.call_order.pending():
             # A call of the model's graph (the heads follow it).
             self.block = self.call_order.block(layer)
-        if isinstance(layer, _MIXES_EXAMPLES):
+        if mixes_examples(layer):
             self.mixing_records.update(
                 i for i, r in enumerate(self.records) if r.block == self.block
             )
@@ -354,11 +354,13 @@ def estimate(model, x, y, sample_weight, k, bases=None):
     heads = model.local_heads
     p = _Pass(model, seed, k, ends, heads, {} if bases is None else bases)
     _compat.clear_losses(model.model)
-    compute_dtype = model.model.compute_dtype
+    # As Keras converts them: floating inputs of a `Sequential` model to its
+    # `Input`'s dtype; a functional model's run casts each to its own.
+    input_dtype = graph.floating_input_dtype(model.model)
     x = tf.nest.map_structure(
         lambda t: (
-            tf.cast(t, compute_dtype)
-            if tf.convert_to_tensor(t).dtype.is_floating
+            tf.cast(t, input_dtype)
+            if input_dtype is not None and tf.convert_to_tensor(t).dtype.is_floating
             else tf.convert_to_tensor(t)
         ),
         x,
@@ -604,7 +606,10 @@ def _loss_jacobian(model, activation, z, y, sample_weight):
 
 def _with_regularizers(variables, grads):
     """Adds the exact gradient of each weight regularizer (a function of
-    that variable alone) to its estimate."""
+    that variable alone) to its estimate; on each of R replicas 1/R of it,
+    as Keras divides the regularization losses (the replicas' gradients
+    are summed)."""
+    replicas = distribute.num_replicas()
     out = []
     for v, g in zip(variables, grads):
         regularizer = getattr(v, "regularizer", None)
@@ -612,7 +617,10 @@ def _with_regularizers(variables, grads):
             with tf.GradientTape() as tape:
                 tape.watch(v.value)
                 penalty = regularizer(v.value)
-            g = g + tf.cast(tape.gradient(penalty, v.value), g.dtype)
+            gradient = tf.cast(tape.gradient(penalty, v.value), g.dtype)
+            if replicas > 1:
+                gradient = gradient / tf.cast(replicas, g.dtype)
+            g = g + gradient
         out.append(g)
     return out
 
