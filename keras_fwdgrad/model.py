@@ -203,8 +203,6 @@ class ForwardGradientModel(_Trainer, keras.Model):
         # The names and ids of `activity.block_end_layers`.
         self._local_loss_ends = []
         self._local_loss_end_ids = []
-        # `{id(layer): id(normalization)}`: `activity.normalized_pairs`.
-        self._normalized_layers = {}
         self._local_loss_trackers = []
         self._create_training_state()
         # Filled in by the first step (see `keras_fwdgrad.connectivity`).

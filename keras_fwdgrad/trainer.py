@@ -30,6 +30,7 @@ from keras import ops
 from keras_fwdgrad import _compat
 from keras_fwdgrad import activity
 from keras_fwdgrad import backend
+from keras_fwdgrad import graph
 
 
 def all_finite(tensors):
@@ -125,16 +126,26 @@ class Trainer:
         # The block of each call of a pass, in call order: parallel
         # branches interleave in call order (`activity.call_blocks`).
         self._local_loss_call_blocks = activity.call_blocks(self.model, ends)
-        self._normalized_layers = {
-            id(layer): id(normalization)
-            for layer, normalization in activity.normalized_pairs(self.model, ends)
-        }
         self.local_heads = activity.make_heads(self.model, ends, self.local_head_units)
         self._local_loss_trackers = [
             keras.metrics.Mean(name=f"local_loss_{i}") for i in range(len(self.local_heads))
         ]
         activity.check_num_directions(self)
         activity.check_local_loss_groups(self)
+
+    def _normalized_layers(self):
+        """`{id(layer): id(normalization)}` of `activity.normalized_pairs`,
+        for the trainability of the model's layers now: a pass calls it
+        once, as it starts. A `BatchNormalization` frozen after wrapping (as
+        fine-tuning does, then `compile()` again) runs in inference mode,
+        each example alone, and the layer before it is then perturbed
+        itself."""
+        by_id = {id(layer): layer for layer in graph.flat_layers(self.model)}
+        ends = [by_id[i] for i in self._local_loss_end_ids if i in by_id]
+        return {
+            id(layer): id(normalization)
+            for layer, normalization in activity.normalized_pairs(self.model, ends)
+        }
 
     def _diagnostic_trackers(self):
         return [t for t in (self._abs_d_tracker, self._clipped_tracker) if t is not None]

@@ -834,6 +834,46 @@ def test_a_frozen_batch_normalization_does_not_mix_examples():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+def test_a_batch_normalization_frozen_after_wrapping():
+    """Fine-tuning freezes a `BatchNormalization` of a wrapped, trained
+    model and compiles again. The `Dense` layer before it fed a trainable
+    normalization (so the normalization's output was perturbed in its
+    place); now it is perturbed itself, and the full basis is its exact
+    gradient (rtol=atol=1e-4). `fit` raised a `ValueError` saying that no
+    layer call used the kernel. The frozen normalization's statistics stay
+    as they were."""
+    keras.utils.set_random_seed(0)
+    normalization = keras.layers.BatchNormalization()
+    base = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3, use_bias=False),
+            normalization,
+            keras.layers.Dense(3, activation="softmax", trainable=False),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    model = ForwardGradientModel(
+        base, perturbation="activations", num_directions=3, orthogonal_directions=True, seed=3
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    model.fit(x, y, batch_size=6, verbose=0)
+    normalization.trainable = False
+    model.compile(optimizer="sgd", loss=LOSS)
+    _, expected = testing.tape_gradients(model, x, y)
+    estimate = _forward_gradient(model, x, y, "graph")
+    assert len(estimate) == 1 and float(np.max(np.abs(expected[0]))) > 1e-2
+    np.testing.assert_allclose(estimate[0], expected[0], rtol=1e-4, atol=1e-4)
+    statistics = [np.array(v) for v in normalization.non_trainable_variables]
+    kernel = np.array(base.layers[0].kernel)
+    model.fit(x, y, batch_size=6, verbose=0)
+    assert np.any(np.array(base.layers[0].kernel) != kernel)
+    for v, before in zip(normalization.non_trainable_variables, statistics):
+        np.testing.assert_array_equal(np.array(v), before)
+
+
 def test_half_precision_predictions_take_the_loss_in_float32():
     """Under `mixed_float16` a float16 output's loss is computed in float32,
     as Keras computes it: squared errors of about 9e4 overflow float16

@@ -116,9 +116,11 @@ class _Pass:
         # `(record, function)` of the model's output (`Alignment.output_of`).
         self.alignment = groups.Alignment()
         self.output_record = None
-        # The calls of `normalized_layers` layers (not perturbed), with
-        # their array leaves and states, and `{id(normalization): (index,
-        # output)}` of the last one before each normalization.
+        # `{id(layer): id(normalization)}` (`activity.normalized_pairs`).
+        self.normalized_layers = model._normalized_layers()
+        # The calls of those layers (not perturbed), with their array
+        # leaves and states, and `{id(normalization): (index, output)}` of
+        # the last one before each normalization.
         self.normalized_records = []
         self.normalized_inputs = []
         self.normalized_states = []
@@ -190,7 +192,7 @@ class _Pass:
             if layer.hidden is not None:
                 h = self.perturb(layer.hidden, (h,), {}, True, head_hidden=True)
             y = self.perturb(layer.dense, (layer.pool(h),), {}, True, head=True)
-        elif id(layer) in self.model._normalized_layers:
+        elif id(layer) in self.normalized_layers:
             # Not perturbed: the normalization after it is, and its
             # reverse pass gives this layer's cotangent.
             leaves, treedef = jax.tree_util.tree_flatten((args, {}))
@@ -200,7 +202,7 @@ class _Pass:
             self.normalized_inputs.append(list(leaves))
             self.normalized_states.append([v.value for v in frozen_variables(layer)])
             y = _linear_call(layer, args, {}, True)
-            self.pending[self.model._normalized_layers[id(layer)]] = (
+            self.pending[self.normalized_layers[id(layer)]] = (
                 len(self.normalized_records) - 1,
                 y,
             )

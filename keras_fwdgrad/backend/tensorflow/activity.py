@@ -105,8 +105,10 @@ class _Pass:
         self.mixing_records = set()
         self.acc = None
         self.alignment = groups.Alignment()
-        # `{id(normalization): record}` of the last call of each
-        # `normalized_layers` layer, for the normalization after it.
+        # `{id(layer): id(normalization)}` (`activity.normalized_pairs`),
+        # and `{id(normalization): record}` of the last call of each such
+        # layer, for the normalization after it.
+        self.normalized_layers = model._normalized_layers()
         self.normalized = {}
         # `{id(relu output): record}` of the closed-form ReLU layers whose
         # output takes its tangent directly (`call_closed_form`).
@@ -140,7 +142,7 @@ class _Pass:
             # call): no variables.
             y = layer(*args, **kwargs)
             self.alignment.layer_output(layer, args, y, kwargs)
-        elif id(layer) in self.model._normalized_layers:
+        elif id(layer) in self.normalized_layers:
             y = masks.of_uncalled(layer, args, kwargs, self.call_normalized(layer, args[0]))
         elif has_variables(layer):
             y = self.call_perturbed(layer, args, kwargs)
@@ -254,7 +256,7 @@ class _Pass:
         if tx is not None:
             _compat.watch(self.acc, z, tx)
         record = _Record(layer, x, z, None, self.block)
-        self.normalized[self.model._normalized_layers[id(layer)]] = record
+        self.normalized[self.normalized_layers[id(layer)]] = record
         return z
 
     def call_general(self, layer, args, kwargs, head_hidden=False):
