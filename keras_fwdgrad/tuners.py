@@ -50,10 +50,17 @@ def digest(key):
 
 def _budget(fit_args, fit_kwargs):
     """What defines a trial's training budget among `search()`'s fit
-    arguments: epochs, steps, and the training data's size where known."""
+    arguments: epochs, steps, the share of the data held out for
+    validation, and the training data's size where known."""
     budget = {
         k: fit_kwargs.get(k)
-        for k in ("epochs", "steps_per_epoch", "validation_steps", "batch_size")
+        for k in (
+            "epochs",
+            "steps_per_epoch",
+            "validation_steps",
+            "validation_split",
+            "batch_size",
+        )
         if fit_kwargs.get(k) is not None
     }
     budget.setdefault("epochs", 1)

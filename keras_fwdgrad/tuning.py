@@ -327,8 +327,9 @@ def make_tuner(
     The tuner's `search()` prints the number of trials before it starts,
     resumes a search of the same settings from its folder, and raises a
     `ValueError` if the folder holds a search made with another model
-    builder, search space, loss, seed or budget (epochs, steps, training
-    data size) instead of returning its stale trials.
+    builder, search space, loss, seed or budget (epochs, steps,
+    `validation_split`, training data size) instead of returning its
+    stale trials.
 
     Args:
         hypermodel: A `LearningRateHyperModel` (or any KerasTuner

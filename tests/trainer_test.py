@@ -141,8 +141,9 @@ def test_infinite_directional_derivative_is_skipped():
 
 def test_terminate_on_nan_stops_only_when_no_step_is_finite():
     """A skipped batch leaves the weights and the logs finite, so
-    `TerminateOnNaN` lets training go on; when every step so far is
-    non-finite the logs are NaN and it stops training."""
+    `TerminateOnNaN` lets training go on; when every step of the epoch so
+    far is non-finite (a whole epoch, or its first batch) the logs are NaN
+    and it stops training (docs/behaviour.md, "Non-finite steps")."""
     x, y = data(n=128)
     x[70, 0] = np.nan
     base = mlp()
@@ -163,6 +164,13 @@ def test_terminate_on_nan_stops_only_when_no_step_is_finite():
     # Every step of that epoch was skipped: no weight moved.
     for a, b in zip(before, weights_of(base)):
         np.testing.assert_array_equal(a, b)
+    # The epoch's first step stopped it: one step of the four.
+    assert int(model.direction_step) == 4 * 5 + 1
+    x, y = data(n=128)
+    x[0, 0] = np.nan
+    history = model.fit(x, y, epochs=5, **fit)
+    assert len(history.history["loss"]) == 1
+    assert int(model.direction_step) == 4 * 5 + 1 + 1
 
 
 def test_diagnostics_in_history_and_tensorboard(tmp_path):

@@ -213,6 +213,20 @@ def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
     assert len(fresh.oracle.trials) == 2
 
 
+def test_another_validation_split_is_another_search(tmp_path):
+    """`validation_split` sets what a trial trains and is scored on: a
+    search in the same folder with another share is refused (it resumed
+    the old trials and their scores)."""
+    train = next(iter(helpers.regression(40, 0).unbatch().batch(40)))
+    x, y = (np.asarray(t) for t in train)
+    first = tuning.make_tuner(_backprop(), directory=str(tmp_path), project_name="p")
+    first.search(x, y, validation_split=0.1, epochs=1, verbose=0)
+    again = tuning.make_tuner(_backprop(), directory=str(tmp_path), project_name="p")
+    with pytest.raises(ValueError, match="validation_split: 0.1 there, 0.5 now"):
+        again.search(x, y, validation_split=0.5, epochs=1, verbose=0)
+    again.search(x, y, validation_split=0.1, epochs=1, verbose=0)
+
+
 def test_trial_count_is_printed_before_the_search(tmp_path, capsys):
     train, val = helpers.regression(64, 0), helpers.regression(32, 1)
     hypermodel = tuning.LearningRateHyperModel(
