@@ -179,6 +179,11 @@ def check_activity_arguments(
                 '`local_losses` must be `None`, `"auto"`, `"layers"` or a list of '
                 f"layer names. Received: local_losses={local_losses!r}"
             )
+        if names_ok and not local_losses:
+            raise ValueError(
+                "`local_losses` must name at least one layer (or be `None` for "
+                f"the model's loss alone). Received: local_losses={local_losses!r}"
+            )
         if perturbation != "activations":
             raise ValueError(
                 '`local_losses` requires `perturbation="activations"`. '

@@ -29,7 +29,10 @@ class GradientCosine(keras.callbacks.Callback):
     Args:
         x, y: The held batch.
         every: Positive integer, measure every this many training steps.
-            Defaults to `100`.
+            With `steps_per_execution` in `compile()`, Keras calls
+            callbacks once per execution of that many steps: the cosine is
+            then measured at the end of each execution in which a multiple
+            of `every` steps is reached. Defaults to `100`.
 
     Example:
 
@@ -46,7 +49,9 @@ class GradientCosine(keras.callbacks.Callback):
         self.x, self.y, self.every = x, y, every
         self.values = []
         self._epoch_values = []
+        # Training steps seen, and those before this epoch.
         self._steps = 0
+        self._epoch_start = 0
 
     def measure(self):
         """The cosine now, as a Python float."""
@@ -71,10 +76,14 @@ class GradientCosine(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_values = []
+        self._epoch_start = self._steps
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        if self._steps % self.every == 0:
+        # `batch` is the epoch's index of the execution's last step.
+        steps = self._epoch_start + batch + 1
+        reached = steps // self.every > self._steps // self.every
+        self._steps = steps
+        if reached:
             value = self.measure()
             self.values.append(value)
             self._epoch_values.append(value)

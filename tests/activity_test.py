@@ -496,6 +496,13 @@ def test_errors():
         ForwardGradientModel(base, perturbation="activations", local_losses=np.array(["auto"]))
     with pytest.raises(ValueError, match="`local_losses` must be.*'everything'"):
         ForwardGradientModel(base, perturbation="activations", local_losses="everything")
+    # An empty list made no block, and passed the check that groups need
+    # local losses.
+    for empty in ([], ()):
+        with pytest.raises(ValueError, match="`local_losses` must name at least one layer"):
+            ForwardGradientModel(
+                base, perturbation="activations", local_losses=empty, local_loss_groups=2
+            )
     with pytest.raises(TypeError, match="`active_units_only` must be a bool"):
         ForwardGradientModel(base, perturbation="activations", active_units_only=1)
     with pytest.raises(ValueError, match="does not have"):

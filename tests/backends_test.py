@@ -329,6 +329,44 @@ def test_gradient_cosine_callback():
     assert 0.5 < history.history["gradient_cosine"][0] <= 1.0
 
 
+@pytest.mark.parametrize(
+    "steps_per_execution, every, measurements",
+    # 16 steps: at steps 3, 6, 9, 12, 15; at the end of each execution of
+    # four (each reaches a multiple of 2); at steps 8 and 12 (6 and 12
+    # reached). With executions of four it counted executions (2 and 0).
+    [(1, 3, 5), (4, 2, 4), (4, 6, 2)],
+)
+def test_gradient_cosine_counts_training_steps(steps_per_execution, every, measurements):
+    base = _mlp()
+    x, y = _data(base, n=64)
+    model = ForwardGradientModel(base, seed=3)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss="sparse_categorical_crossentropy",
+        steps_per_execution=steps_per_execution,
+    )
+    callback = keras_fwdgrad.GradientCosine(x[:8], y[:8], every=every)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    assert int(model.direction_step) == 16
+    assert len(callback.values) == measurements
+
+
+def test_a_model_frozen_after_wrapping_is_refused_before_fit_starts():
+    """`fit` of a wrapper whose model has no trainable variables left
+    raises the library's `ValueError` before Keras starts (on JAX it raised
+    an `IndexError` from inside Keras' `fit`, after the variables' values
+    had been taken into its state: the model could not run afterwards)."""
+    base = _mlp()
+    x, y = _data(base)
+    model = _wrapped(base)
+    model.fit(x, y, verbose=0)
+    model.trainable = False
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="no trainable variables"):
+        model.fit(x, y, verbose=0)
+    assert base(x).shape == (8, 3)
+
+
 _ON_JAX = keras.backend.backend() == "jax"
 
 

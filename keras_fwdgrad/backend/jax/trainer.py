@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import keras
 
 from keras_fwdgrad import ops
+from keras_fwdgrad.arguments import check_variables
 from keras_fwdgrad.backend.jax import activity
 from keras_fwdgrad.activity import estimates as activity_estimates
 from keras_fwdgrad.backend.jax import distribution
@@ -72,9 +73,14 @@ class JAXTrainer(trainer.Trainer):
         return distribution.all_reduce_bytes(self, num_replicas)
 
     def fit(self, *args, **kwargs):
-        """Keras' `fit`, after checking that the model and its batches suit
-        the current `keras.distribution` (`distribution.check_batches`,
+        """Keras' `fit`, after checking that a built model has trainable
+        variables (Keras' JAX `fit` has taken the variables' values into its
+        state by the first step, so an error raised there would leave the
+        model without them) and that the model and its batches suit the
+        current `keras.distribution` (`distribution.check_batches`,
         `distribution.check_variables`)."""
+        if self.model.built:
+            check_variables(self.model)
         arguments = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
         x = arguments.get("x")
         num_examples = None
