@@ -185,6 +185,20 @@ def test_tangent_draws_read_the_words_the_same_way_in_every_mode(mode):
     np.testing.assert_array_equal(normals.ravel(), levels[index])
 
 
+def test_every_bit_of_the_seed_counts():
+    """Seeds are signed 64-bit integers: seeds that agree in their low 32
+    bits give other directions (on JAX `3` and `2**32 + 3`, `2**62` and
+    `-2**63` gave the same ones)."""
+    base = _mlp()
+    seeds = [3, 2**32 + 3, -5, 2**32 - 5, 2**62, -(2**63), 2**63 - 1]
+    drawn = [
+        _flat(ForwardGradientModel(base, seed=seed).current_directions()[0]) for seed in seeds
+    ]
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert not np.array_equal(drawn[i], drawn[j]), (seeds[i], seeds[j])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_one_sgd_step_by_hand(mode):
     """One `fit` step of SGD with `jvp_clip` and K = 2 directions moves the

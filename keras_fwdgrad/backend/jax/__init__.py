@@ -22,9 +22,18 @@ def fold_in(seed, i):
     return jax.random.fold_in(seed, i)
 
 
+def key(seed):
+    """The raw key of a signed 64-bit `seed`: its two 32-bit halves, high
+    then low (two's complement), as `jax.random.PRNGKey` makes it with
+    `jax_enable_x64`. Without that flag `PRNGKey` keeps the low 32 bits
+    only (seeds `3` and `2**32 + 3` gave the same directions); seeds in
+    `[0, 2**32)` get the key they got from it."""
+    s = int(seed) % 2**64
+    return jnp.array([s >> 32, s & 0xFFFFFFFF], dtype=jnp.uint32)
+
+
 def step_seed(seed, step):
-    key = jax.random.PRNGKey(seed)
-    return jax.random.fold_in(key, jnp.asarray(step).astype(jnp.uint32))
+    return jax.random.fold_in(key(seed), jnp.asarray(step).astype(jnp.uint32))
 
 
 def split(flat, sizes):
