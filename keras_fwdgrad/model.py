@@ -241,7 +241,18 @@ class ForwardGradientModel(_Trainer, keras.Model):
             A list of K lists, each with one tensor per trainable variable
             (aligned with `trainable_variables`), that the next training
             step (or `forward_gradient()`) uses.
+
+        Raises:
+            ValueError: with `perturbation="activations"`, which perturbs
+                layer outputs with tangents drawn during the pass, not the
+                weights.
         """
+        if self.perturbation == "activations":
+            raise ValueError(
+                '`current_directions()` gives weight directions; with `perturbation="activations"` '
+                "the step perturbs layer outputs instead, with tangents drawn during the pass "
+                "(docs/activity.md). Received: perturbation='activations'"
+            )
         return [
             [directions_module.to_dense(t) for t in stream.sample(self, self.direction_step, k)]
             for k in range(self.num_directions)

@@ -496,6 +496,9 @@ def test_errors():
         ForwardGradientModel(base, perturbation="activations", local_losses=np.array(["auto"]))
     with pytest.raises(ValueError, match="`local_losses` must be.*'everything'"):
         ForwardGradientModel(base, perturbation="activations", local_losses="everything")
+    # It returned weight directions that the step never used.
+    with pytest.raises(ValueError, match="`current_directions\(\)` gives weight directions"):
+        ForwardGradientModel(base, perturbation="activations").current_directions()
     # An empty list made no block, and passed the check that groups need
     # local losses.
     for empty in ([], ()):
