@@ -224,6 +224,20 @@ class ForwardGradientModel(_Trainer, keras.Model):
         self._build_local_heads()
         self.built = True
 
+    @property
+    def weights(self):
+        """The weights of the wrapped model and of the local heads.
+
+        The step counters (`direction_step`, `skipped_steps`) are state of
+        the training, as Keras keeps the state of random seeds and the
+        optimizer's iterations out of `weights`: they are in `variables`
+        and saved with the model, and `get_weights()`/`set_weights()` (as
+        `keras.callbacks.EarlyStopping(restore_best_weights=True)` calls
+        them) leave them out, so the direction stream never rewinds.
+        """
+        counters = {id(getattr(self, name, None)) for name in ("direction_step", "skipped_steps")}
+        return [w for w in super().weights if id(w) not in counters]
+
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)
 

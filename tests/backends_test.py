@@ -185,6 +185,37 @@ def test_tangent_draws_read_the_words_the_same_way_in_every_mode(mode):
     np.testing.assert_array_equal(normals.ravel(), levels[index])
 
 
+def test_restoring_the_best_weights_keeps_the_step_counters():
+    """`EarlyStopping(restore_best_weights=True)` sets the weights of its
+    best epoch: the model's weights, not the counters, which go on (it
+    rewound the direction stream to step 4 of 8, and `skipped_steps` to 1
+    of 2). The counters are still variables, saved with the model."""
+    base = _mlp()
+    x, y = _data(base, n=32)
+    x[8:16] = np.nan  # The second of each epoch's four steps is skipped.
+    model = _wrapped(base)
+
+    class WorseAfterTheFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch > 0:
+                logs["loss"] = 1e9
+
+    early = keras.callbacks.EarlyStopping(monitor="loss", patience=0, restore_best_weights=True)
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[WorseAfterTheFirstEpoch(), early],
+    )
+    assert len(history.epoch) == 2
+    assert int(model.direction_step) == 8 and int(model.skipped_steps) == 2
+    assert len(model.get_weights()) == len(base.get_weights())
+    assert {id(model.direction_step), id(model.skipped_steps)} <= {id(v) for v in model.variables}
+
+
 def test_every_bit_of_the_seed_counts():
     """Seeds are signed 64-bit integers: seeds that agree in their low 32
     bits give other directions (on JAX `3` and `2**32 + 3`, `2**62` and
