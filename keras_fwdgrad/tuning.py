@@ -35,10 +35,12 @@ best = tuner.get_best_models(1)[0]
 ```
 """
 
+import itertools
 import math
 
 import keras
 
+from keras_fwdgrad import arguments
 from keras_fwdgrad import optimizers
 from keras_fwdgrad import options
 from keras_fwdgrad import tuners
@@ -227,6 +229,31 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
                     )
         self.jit_compile = jit_compile
         self.seed = seed
+        self._check_combinations()
+
+    def _check_combinations(self):
+        """Raises a `ValueError` naming the first combination of the
+        settings' candidates that cannot be built (the grid runs every
+        combination: `perturbation=("weights", "activations")` with
+        `local_losses=(None, "auto")` holds `"weights"` with `"auto"`)."""
+        names = list(self.options)
+        searched = [n for n in names if len(self.options[n]) > 1]
+        for values in itertools.product(*(self.options[n] for n in names)):
+            settings = dict(zip(names, values))
+            forward, rest = options.split(settings)
+            try:
+                if rest["clipnorm"] is not None and rest["global_clipnorm"] is not None:
+                    raise ValueError("Pass at most one of `clipnorm` and `global_clipnorm`.")
+                if self.gradient == "forward":
+                    arguments.checked_options({**forward, "seed": self.seed})
+            except (ValueError, TypeError) as e:
+                shown = ", ".join(f"{n}={settings[n]!r}" for n in searched)
+                which = f"this one cannot be built ({shown})" if shown else "none can be built"
+                raise ValueError(
+                    "A `LearningRateHyperModel` search tries every combination of "
+                    f"its settings' values, and {which}: {str(e).rstrip('.')}. "
+                    "Search such settings with separate hypermodels."
+                ) from e
 
     def declare(self, hp):
         """Declares the search space on `hp`; returns the settings dict."""

@@ -213,6 +213,46 @@ def test_resuming_a_different_search_in_one_folder_is_refused(tmp_path, change):
     assert len(fresh.oracle.trials) == 2
 
 
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (
+            dict(perturbation=("weights", "activations"), local_losses=(None, "auto")),
+            "perturbation='weights', local_losses='auto'",
+        ),
+        (
+            dict(
+                perturbation=("weights", "activations"),
+                direction=("gaussian", "lowrank_rademacher"),
+            ),
+            "direction='lowrank_rademacher', perturbation='activations'",
+        ),
+        (
+            dict(clipnorm=(None, 1.0), global_clipnorm=(None, 1.0)),
+            "clipnorm=1.0, global_clipnorm=1.0",
+        ),
+        (dict(clipnorm=1.0, global_clipnorm=1.0), "none can be built"),
+    ],
+)
+def test_a_grid_with_combinations_that_cannot_be_built_is_refused(settings, named):
+    """The grid tries every combination of the values given: one that
+    `ForwardGradientModel` or the optimizer refuses is named when the
+    hypermodel is made (the search failed its trials, then stopped after
+    three failures in a row)."""
+    with pytest.raises(ValueError, match="tries every combination") as e:
+        tuning.LearningRateHyperModel(helpers.linear, optimizer="sgd", loss="mse", **settings)
+    assert named in str(e.value)
+    # The valid combinations alone are searched as usual.
+    hypermodel = tuning.LearningRateHyperModel(
+        helpers.linear,
+        optimizer="sgd",
+        loss="mse",
+        perturbation="activations",
+        local_losses=(None, "auto"),
+    )
+    assert hypermodel.grid_size()[1]["local_losses"] == 2
+
+
 def test_another_validation_split_is_another_search(tmp_path):
     """`validation_split` sets what a trial trains and is scored on: a
     search in the same folder with another share is refused (it resumed
