@@ -184,6 +184,11 @@ def check_activity_arguments(
                 "`local_losses` must name at least one layer (or be `None` for "
                 f"the model's loss alone). Received: local_losses={local_losses!r}"
             )
+        if names_ok and len(set(local_losses)) != len(local_losses):
+            raise ValueError(
+                "`local_losses` names a layer twice (a block ends once after a "
+                f"layer). Received: local_losses={local_losses!r}"
+            )
         if perturbation != "activations":
             raise ValueError(
                 '`local_losses` requires `perturbation="activations"`. '

@@ -496,6 +496,8 @@ def test_errors():
         ForwardGradientModel(base, perturbation="activations", local_losses=np.array(["auto"]))
     with pytest.raises(ValueError, match="`local_losses` must be.*'everything'"):
         ForwardGradientModel(base, perturbation="activations", local_losses="everything")
+    with pytest.raises(ValueError, match="`local_losses` names a layer twice"):
+        ForwardGradientModel(base, perturbation="activations", local_losses=["a", "b", "a"])
     # It returned weight directions that the step never used.
     with pytest.raises(ValueError, match="`current_directions\(\)` gives weight directions"):
         ForwardGradientModel(base, perturbation="activations").current_directions()
