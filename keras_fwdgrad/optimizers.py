@@ -38,6 +38,16 @@ def decay_schedule(learning_rate, decay=0.0):
     )
 
 
+def check_clipping(clipnorm, global_clipnorm):
+    """Raises a `ValueError` if both `clipnorm` and `global_clipnorm` are
+    given (Keras clips with one of them)."""
+    if clipnorm is not None and global_clipnorm is not None:
+        raise ValueError(
+            "Pass at most one of `clipnorm` and `global_clipnorm`. Received: "
+            f"clipnorm={clipnorm!r}, global_clipnorm={global_clipnorm!r}"
+        )
+
+
 def make_optimizer(
     name,
     learning_rate,
@@ -79,11 +89,7 @@ def make_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}")
-    if clipnorm is not None and global_clipnorm is not None:
-        raise ValueError(
-            "Pass at most one of `clipnorm` and `global_clipnorm`. Received: "
-            f"clipnorm={clipnorm!r}, global_clipnorm={global_clipnorm!r}"
-        )
+    check_clipping(clipnorm, global_clipnorm)
     lr = decay_schedule(learning_rate, decay)
     clip = dict(clipnorm=clipnorm, global_clipnorm=global_clipnorm)
     if name == "adam":

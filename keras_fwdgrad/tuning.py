@@ -242,8 +242,7 @@ class LearningRateHyperModel(keras_tuner.HyperModel):
             settings = dict(zip(names, values))
             forward, rest = options.split(settings)
             try:
-                if rest["clipnorm"] is not None and rest["global_clipnorm"] is not None:
-                    raise ValueError("Pass at most one of `clipnorm` and `global_clipnorm`.")
+                optimizers.check_clipping(rest["clipnorm"], rest["global_clipnorm"])
                 if self.gradient == "forward":
                     arguments.checked_options({**forward, "seed": self.seed})
             except (ValueError, TypeError) as e:
